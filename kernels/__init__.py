@@ -1,0 +1,1 @@
+"""Triton kernels of p3quant (installed as p3quant.kernels)."""

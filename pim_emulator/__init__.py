@@ -1,0 +1,1 @@
+"""PIM emulator of p3quant (installed as p3quant.pim_emulator)."""
