@@ -103,9 +103,12 @@ SYSTEM_PRESETS: dict[str, SystemSpec] = {s.name: s for s in (
     # P3-LLM: linear on PIM at batch 1-4 (NPU from 8), Q.K^T (post-RoPE models) and P.V on PIM.
     SystemSpec("p3-llm", "P3-LLM: W4A8KV4P8 on the TEP PCU", **_W4A8KV4, pcu=P3_PCU_TEP, pim_linear_max_batch=4,
                qk_on_pim=True, qk_needs_post_rope_keys=True, pv_on_pim=True),
-    # Ablation steps: same mapping as P3-LLM, without TEP and/or with 16-bit P (P.V on the NPU).
+    # Ablation steps: P3-LLM without TEP and/or with 16-bit P (P.V on the NPU).  Linear layers go
+    # to whichever engine is faster, the rule behind the paper's HBM-PIM (<= 2) and P3 (<= 4)
+    # policies: without TEP every batch row is a separate W4 pass, so from batch 4 the NPU's single
+    # W4 stream wins (keeping batch 4 on the PIM would make batch 4 slower than batch 8).
     SystemSpec("pim-w4a8kv4", "ablation: W4A8KV4 on the P3 PCU, no TEP, P16 (P.V on NPU)",
-               **{**_W4A8KV4, "p_bits": 16}, pcu=P3_PCU, pim_linear_max_batch=4, qk_on_pim=True,
+               **{**_W4A8KV4, "p_bits": 16}, pcu=P3_PCU, pim_linear_max_batch=2, qk_on_pim=True,
                qk_needs_post_rope_keys=True, pv_on_pim=False),
     SystemSpec("pim-w4a8kv4-tep", "ablation: + TEP, P16 (P.V on NPU)", **{**_W4A8KV4, "p_bits": 16},
                pcu=P3_PCU_TEP, pim_linear_max_batch=4, qk_on_pim=True, qk_needs_post_rope_keys=True,
