@@ -1,0 +1,50 @@
+"""Per-token FP8-E4M3 activation quantization (the A8 of W4A8), bit-exact with quantize_scaled_fp8.
+
+scale = fp16(amax / 448) per row (clamped to fp16's normal range, as formats.grouping.store_scale);
+codes = E4M3(x / scale) rounded to nearest even, saturating. One program per row, two passes over it.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import FP8_MAX, FP16_MAX, FP16_TINY, require_device, round_minifloat
+
+
+@triton.jit
+def _act_quant_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, BLOCK_K: tl.constexpr):
+    row = tl.program_id(0)
+    offs = tl.arange(0, BLOCK_K)
+    amax = tl.zeros([BLOCK_K], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        x = tl.load(x_ptr + row * stride_xm + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
+        amax = tl.maximum(amax, tl.abs(x))
+    scale = tl.math.div_rn(tl.max(amax, axis=0), FP8_MAX)
+    scale = tl.minimum(tl.maximum(scale, FP16_TINY), FP16_MAX).to(tl.float16).to(tl.float32)
+    tl.store(s_ptr + row, scale)
+    for k0 in range(0, K, BLOCK_K):
+        mask = k0 + offs < K
+        x = tl.load(x_ptr + row * stride_xm + k0 + offs, mask=mask, other=0.0).to(tl.float32)
+        q = round_minifloat(tl.math.div_rn(x, scale), 3, -6, FP8_MAX, False)
+        tl.store(q_ptr + row * stride_qm + k0 + offs, q.to(tl.float8e4nv), mask=mask)
+
+
+def quantize_activation_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] (fp16/bf16/fp32) -> (codes torch.float8_e4m3fn [M, K], scales float32 [M], fp16-exact).
+
+    decode(codes) * scales equals quantize_scaled_fp8(x).dequantize() exactly.
+    """
+    require_device("quantize_activation_fp8", x)
+    if x.dim() != 2 or not x.is_floating_point():
+        raise ValueError(f"quantize_activation_fp8 expects a 2-D floating tensor, got {tuple(x.shape)} {x.dtype}")
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    m, k = x.shape
+    codes = torch.empty((m, k), dtype=torch.float8_e4m3fn, device=x.device)
+    scales = torch.empty((m,), dtype=torch.float32, device=x.device)
+    if m:
+        block = min(triton.next_power_of_2(k), 4096)
+        _act_quant_kernel[(m,)](x, codes, scales, k, x.stride(0), codes.stride(0), BLOCK_K=block, num_warps=4 if block <= 1024 else 8)
+    return codes, scales

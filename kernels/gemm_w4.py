@@ -1,0 +1,256 @@
+"""Fused dequant-GEMM y = Q_act(x) @ W^T + bias over packed 4-bit weights (BitMoD or INT4 asymmetric).
+
+Weights stay packed in memory ([N, K/2] uint8, low nibble = even k) and are decoded in registers to small
+integers (BitMoD grid x 2 in [-16, 16], or INT4 code - zp); each group's scale multiplies the partial sum of
+that group, once per output and group, never per element. Activations are 16-bit (W4A16) or FP8-E4M3 codes
+with a per-token scale (W4A8, see act_quant.py); the token scale is applied once per output.
+
+- M == 1 (decode GEMV): CUDA-core reduction; one program per BLOCK_N outputs walks the whole K, so bias and
+  the output cast are fused and there is one launch (with N >= 2K and BLOCK_N <= 32 the grid fills the GPU
+  without split-K).
+- M > 1: tiled tensor-core path (tl.dot) over K-blocks that never straddle a group. W4A8 multiplies FP8 x FP8
+  (both exact: every BitMoD grid value and INT4 code difference is an E4M3 number) on GPUs with FP8 tensor
+  cores; W4A16 multiplies the integer weights in the activation dtype (exact too).
+Accumulation is fp32; results differ from the torch reference only by summation order and, for W4A8, by the
+reference rounding Q_act(x) to x.dtype before its matmul.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from p3quant.formats import BitMoDTensor, Int4Tensor
+
+from .act_quant import quantize_activation_fp8
+from .common import bitmod_special2, decode_w4, dot16, fp8_dot_supported, interpreting, require_device
+
+SUPPORTED_GROUPS = (32, 64, 128)
+
+
+@triton.jit
+def _w4_gemv_kernel(
+    x_ptr, xs_ptr, w_ptr, s_ptr, aux_ptr, b_ptr, y_ptr,
+    N, K, stride_xm, stride_wn, stride_sn, stride_an, stride_ym,
+    GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    IS_BITMOD: tl.constexpr, A_FP8: tl.constexpr, HAS_BIAS: tl.constexpr,
+):
+    GPB: tl.constexpr = BLOCK_K // GROUP
+    HALF: tl.constexpr = GROUP // 2
+    pid_n = tl.program_id(0)
+    m = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    g_loc = tl.arange(0, GPB)
+    j = tl.arange(0, HALF)
+    num_groups = K // GROUP
+    acc = tl.zeros([BLOCK_N], tl.float32)
+    for g0 in range(0, num_groups, GPB):
+        g = g0 + g_loc
+        g_mask = g < num_groups
+        byte = g[:, None] * HALF + j[None, :]  # [GPB, HALF]
+        x_even = tl.load(x_ptr + m * stride_xm + 2 * byte, mask=g_mask[:, None], other=0.0).to(tl.float32)
+        x_odd = tl.load(x_ptr + m * stride_xm + 2 * byte + 1, mask=g_mask[:, None], other=0.0).to(tl.float32)
+        ng_mask = n_mask[:, None] & g_mask[None, :]
+        packed = tl.load(w_ptr + offs_n[:, None, None] * stride_wn + byte[None, :, :], mask=ng_mask[:, :, None], other=0)
+        packed = packed.to(tl.int32)
+        aux = tl.load(aux_ptr + offs_n[:, None] * stride_an + g[None, :], mask=ng_mask, other=0).to(tl.int32)
+        if IS_BITMOD:
+            aux = bitmod_special2(aux)
+        scale = tl.load(s_ptr + offs_n[:, None] * stride_sn + g[None, :], mask=ng_mask, other=0.0).to(tl.float32)
+        lo = decode_w4(packed & 15, aux[:, :, None], IS_BITMOD).to(tl.float32)
+        hi = decode_w4(packed >> 4, aux[:, :, None], IS_BITMOD).to(tl.float32)
+        part = tl.sum(lo * x_even[None, :, :] + hi * x_odd[None, :, :], axis=2)  # [BLOCK_N, GPB]
+        acc += tl.sum(part * scale, axis=1)
+    if IS_BITMOD:
+        acc = acc * 0.5
+    if A_FP8:
+        acc = acc * tl.load(xs_ptr + m)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + m * stride_ym + offs_n, acc.to(y_ptr.dtype.element_ty), mask=n_mask)
+
+
+@triton.jit
+def _w4_mm_kernel(
+    x_ptr, xs_ptr, w_ptr, s_ptr, aux_ptr, b_ptr, y_ptr,
+    M, N, K, stride_xm, stride_wn, stride_sn, stride_an, stride_ym, M_BUCKET,
+    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    IS_BITMOD: tl.constexpr, A_FP8: tl.constexpr, FP8_DOT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    NATIVE_BF16: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    grid_m = tl.cdiv(M, BLOCK_M)
+    grid_n = tl.cdiv(N, BLOCK_N)
+    width = GROUP_M * grid_n
+    first_m = (pid // width) * GROUP_M
+    rows = tl.minimum(grid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % rows
+    pid_n = (pid % width) // rows
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_b = tl.arange(0, BLOCK_K // 2)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(0, K, BLOCK_K):  # BLOCK_K divides GROUP, GROUP divides K: no K tail
+        a = tl.load(x_ptr + offs_m[:, None] * stride_xm + (k0 + offs_k)[None, :], mask=m_mask[:, None], other=0.0)
+        packed = tl.load(w_ptr + offs_n[:, None] * stride_wn + (k0 // 2 + offs_b)[None, :], mask=n_mask[:, None], other=0)
+        packed = packed.to(tl.int32)
+        g = k0 // GROUP
+        aux = tl.load(aux_ptr + offs_n * stride_an + g, mask=n_mask, other=0).to(tl.int32)
+        if IS_BITMOD:
+            aux = bitmod_special2(aux)
+        scale = tl.load(s_ptr + offs_n * stride_sn + g, mask=n_mask, other=0.0).to(tl.float32)
+        lo = decode_w4(packed & 15, aux[:, None], IS_BITMOD)
+        hi = decode_w4(packed >> 4, aux[:, None], IS_BITMOD)
+        w = tl.interleave(lo, hi).to(tl.float16)  # [BLOCK_N, BLOCK_K], exact small integers
+        if A_FP8:
+            if FP8_DOT:
+                b = w.to(tl.float8e4nv)
+            else:
+                a = a.to(tl.float16)
+                b = w
+        else:
+            b = w.to(a.dtype)
+        acc += dot16(a, tl.trans(b), NATIVE_BF16) * scale[None, :]
+    if IS_BITMOD:
+        acc = acc * 0.5
+    if A_FP8:
+        acc = acc * tl.load(xs_ptr + offs_m, mask=m_mask, other=0.0)[:, None]
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+def _bench(fn, quantiles):
+    return triton.testing.do_bench(fn, warmup=5, rep=25, quantiles=quantiles)
+
+
+def _cfg(num_warps: int, num_stages: int, **kw: int) -> triton.Config:
+    return triton.Config(kw, num_warps=num_warps, num_stages=num_stages)
+
+
+_GEMV_CONFIGS = [
+    _cfg(4, 4, BLOCK_N=16, BLOCK_K=512), _cfg(4, 3, BLOCK_N=32, BLOCK_K=256), _cfg(8, 4, BLOCK_N=32, BLOCK_K=512),
+    _cfg(4, 4, BLOCK_N=8, BLOCK_K=1024), _cfg(8, 3, BLOCK_N=16, BLOCK_K=1024), _cfg(4, 2, BLOCK_N=64, BLOCK_K=256),
+]
+_MM_CONFIGS = {
+    "small": [  # M <= 16: weight-streaming, many programs
+        _cfg(4, 4, BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, GROUP_M=1), _cfg(4, 4, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1),
+        _cfg(4, 4, BLOCK_M=16, BLOCK_N=16, BLOCK_K=128, GROUP_M=1), _cfg(4, 3, BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, GROUP_M=1),
+        _cfg(4, 4, BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, GROUP_M=1),
+    ],
+    "medium": [  # M <= 128
+        _cfg(4, 4, BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, GROUP_M=8), _cfg(4, 4, BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, GROUP_M=8),
+        _cfg(4, 3, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8), _cfg(4, 4, BLOCK_M=32, BLOCK_N=32, BLOCK_K=128, GROUP_M=8),
+        _cfg(8, 3, BLOCK_M=128, BLOCK_N=64, BLOCK_K=128, GROUP_M=8),
+    ],
+    "large": [
+        _cfg(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8), _cfg(8, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
+        _cfg(8, 3, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8), _cfg(4, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, GROUP_M=8),
+        _cfg(8, 3, BLOCK_M=256, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
+    ],
+}
+
+
+def _prune_block_k(configs, named_args, **kwargs):
+    """Drop configs whose K-block would straddle a group (BLOCK_K must divide GROUP); keep at least one."""
+    group = kwargs.get("GROUP", named_args.get("GROUP"))
+    kept = [c for c in configs if group % c.kwargs["BLOCK_K"] == 0]
+    if kept:
+        return kept
+    fixed = triton.Config(dict(configs[0].kwargs, BLOCK_K=group), num_warps=configs[0].num_warps, num_stages=configs[0].num_stages)
+    return [fixed]
+
+
+_KEY_GEMV = ["N", "K", "GROUP", "IS_BITMOD", "A_FP8"]
+_KEY_MM = ["N", "K", "M_BUCKET", "GROUP", "IS_BITMOD", "A_FP8", "FP8_DOT"]
+_GEMV_TUNED = triton.autotune(_GEMV_CONFIGS, key=_KEY_GEMV, do_bench=_bench)(_w4_gemv_kernel)
+_MM_TUNED = {
+    name: triton.autotune(cfgs, key=_KEY_MM, prune_configs_by={"early_config_prune": _prune_block_k}, do_bench=_bench)(_w4_mm_kernel)
+    for name, cfgs in _MM_CONFIGS.items()
+}
+
+
+def _mm_bucket(m: int) -> str:
+    return "small" if m <= 16 else "medium" if m <= 128 else "large"
+
+
+def _launch(kernel, config: triton.Config | None, grid, *args, **constexprs) -> None:
+    """Autotuned launch on a GPU; under the interpreter the first config runs directly (no benchmarking)."""
+    if config is None:
+        kernel[grid](*args, **constexprs)
+    else:
+        kernel.fn[grid](*args, **constexprs, **config.all_kwargs())
+
+
+def w4_matmul(
+    x: torch.Tensor, weight: BitMoDTensor | Int4Tensor, bias: torch.Tensor | None = None, activation_format: str = "fp8_e4m3",
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """y [..., N] = Q_act(x) @ dequant(W)^T + bias, for x [..., K] (fp16/bf16/fp32) and a packed 4-bit weight [N, K].
+
+    activation_format: "fp8_e4m3" (per-token FP8 codes, W4A8) or "none" (x as is, W4A16; fp32 x is cast to
+    bf16, which rounds it). out_dtype defaults to x.dtype (fp32 x gives fp32 out).
+    """
+    what = "w4_matmul"
+    if not isinstance(weight, (BitMoDTensor, Int4Tensor)):
+        raise TypeError(f"{what}: weight must be a BitMoDTensor or Int4Tensor, got {type(weight).__name__}")
+    require_device(what, x, weight.packed, weight.scales, bias)
+    if not x.is_floating_point():
+        raise TypeError(f"{what}: x must be floating point, got {x.dtype}")
+    n, k = weight.shape
+    if x.shape[-1] != k:
+        raise ValueError(f"{what}: x has {x.shape[-1]} features but the weight expects {k}")
+    if weight.group_size not in SUPPORTED_GROUPS:
+        raise ValueError(f"{what}: group size {weight.group_size} not supported by the kernel; use one of {SUPPORTED_GROUPS}")
+    if activation_format not in ("fp8_e4m3", "none"):
+        raise ValueError(f"{what}: activation_format must be 'fp8_e4m3' or 'none', got {activation_format!r}")
+    if bias is not None and bias.shape != (n,):
+        raise ValueError(f"{what}: bias must have shape ({n},), got {tuple(bias.shape)}")
+    out_dtype = out_dtype or x.dtype
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    y = torch.empty((m, n), dtype=out_dtype, device=x.device)
+    if m == 0:
+        return y.reshape(*lead, n)
+    a_fp8 = activation_format == "fp8_e4m3"
+    if a_fp8:
+        a, xs = quantize_activation_fp8(x2)
+    else:
+        a, xs = (x2 if x2.dtype != torch.float32 else x2.to(torch.bfloat16)), x2.new_empty(0, dtype=torch.float32)
+    is_bitmod = isinstance(weight, BitMoDTensor)
+    aux = weight.selectors if is_bitmod else weight.zeros
+    packed, scales = weight.packed, weight.scales
+    if packed.stride(-1) != 1 or scales.stride(-1) != 1 or aux.stride(-1) != 1:
+        raise ValueError(f"{what}: weight tensors must be contiguous along K")
+    bias_arg = bias if bias is not None else scales
+    common = dict(GROUP=weight.group_size, IS_BITMOD=is_bitmod, A_FP8=a_fp8, HAS_BIAS=bias is not None)
+    interp = interpreting()
+    if m == 1:
+        kernel = _GEMV_TUNED
+        cfg = _GEMV_CONFIGS[0] if interp else None
+        if cfg is not None and cfg.kwargs["BLOCK_K"] < weight.group_size:
+            cfg = triton.Config(dict(cfg.kwargs, BLOCK_K=weight.group_size), num_warps=cfg.num_warps)
+        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), m)
+        _launch(kernel, cfg, grid, a, xs, packed, scales, aux, bias_arg, y,
+                n, k, a.stride(0), packed.stride(0), scales.stride(0), aux.stride(0), y.stride(0), **common)
+    else:
+        bucket = _mm_bucket(m)
+        kernel = _MM_TUNED[bucket]
+        cfg = None
+        if interp:
+            cfg = _prune_block_k(_MM_CONFIGS[bucket][:1], {"GROUP": weight.group_size})[0]
+        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+        _launch(kernel, cfg, grid, a, xs, packed, scales, aux, bias_arg, y,
+                m, n, k, a.stride(0), packed.stride(0), scales.stride(0), aux.stride(0), y.stride(0),
+                triton.next_power_of_2(m) if m <= 256 else 512 * triton.cdiv(m, 512),
+                FP8_DOT=fp8_dot_supported(x.device), NATIVE_BF16=not interp, **common)
+    return y.reshape(*lead, n)
