@@ -190,12 +190,13 @@ def _launch(kernel, config: triton.Config | None, grid, *args, **constexprs) -> 
 
 def w4_matmul(
     x: torch.Tensor, weight: BitMoDTensor | Int4Tensor, bias: torch.Tensor | None = None, activation_format: str = "fp8_e4m3",
-    out_dtype: torch.dtype | None = None,
+    out_dtype: torch.dtype | None = None, out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """y [..., N] = Q_act(x) @ dequant(W)^T + bias, for x [..., K] (fp16/bf16/fp32) and a packed 4-bit weight [N, K].
 
     activation_format: "fp8_e4m3" (per-token FP8 codes, W4A8) or "none" (x as is, W4A16; fp32 x is cast to
-    bf16, which rounds it). out_dtype defaults to x.dtype (fp32 x gives fp32 out).
+    bf16, which rounds it). out_dtype defaults to x.dtype (fp32 x gives fp32 out); `out` ([M, N] contiguous,
+    M = x.numel() // K) receives the result when given.
     """
     what = "w4_matmul"
     if not isinstance(weight, (BitMoDTensor, Int4Tensor)):
@@ -218,7 +219,12 @@ def w4_matmul(
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     m = x2.shape[0]
-    y = torch.empty((m, n), dtype=out_dtype, device=x.device)
+    if out is None:
+        y = torch.empty((m, n), dtype=out_dtype, device=x.device)
+    elif out.shape != (m, n) or out.dtype != out_dtype or not out.is_contiguous() or out.device != x.device:
+        raise ValueError(f"{what}: out must be a contiguous {out_dtype} [{m}, {n}] tensor on {x.device}")
+    else:
+        y = out
     if m == 0:
         return y.reshape(*lead, n)
     a_fp8 = activation_format == "fp8_e4m3"

@@ -1,0 +1,347 @@
+"""Fused decode attention (one query token) over the P3 KV cache: INT4 K/V, FP8 query, UE4M4 P.
+
+Semantics are those of p3quant.attention_math.p3_attention_reference, exactly (up to fp32 summation order):
+the UE4M4 code of P'[t] = P[t] * S_V[t] / M needs the *final* softmax normaliser and M = max S_V over the
+visible keys, which an online (single-pass) softmax does not know while it streams V. So the kernel runs
+flash-decoding style in two passes over context splits, storing the fp32 scores in between (4 bytes per
+query head and token, about a quarter of what re-reading the packed keys would cost):
+
+1. _scores_kernel, one program per (batch, kv-head, split): quantizes the GQA group's query heads to FP8
+   (after the smoothing factor), streams the split's packed keys once for all heads of the group (K codes
+   decoded in registers, q8 . (k - zp) on tensor cores in fp16, exact products), applies scale, softcap and
+   the [B, T] mask, writes the scores and per-split (max, sum exp) and max S_V. The last split handles the
+   16-bit residual window (keys divided by the smoothing factor, fp32 dot).
+2. _pv_kernel, same grid: combines the per-split statistics into the global max, sum and M, codes
+   P' in UE4M4 (nearest-even or half-up, as fmt.prob_rounding), multiplies it with the centered value codes
+   on tensor cores (fp16, exact) and scales by M; the residual split multiplies E4M4(P) with the 16-bit values.
+The split outputs are summed (they share one normaliser).
+"""
+
+from __future__ import annotations
+
+
+import torch
+import triton
+import triton.language as tl
+
+from p3quant.attention_math import QuantizedKV
+from p3quant.formats import Int4Tensor
+
+from .common import FP8_MAX, FP16_MAX, FP16_TINY, interpreting, require_device, round_minifloat
+
+UE4M4_MAX = 1.9375
+_BLOCK_R = 16
+
+
+@triton.jit
+def _tanh_softcap(s, softcap):
+    x = s / softcap
+    return (2.0 / (1.0 + tl.exp(-2.0 * x)) - 1.0) * softcap
+
+
+@triton.jit
+def _scores_kernel(
+    q_ptr, sm_ptr, kp_ptr, ks_ptr, kz_ptr, vs_ptr, rk_ptr, mask_ptr, sc_ptr, mst_ptr, lst_ptr, vmax_ptr,
+    n_quant, n_res, chunk, scaling, softcap, HKV, NUM_SPLITS,
+    s_qb, s_qh, s_smb, s_smh, s_kpb, s_kph, s_kpt, s_ksb, s_ksh, s_kst, s_kzb, s_kzh, s_kzt,
+    s_vsb, s_vsh, s_vst, s_rkb, s_rkh, s_rkt, s_mb, s_scb, s_sch,
+    G: tl.constexpr, GP: tl.constexpr, HALF_D: tl.constexpr, DH: tl.constexpr, BLOCK_T: tl.constexpr,
+    BLOCK_R: tl.constexpr, HAS_SMOOTH: tl.constexpr, QUANT_Q: tl.constexpr, HAS_MASK: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    b = pid // HKV
+    kvh = pid % HKV
+    s1 = NUM_SPLITS + 1
+    offs_g = tl.arange(0, GP)
+    g_mask = offs_g < G
+    heads = kvh * G + offs_g
+    offs_d = tl.arange(0, DH)
+    d_mask = offs_d < HALF_D
+    qd_mask = g_mask[:, None] & d_mask[None, :]
+    q_base = q_ptr + b * s_qb + heads[:, None] * s_qh + 2 * offs_d[None, :]
+    q_even = tl.load(q_base, mask=qd_mask, other=0.0).to(tl.float32)
+    q_odd = tl.load(q_base + 1, mask=qd_mask, other=0.0).to(tl.float32)
+    s_even = tl.full([DH], 1.0, tl.float32)
+    s_odd = tl.full([DH], 1.0, tl.float32)
+    if HAS_SMOOTH:
+        sm_base = sm_ptr + b * s_smb + kvh * s_smh + 2 * offs_d
+        s_even = tl.load(sm_base, mask=d_mask, other=1.0)
+        s_odd = tl.load(sm_base + 1, mask=d_mask, other=1.0)
+        q_even = q_even * s_even[None, :]
+        q_odd = q_odd * s_odd[None, :]
+    q_scale = tl.full([GP], 1.0, tl.float32)
+    if QUANT_Q:  # FP8-E4M3 per (token, head), scale = fp16(amax / 448)
+        amax = tl.maximum(tl.max(tl.abs(q_even), axis=1), tl.max(tl.abs(q_odd), axis=1))
+        q_scale = tl.minimum(tl.maximum(tl.math.div_rn(amax, FP8_MAX), FP16_TINY), FP16_MAX).to(tl.float16).to(tl.float32)
+        q_even = round_minifloat(tl.math.div_rn(q_even, q_scale[:, None]), 3, -6, FP8_MAX, False)
+        q_odd = round_minifloat(tl.math.div_rn(q_odd, q_scale[:, None]), 3, -6, FP8_MAX, False)
+    m_i = tl.full([GP], float("-inf"), tl.float32)
+    l_i = tl.zeros([GP], tl.float32)
+    vmax = tl.zeros([BLOCK_T], tl.float32)
+    if split < NUM_SPLITS:
+        q8_even = q_even.to(tl.float16)  # FP8 values: exact in fp16
+        q8_odd = q_odd.to(tl.float16)
+        t_start = split * chunk
+        t_end = tl.minimum(t_start + chunk, n_quant)
+        for t0 in range(t_start, t_end, BLOCK_T):
+            offs_t = t0 + tl.arange(0, BLOCK_T)
+            t_mask = offs_t < t_end
+            kp = tl.load(kp_ptr + b * s_kpb + kvh * s_kph + offs_t[:, None] * s_kpt + offs_d[None, :],
+                         mask=t_mask[:, None] & d_mask[None, :], other=0).to(tl.int32)
+            kz = tl.load(kz_ptr + b * s_kzb + kvh * s_kzh + offs_t * s_kzt, mask=t_mask, other=0).to(tl.int32)
+            ks = tl.load(ks_ptr + b * s_ksb + kvh * s_ksh + offs_t * s_kst, mask=t_mask, other=0.0).to(tl.float32)
+            k_lo = ((kp & 15) - kz[:, None]).to(tl.float16)
+            k_hi = ((kp >> 4) - kz[:, None]).to(tl.float16)
+            s = tl.dot(q8_even, tl.trans(k_lo)) + tl.dot(q8_odd, tl.trans(k_hi))  # [GP, BLOCK_T]
+            s = s * q_scale[:, None] * ks[None, :] * scaling
+            if HAS_SOFTCAP:
+                s = _tanh_softcap(s, softcap)
+            vis = t_mask
+            if HAS_MASK:
+                vis = vis & (tl.load(mask_ptr + b * s_mb + offs_t, mask=t_mask, other=0) != 0)
+            s = tl.where(vis[None, :], s, float("-inf"))
+            tl.store(sc_ptr + b * s_scb + heads[:, None] * s_sch + offs_t[None, :], s, mask=g_mask[:, None] & t_mask[None, :])
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            l_i = l_i * tl.exp(m_i - m_safe) + tl.sum(tl.exp(s - m_safe[:, None]), axis=1)
+            m_i = m_new
+            vs = tl.load(vs_ptr + b * s_vsb + kvh * s_vsh + offs_t * s_vst, mask=t_mask, other=0.0).to(tl.float32)
+            vmax = tl.maximum(vmax, tl.where(vis, vs, 0.0))
+    else:
+        qd_even = q_even * q_scale[:, None]  # the dequantized query the reference multiplies with
+        qd_odd = q_odd * q_scale[:, None]
+        for r0 in range(0, n_res, BLOCK_R):
+            offs_r = r0 + tl.arange(0, BLOCK_R)
+            r_mask = offs_r < n_res
+            rk_base = rk_ptr + b * s_rkb + kvh * s_rkh + offs_r[:, None] * s_rkt + 2 * offs_d[None, :]
+            rmask2 = r_mask[:, None] & d_mask[None, :]
+            rk_even = tl.math.div_rn(tl.load(rk_base, mask=rmask2, other=0.0).to(tl.float32), s_even[None, :])
+            rk_odd = tl.math.div_rn(tl.load(rk_base + 1, mask=rmask2, other=0.0).to(tl.float32), s_odd[None, :])
+            s = tl.dot(qd_even, tl.trans(rk_even), input_precision="ieee") + tl.dot(qd_odd, tl.trans(rk_odd), input_precision="ieee")
+            s = s * scaling
+            if HAS_SOFTCAP:
+                s = _tanh_softcap(s, softcap)
+            vis = r_mask
+            if HAS_MASK:
+                vis = vis & (tl.load(mask_ptr + b * s_mb + n_quant + offs_r, mask=r_mask, other=0) != 0)
+            s = tl.where(vis[None, :], s, float("-inf"))
+            tl.store(sc_ptr + b * s_scb + heads[:, None] * s_sch + n_quant + offs_r[None, :], s, mask=g_mask[:, None] & r_mask[None, :])
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            l_i = l_i * tl.exp(m_i - m_safe) + tl.sum(tl.exp(s - m_safe[:, None]), axis=1)
+            m_i = m_new
+    row = (b * HKV * G + heads) * s1 + split
+    tl.store(mst_ptr + row, m_i, mask=g_mask)
+    tl.store(lst_ptr + row, l_i, mask=g_mask)
+    tl.store(vmax_ptr + pid * s1 + split, tl.max(vmax, axis=0))
+
+
+@triton.jit
+def _pv_kernel(
+    vp_ptr, vs_ptr, vz_ptr, rv_ptr, sc_ptr, mst_ptr, lst_ptr, vmax_ptr, out_ptr,
+    n_quant, n_res, chunk, HKV, NUM_SPLITS,
+    s_vpb, s_vph, s_vpt, s_vsb, s_vsh, s_vst, s_vzb, s_vzh, s_vzt, s_rvb, s_rvh, s_rvt, s_scb, s_sch,
+    G: tl.constexpr, GP: tl.constexpr, HALF_D: tl.constexpr, DH: tl.constexpr, BLOCK_T: tl.constexpr,
+    BLOCK_R: tl.constexpr, SP: tl.constexpr, HALF_UP: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    b = pid // HKV
+    kvh = pid % HKV
+    s1 = NUM_SPLITS + 1
+    offs_g = tl.arange(0, GP)
+    g_mask = offs_g < G
+    heads = kvh * G + offs_g
+    offs_d = tl.arange(0, DH)
+    d_mask = offs_d < HALF_D
+    offs_s = tl.arange(0, SP)
+    gs_mask = g_mask[:, None] & (offs_s < s1)[None, :]
+    rows = (b * HKV * G + heads)[:, None] * s1 + offs_s[None, :]
+    m_all = tl.load(mst_ptr + rows, mask=gs_mask, other=float("-inf"))
+    l_all = tl.load(lst_ptr + rows, mask=gs_mask, other=0.0)
+    m = tl.max(m_all, axis=1)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    l = tl.sum(l_all * tl.exp(m_all - m_safe[:, None]), axis=1)
+    l_safe = tl.where(l > 0, l, 1.0)  # fully masked rows: every p is 0
+    v_max = tl.max(tl.load(vmax_ptr + pid * s1 + offs_s, mask=offs_s < s1, other=0.0), axis=0)
+    v_max = tl.maximum(v_max, FP16_TINY)
+    acc_even = tl.zeros([GP, DH], tl.float32)
+    acc_odd = tl.zeros([GP, DH], tl.float32)
+    if split < NUM_SPLITS:
+        t_start = split * chunk
+        t_end = tl.minimum(t_start + chunk, n_quant)
+        for t0 in range(t_start, t_end, BLOCK_T):
+            offs_t = t0 + tl.arange(0, BLOCK_T)
+            t_mask = offs_t < t_end
+            s = tl.load(sc_ptr + b * s_scb + heads[:, None] * s_sch + offs_t[None, :], mask=g_mask[:, None] & t_mask[None, :], other=float("-inf"))
+            p = tl.math.div_rn(tl.exp(s - m_safe[:, None]), l_safe[:, None])
+            vs = tl.load(vs_ptr + b * s_vsb + kvh * s_vsh + offs_t * s_vst, mask=t_mask, other=0.0).to(tl.float32)
+            folded = tl.minimum(tl.maximum(tl.math.div_rn(p * vs[None, :], v_max), 0.0), 1.0)
+            p8 = round_minifloat(folded, 4, -14, UE4M4_MAX, HALF_UP).to(tl.float16)  # exact in fp16
+            vp = tl.load(vp_ptr + b * s_vpb + kvh * s_vph + offs_t[:, None] * s_vpt + offs_d[None, :],
+                         mask=t_mask[:, None] & d_mask[None, :], other=0).to(tl.int32)
+            vz = tl.load(vz_ptr + b * s_vzb + kvh * s_vzh + offs_t * s_vzt, mask=t_mask, other=0).to(tl.int32)
+            acc_even += tl.dot(p8, ((vp & 15) - vz[:, None]).to(tl.float16))
+            acc_odd += tl.dot(p8, ((vp >> 4) - vz[:, None]).to(tl.float16))
+        acc_even = acc_even * v_max
+        acc_odd = acc_odd * v_max
+    else:
+        for r0 in range(0, n_res, BLOCK_R):
+            offs_r = r0 + tl.arange(0, BLOCK_R)
+            r_mask = offs_r < n_res
+            s = tl.load(sc_ptr + b * s_scb + heads[:, None] * s_sch + n_quant + offs_r[None, :], mask=g_mask[:, None] & r_mask[None, :], other=float("-inf"))
+            p = tl.math.div_rn(tl.exp(s - m_safe[:, None]), l_safe[:, None])
+            p8 = round_minifloat(p, 4, -14, UE4M4_MAX, HALF_UP)
+            rv_base = rv_ptr + b * s_rvb + kvh * s_rvh + offs_r[:, None] * s_rvt + 2 * offs_d[None, :]
+            rmask2 = r_mask[:, None] & d_mask[None, :]
+            acc_even += tl.dot(p8, tl.load(rv_base, mask=rmask2, other=0.0).to(tl.float32), input_precision="ieee")
+            acc_odd += tl.dot(p8, tl.load(rv_base + 1, mask=rmask2, other=0.0).to(tl.float32), input_precision="ieee")
+    out_base = out_ptr + ((b * HKV * G + heads)[:, None] * s1 + split) * (2 * HALF_D) + 2 * offs_d[None, :]
+    tl.store(out_base, acc_even, mask=g_mask[:, None] & d_mask[None, :])
+    tl.store(out_base + 1, acc_odd, mask=g_mask[:, None] & d_mask[None, :])
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _check_int4(what: str, name: str, t: Int4Tensor, batch: int, kv_heads: int, d: int) -> None:
+    if not isinstance(t, Int4Tensor):
+        raise TypeError(f"{what}: {name} must be an Int4Tensor, got {type(t).__name__}")
+    if t.group_size != d or t.packed.dim() != 4 or t.packed.shape[:2] != (batch, kv_heads) or t.packed.shape[-1] != d // 2:
+        raise ValueError(f"{what}: {name} must be packed per (token, kv-head) as [B={batch}, H_kv={kv_heads}, T, {d // 2}], "
+                         f"got {tuple(t.packed.shape)} with group size {t.group_size}")
+    if t.packed.stride(-1) != 1:
+        raise ValueError(f"{what}: {name}.packed must be contiguous along head_dim")
+
+
+def p3_decode_attention(
+    query: torch.Tensor,
+    kv: QuantizedKV,
+    mask: torch.Tensor | None,
+    scaling: float,
+    softcap: float | None = None,
+    prob_rounding: str = "nearest_even",
+    block_t: int | None = None,
+    num_splits: int | None = None,
+) -> torch.Tensor:
+    """Attention output [B, H, 1, D] (float32) for one query token per sequence over a P3 cache.
+
+    query [B, H, 1, D]; kv: INT4 keys/values per (token, kv-head) (strided views allowed), smoothing
+    [B, H_kv, 1, D] float32 or None, residual_keys/values [B, H_kv, R, D]; mask [B, n + R] bool (True =
+    attend) or None. Queries are FP8-quantized when the cache holds quantized keys (as the reference does).
+    """
+    what = "p3_decode_attention"
+    if query.dim() != 4 or query.shape[2] != 1:
+        raise ValueError(f"{what}: query must be [B, H, 1, D], got {tuple(query.shape)}")
+    if kv.dense_keys is not None or kv.dense_values is not None:
+        raise ValueError(f"{what}: caches with 16-bit (dense) non-residual tokens are not supported; use the torch backend")
+    if prob_rounding not in ("nearest_even", "half_up"):
+        raise ValueError(f"{what}: prob_rounding must be 'nearest_even' or 'half_up', got {prob_rounding!r}")
+    bsz, heads, _, d = query.shape
+    rk, rv = kv.residual_keys, kv.residual_values
+    if rk.dim() != 4 or rk.shape[0] != bsz or rk.shape[-1] != d or rv.shape != rk.shape:
+        raise ValueError(f"{what}: residual keys/values must be [B, H_kv, R, {d}], got {tuple(rk.shape)} / {tuple(rv.shape)}")
+    kv_heads = rk.shape[1]
+    if heads % kv_heads or d % 2:
+        raise ValueError(f"{what}: {heads} query heads must be a multiple of {kv_heads} kv heads and head_dim {d} even")
+    if rk.stride(-1) != 1 or rv.stride(-1) != 1:
+        raise ValueError(f"{what}: residual keys/values must be contiguous along head_dim")
+    quantized = kv.keys is not None
+    if quantized != (kv.values is not None):
+        raise ValueError(f"{what}: keys and values must both be quantized or both absent")
+    n_quant = 0
+    if quantized:
+        _check_int4(what, "keys", kv.keys, bsz, kv_heads, d)
+        _check_int4(what, "values", kv.values, bsz, kv_heads, d)
+        n_quant = kv.keys.packed.shape[2]
+        if kv.values.packed.shape[2] != n_quant:
+            raise ValueError(f"{what}: {n_quant} quantized keys but {kv.values.packed.shape[2]} values")
+    sm = kv.smoothing
+    if sm is not None:
+        if sm.shape != (bsz, kv_heads, 1, d) or sm.dtype != torch.float32 or sm.stride(-1) != 1:
+            raise ValueError(f"{what}: smoothing must be float32 [B, H_kv, 1, D] contiguous along D, got {tuple(sm.shape)} {sm.dtype}")
+    n_res = rk.shape[2]
+    total = n_quant + n_res
+    if mask is not None:
+        if mask.dtype != torch.bool or mask.shape != (bsz, total):
+            raise ValueError(f"{what}: mask must be bool [B, {total}], got {tuple(mask.shape)} {mask.dtype}")
+        mask = mask.contiguous().view(torch.uint8)
+    require_device(what, query, rk, rv, sm, mask, kv.keys.packed if quantized else None)
+    q = query[:, :, 0, :]
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+
+    block_t = block_t or (64 if interpreting() else 128)
+    group = heads // kv_heads
+    gp = max(16, triton.next_power_of_2(group))
+    blocks = triton.cdiv(n_quant, block_t)
+    if num_splits is None:
+        num_splits = min(blocks, max(1, triton.cdiv(2 * _num_sms(query.device), bsz * kv_heads)))
+    num_splits = max(0, min(num_splits, blocks))
+    chunk = block_t * triton.cdiv(blocks, num_splits) if num_splits else block_t
+    num_splits = triton.cdiv(n_quant, chunk) if n_quant else 0
+    s1 = num_splits + 1
+    dev = query.device
+    scores = torch.empty((bsz, heads, max(total, 1)), dtype=torch.float32, device=dev)
+    m_stat = torch.empty((bsz * heads, s1), dtype=torch.float32, device=dev)
+    l_stat = torch.empty_like(m_stat)
+    v_max = torch.empty((bsz * kv_heads, s1), dtype=torch.float32, device=dev)
+    partial = torch.empty((bsz * heads, s1, d), dtype=torch.float32, device=dev)
+
+    keys = kv.keys if quantized else None
+    vals = kv.values if quantized else None
+    kp, ks, kz = (keys.packed, keys.scales, keys.zeros) if quantized else (rk, rk, rk)
+    vp, vs, vz = (vals.packed, vals.scales, vals.zeros) if quantized else (rv, rv, rv)
+    sm_arg = sm if sm is not None else rk
+    mask_arg = mask if mask is not None else rk
+    grid = (bsz * kv_heads, s1)
+    shape = dict(G=group, GP=gp, HALF_D=d // 2, DH=triton.next_power_of_2(d // 2), BLOCK_T=block_t, BLOCK_R=_BLOCK_R)
+    _scores_kernel[grid](
+        q, sm_arg, kp, ks, kz, vs, rk, mask_arg, scores, m_stat, l_stat, v_max,
+        n_quant, n_res, chunk, float(scaling), float(softcap or 1.0), kv_heads, num_splits,
+        q.stride(0), q.stride(1), sm_arg.stride(0), sm_arg.stride(1),
+        kp.stride(0), kp.stride(1), kp.stride(2), ks.stride(0), ks.stride(1), ks.stride(2),
+        kz.stride(0), kz.stride(1), kz.stride(2), vs.stride(0), vs.stride(1), vs.stride(2),
+        rk.stride(0), rk.stride(1), rk.stride(2), mask_arg.stride(0), scores.stride(0), scores.stride(1),
+        HAS_SMOOTH=sm is not None, QUANT_Q=quantized, HAS_MASK=mask is not None, HAS_SOFTCAP=softcap is not None,
+        num_warps=4, **shape,
+    )
+    _pv_kernel[grid](
+        vp, vs, vz, rv, scores, m_stat, l_stat, v_max, partial,
+        n_quant, n_res, chunk, kv_heads, num_splits,
+        vp.stride(0), vp.stride(1), vp.stride(2), vs.stride(0), vs.stride(1), vs.stride(2),
+        vz.stride(0), vz.stride(1), vz.stride(2), rv.stride(0), rv.stride(1), rv.stride(2),
+        scores.stride(0), scores.stride(1),
+        SP=triton.next_power_of_2(s1), HALF_UP=prob_rounding == "half_up", num_warps=4, **shape,
+    )
+    return partial.sum(dim=1).view(bsz, heads, 1, d)
+
+
+def decode_mask(attention_mask: torch.Tensor | None, batch: int, total: int) -> torch.Tensor | None:
+    """Reduce an HF decode mask ([B, 1, 1, T] or [B, T]; bool, or additive 0 / very negative) to bool [B, T].
+
+    Additive entries count as masked when <= finfo(dtype).min / 2 (HF writes finfo.min or -inf there);
+    any other value counts as visible, so additive biases other than masking are not supported (callers
+    must route those to the reference).
+    """
+    if attention_mask is None:
+        return None
+    m = attention_mask
+    if m.dim() == 4:
+        m = m[:, 0, -1, :]
+    elif m.dim() != 2:
+        raise ValueError(f"decode_mask: expected a [B, 1, Tq, T] or [B, T] mask, got {tuple(attention_mask.shape)}")
+    m = m[..., :total]
+    if m.shape[-1] != total:
+        raise ValueError(f"decode_mask: mask covers {m.shape[-1]} keys, the cache holds {total}")
+    if m.dtype != torch.bool:
+        m = m > torch.finfo(m.dtype).min / 2
+    return m.expand(batch, total)
+
+
+__all__ = ["p3_decode_attention", "decode_mask"]

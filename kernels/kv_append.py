@@ -1,0 +1,147 @@
+"""KV-cache append on the GPU: INT4-asymmetric quantization + packing of new tokens straight into cache
+storage, and the prefill key-smoothing factor.
+
+Bit-exact with p3quant.quantizers.quantize_keys / quantize_values / key_smoothing_factor: the same fp32
+operations in the same order (IEEE division via div_rn, round-half-even, fp16 scale clamped to its normal
+range), so codes, scales and zero points are identical, not merely within one code.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import FP16_MAX, FP16_TINY, require_device, rne
+
+
+@triton.jit
+def _int4_rows_kernel(
+    x_ptr, div_ptr, p_ptr, s_ptr, z_ptr, T, H,
+    s_xb, s_xh, s_xt, s_db, s_dh, s_pb, s_ph, s_pt, s_sb, s_sh, s_st, s_zb, s_zh, s_zt,
+    HALF_D: tl.constexpr, DH: tl.constexpr, BLOCK_T: tl.constexpr, HAS_DIV: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    b = pid // H
+    h = pid % H
+    offs_t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_d = tl.arange(0, DH)
+    t_mask = offs_t < T
+    d_mask = offs_d < HALF_D
+    mask = t_mask[:, None] & d_mask[None, :]
+    base = x_ptr + b * s_xb + h * s_xh + offs_t[:, None] * s_xt + 2 * offs_d[None, :]
+    x_even = tl.load(base, mask=mask, other=0.0).to(tl.float32)
+    x_odd = tl.load(base + 1, mask=mask, other=0.0).to(tl.float32)
+    if HAS_DIV:
+        d_base = div_ptr + b * s_db + h * s_dh + 2 * offs_d
+        x_even = tl.math.div_rn(x_even, tl.load(d_base, mask=d_mask, other=1.0)[None, :])
+        x_odd = tl.math.div_rn(x_odd, tl.load(d_base + 1, mask=d_mask, other=1.0)[None, :])
+    lo = tl.minimum(tl.minimum(tl.min(x_even, axis=1), tl.min(x_odd, axis=1)), 0.0)  # padded lanes hold 0
+    hi = tl.maximum(tl.maximum(tl.max(x_even, axis=1), tl.max(x_odd, axis=1)), 0.0)
+    scale = tl.math.div_rn(hi - lo, 15.0)
+    scale = tl.minimum(tl.maximum(scale, FP16_TINY), FP16_MAX).to(tl.float16)
+    sf = scale.to(tl.float32)
+    zero = tl.minimum(tl.maximum(rne(tl.math.div_rn(-lo, sf)), 0.0), 15.0)
+    q_even = tl.minimum(tl.maximum(rne(tl.math.div_rn(x_even, sf[:, None])) + zero[:, None], 0.0), 15.0).to(tl.int32)
+    q_odd = tl.minimum(tl.maximum(rne(tl.math.div_rn(x_odd, sf[:, None])) + zero[:, None], 0.0), 15.0).to(tl.int32)
+    packed = (q_even | (q_odd << 4)).to(tl.uint8)
+    tl.store(p_ptr + b * s_pb + h * s_ph + offs_t[:, None] * s_pt + offs_d[None, :], packed, mask=mask)
+    tl.store(s_ptr + b * s_sb + h * s_sh + offs_t * s_st, scale, mask=t_mask)
+    tl.store(z_ptr + b * s_zb + h * s_zh + offs_t * s_zt, zero.to(tl.uint8), mask=t_mask)
+
+
+@triton.jit
+def _smoothing_kernel(
+    k_ptr, m_ptr, o_ptr, T, H, s_kb, s_kh, s_kt, s_mb, s_ob, s_oh,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, HAS_MASK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    b = pid // H
+    h = pid % H
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_mask = offs_d < D
+    amax = tl.zeros([BLOCK_D], tl.float32)
+    for t0 in range(0, T, BLOCK_T):
+        offs_t = t0 + tl.arange(0, BLOCK_T)
+        t_mask = offs_t < T
+        if HAS_MASK:
+            t_mask = t_mask & (tl.load(m_ptr + b * s_mb + offs_t, mask=offs_t < T, other=0) != 0)
+        k = tl.load(k_ptr + b * s_kb + h * s_kh + offs_t[:, None] * s_kt + offs_d[None, :],
+                    mask=t_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
+        amax = tl.maximum(amax, tl.max(tl.abs(k), axis=0))
+    amax = tl.where(amax > 0, amax, 1.0)
+    tl.store(o_ptr + b * s_ob + h * s_oh + offs_d, amax, mask=d_mask)
+
+
+def _check_rows(what: str, x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> None:
+    if x.dim() != 4 or x.shape[-1] % 2 or not x.is_floating_point():
+        raise ValueError(f"{what}: input must be floating [B, H, T, D] with even D, got {tuple(x.shape)} {x.dtype}")
+    b, h, t, d = x.shape
+    if packed.dtype != torch.uint8 or tuple(packed.shape) != (b, h, t, d // 2):
+        raise ValueError(f"{what}: packed must be uint8 [{b}, {h}, {t}, {d // 2}], got {packed.dtype} {tuple(packed.shape)}")
+    if scales.dtype != torch.float16 or tuple(scales.shape) != (b, h, t, 1):
+        raise ValueError(f"{what}: scales must be float16 [{b}, {h}, {t}, 1], got {scales.dtype} {tuple(scales.shape)}")
+    if zeros.dtype != torch.uint8 or tuple(zeros.shape) != (b, h, t, 1):
+        raise ValueError(f"{what}: zeros must be uint8 [{b}, {h}, {t}, 1], got {zeros.dtype} {tuple(zeros.shape)}")
+    if x.stride(-1) != 1 or packed.stride(-1) != 1:
+        raise ValueError(f"{what}: input and packed storage must be contiguous along head_dim")
+
+
+def quantize_int4_rows_into(
+    x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, divisor: torch.Tensor | None = None
+) -> None:
+    """Quantize x [B, H, T, D] (divided by `divisor` [B, H, 1, D] float32 first, if given) to INT4 asymmetric
+    per (b, h, t) row, writing packed [B, H, T, D/2] uint8, scales [B, H, T, 1] float16, zeros [B, H, T, 1]
+    uint8 in place. The outputs may be strided views into preallocated cache storage."""
+    what = "quantize_int4_rows_into"
+    _check_rows(what, x, packed, scales, zeros)
+    require_device(what, x, packed, scales, zeros, divisor)
+    b, h, t, d = x.shape
+    if divisor is not None and (divisor.shape != (b, h, 1, d) or divisor.dtype != torch.float32 or divisor.stride(-1) != 1):
+        raise ValueError(f"{what}: divisor must be float32 [{b}, {h}, 1, {d}] contiguous along D, got {tuple(divisor.shape)} {divisor.dtype}")
+    if x.numel() == 0:
+        return
+    div = divisor if divisor is not None else x
+    block_t = 16
+    _int4_rows_kernel[(b * h, triton.cdiv(t, block_t))](
+        x, div, packed, scales, zeros, t, h,
+        x.stride(0), x.stride(1), x.stride(2), div.stride(0), div.stride(1),
+        packed.stride(0), packed.stride(1), packed.stride(2), scales.stride(0), scales.stride(1), scales.stride(2),
+        zeros.stride(0), zeros.stride(1), zeros.stride(2),
+        HALF_D=d // 2, DH=triton.next_power_of_2(d // 2), BLOCK_T=block_t, HAS_DIV=divisor is not None, num_warps=4,
+    )
+
+
+def key_smoothing_factor_gpu(prompt_keys: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """s [B, H_kv, 1, D] float32 = max over the prompt's real tokens of |K| (mask [B, T] bool), 1 where 0.
+
+    Same result as quantizers.key_smoothing_factor (which also rejects non-finite keys; this kernel does not
+    check, to avoid a host sync)."""
+    what = "key_smoothing_factor_gpu"
+    if prompt_keys.dim() != 4 or not prompt_keys.is_floating_point():
+        raise ValueError(f"{what}: keys must be floating [B, H, T, D], got {tuple(prompt_keys.shape)} {prompt_keys.dtype}")
+    b, h, t, d = prompt_keys.shape
+    if mask is not None and (mask.dtype != torch.bool or tuple(mask.shape) != (b, t)):
+        raise ValueError(f"{what}: mask must be bool [{b}, {t}], got {mask.dtype} {tuple(mask.shape)}")
+    require_device(what, prompt_keys, mask)
+    out = torch.empty((b, h, 1, d), dtype=torch.float32, device=prompt_keys.device)
+    m = mask.contiguous().view(torch.uint8) if mask is not None else out
+    block_d = min(triton.next_power_of_2(d), 128)
+    _smoothing_kernel[(b * h, triton.cdiv(d, block_d))](
+        prompt_keys, m, out, t, h, prompt_keys.stride(0), prompt_keys.stride(1), prompt_keys.stride(2),
+        m.stride(0), out.stride(0), out.stride(1), D=d, BLOCK_D=block_d, BLOCK_T=64, HAS_MASK=mask is not None,
+        num_warps=4,
+    )
+    return out
+
+
+def append_kv(
+    keys: torch.Tensor, values: torch.Tensor, smoothing: torch.Tensor | None,
+    key_packed: torch.Tensor, key_scales: torch.Tensor, key_zeros: torch.Tensor,
+    value_packed: torch.Tensor, value_scales: torch.Tensor, value_zeros: torch.Tensor,
+) -> None:
+    """Quantize new tokens keys/values [B, H_kv, T, D] into the cache storage slices for those T tokens
+    (packed [B, H_kv, T, D/2] uint8, scales [B, H_kv, T, 1] fp16, zeros [B, H_kv, T, 1] uint8, views allowed):
+    keys as quantize_keys(keys, smoothing) (smoothing None: unsmoothed), values as quantize_values(values)."""
+    quantize_int4_rows_into(keys, key_packed, key_scales, key_zeros, smoothing)
+    quantize_int4_rows_into(values, value_packed, value_scales, value_zeros)

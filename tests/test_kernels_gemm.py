@@ -1,0 +1,88 @@
+"""Fused W4 dequant-GEMM and FP8 activation quantization vs the torch reference, in the Triton interpreter."""
+
+import pytest
+import torch
+
+from p3quant.formats import BITMOD4, INT4, quantize_scaled_fp8
+from p3quant.kernels.act_quant import quantize_activation_fp8
+from p3quant.kernels.gemm_w4 import w4_matmul
+from p3quant.nn.backends import TorchBackend, get_backend
+
+# bf16 outputs: the kernel's cast and the reference's each round once (2**-9 relative; the interpreter's
+# fp32->bf16 cast truncates: 2**-8), and the reference also rounds FP8 activations to bf16 (2**-9).
+BF16_TOL = 2.0**-7
+FP32_TOL = 1e-5  # fp32 accumulation over K <= 512 against float64 of the same quantized operands
+
+
+def _weight(fmt, n, k, group, gen):
+    w = torch.randn(n, k, generator=gen) * (1 + torch.rand(n, 1, generator=gen))
+    return BITMOD4.quantize(w, group) if fmt == "bitmod" else INT4.quantize(w, group)
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+CASES = [  # M, N, K, group, weight format, activation format
+    (1, 40, 256, 64, "bitmod", "fp8_e4m3"),
+    (1, 33, 160, 32, "int4", "none"),
+    (1, 21, 384, 128, "bitmod", "none"),
+    (3, 33, 96, 32, "bitmod", "none"),
+    (5, 40, 384, 128, "int4", "fp8_e4m3"),
+    (16, 17, 128, 64, "bitmod", "fp8_e4m3"),
+    (37, 24, 128, 128, "bitmod", "fp8_e4m3"),
+    (130, 19, 64, 32, "int4", "none"),
+]
+
+
+@pytest.mark.parametrize("m,n,k,group,wfmt,afmt", CASES)
+def test_w4_matmul_matches_exact_quantized_product(m, n, k, group, wfmt, afmt):
+    gen = torch.Generator().manual_seed(m * 1000 + n)
+    x = torch.randn(m, k, generator=gen).to(torch.bfloat16) * 3
+    weight = _weight(wfmt, n, k, group, gen)
+    bias = torch.randn(n, generator=gen).to(torch.bfloat16)
+    out = torch.full((m, n), float("nan"), dtype=torch.float32)
+    y = w4_matmul(x, weight, bias, afmt, out_dtype=torch.float32, out=out)
+    xq = quantize_scaled_fp8(x).dequantize().double() if afmt == "fp8_e4m3" else x.double()
+    exact = xq @ weight.dequantize().double().t() + bias.double()
+    assert torch.isfinite(y).all()
+    assert _rel(y, exact) < FP32_TOL
+    y16 = w4_matmul(x, weight, bias, afmt)
+    assert y16.dtype == torch.bfloat16 and torch.isfinite(y16).all()
+    assert _rel(y16, TorchBackend().linear(x, weight, bias, afmt)) < BF16_TOL
+
+
+def test_backend_linear_3d_fp16_and_int8_fallback():
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(2, 3, 128, generator=gen).to(torch.float16)
+    weight = _weight("bitmod", 24, 128, 64, gen)
+    triton_backend, ref = get_backend("triton"), TorchBackend()
+    for afmt in ("fp8_e4m3", "none", "int8"):
+        y = triton_backend.linear(x, weight, None, afmt)
+        assert y.shape == (2, 3, 24) and y.dtype == torch.float16
+        assert _rel(y, ref.linear(x, weight, None, afmt)) < 2.0**-9  # fp16 outputs: one rounding each side
+
+
+def test_activation_quant_is_bit_exact():
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(7, 300, generator=gen) * torch.logspace(-6, 3, 300)  # spans FP8 subnormals to saturation
+    x = x.to(torch.bfloat16)
+    codes, scales = quantize_activation_fp8(x)
+    ref = quantize_scaled_fp8(x)
+    assert torch.equal(scales, ref.scales.float().squeeze(-1))
+    assert torch.equal(codes.float() * scales[:, None], ref.dequantize())
+
+
+def test_bad_inputs_are_rejected(monkeypatch):
+    gen = torch.Generator().manual_seed(1)
+    weight = _weight("bitmod", 8, 512, 256, gen)
+    with pytest.raises(ValueError, match="group size 256"):
+        w4_matmul(torch.randn(1, 512), weight)
+    weight = _weight("int4", 8, 128, 64, gen)
+    with pytest.raises(ValueError, match="features"):
+        w4_matmul(torch.randn(1, 96), weight)
+    with pytest.raises(ValueError, match="activation_format"):
+        w4_matmul(torch.randn(1, 128), weight, activation_format="int8")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="CUDA"):
+        w4_matmul(torch.randn(1, 128), weight)
