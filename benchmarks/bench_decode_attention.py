@@ -1,0 +1,89 @@
+"""Decode-attention benchmark: p3quant's fused kernel over the packed INT4 cache (FP8 query, UE4M4 P) vs
+torch SDPA on a bf16 cache, Llama-3.1-8B heads (32 q / 8 kv, head_dim 128), residual window R = 1.
+
+transformers' QuantizedCache needs optimum-quanto or hqq; the row says when they are not installed.
+Run: python benchmarks/bench_decode_attention.py [--quick]. Prints a markdown table last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+
+import torch
+import torch.nn.functional as F
+
+from p3quant.attention_math import QuantizedKV
+from p3quant.formats import Int4Tensor
+from p3quant.kernels.decode_attention import p3_decode_attention
+from p3quant.kernels.kv_append import append_kv, key_smoothing_factor_gpu
+
+try:
+    from ._common import bench_rotating, copies_for, copy_bandwidth_tbs, environment, table
+except ImportError:
+    from _common import bench_rotating, copies_for, copy_bandwidth_tbs, environment, table
+
+HEADS, KV_HEADS, HEAD_DIM, RESIDUAL = 32, 8, 128, 1
+BATCHES = (1, 4, 16)
+CONTEXTS = (1024, 4096, 16384, 32768, 131072)
+
+
+def build_cache(k: torch.Tensor, v: torch.Tensor) -> QuantizedKV:
+    """Quantize bf16 K/V [B, Hkv, T, D] into a P3 cache (all but the last RESIDUAL tokens packed), on the GPU."""
+    b, h, t, d = k.shape
+    n = t - RESIDUAL
+    s = key_smoothing_factor_gpu(k)
+    store = lambda last, dt: torch.empty(b, h, n, last, dtype=dt, device=k.device)  # noqa: E731
+    kp, ks, kz = store(d // 2, torch.uint8), store(1, torch.float16), store(1, torch.uint8)
+    vp, vs, vz = store(d // 2, torch.uint8), store(1, torch.float16), store(1, torch.uint8)
+    append_kv(k[:, :, :n], v[:, :, :n], s, kp, ks, kz, vp, vs, vz)
+    return QuantizedKV(Int4Tensor(kp, ks, kz, (b, h, n, d), d), Int4Tensor(vp, vs, vz, (b, h, n, d), d), s,
+                       k[:, :, n:].contiguous(), v[:, :, n:].contiguous())
+
+
+def quantized_cache_status() -> str:
+    have = [name for name in ("optimum.quanto", "hqq") if importlib.util.find_spec(name.split(".")[0]) is not None]
+    return "available backends: " + ", ".join(have) if have else "not run: neither optimum-quanto nor hqq is installed here (no network to fetch them)"
+
+
+def run(quick: bool = False) -> tuple[str, list[dict]]:
+    copy_bw = copy_bandwidth_tbs()
+    rows, raw = [], []
+    contexts = (4096, 32768) if quick else CONTEXTS
+    for b in BATCHES:
+        for t in contexts:
+            bf16_bytes = b * KV_HEADS * t * HEAD_DIM * 2 * 2
+            if bf16_bytes > 40 * 2**30:
+                continue
+            ncopy = copies_for(bf16_bytes)
+            q = torch.randn(b, HEADS, 1, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+            kvs, caches = [], []
+            for _ in range(ncopy):
+                k = torch.randn(b, KV_HEADS, t, HEAD_DIM, device="cuda", dtype=torch.bfloat16) * (1 + 3 * torch.rand(HEAD_DIM, device="cuda", dtype=torch.bfloat16))
+                v = torch.randn(b, KV_HEADS, t, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+                kvs.append((k, v))
+                caches.append(build_cache(k, v))
+            scaling = HEAD_DIM**-0.5
+            sdpa = bench_rotating([lambda k=k, v=v: F.scaled_dot_product_attention(q, k, v, enable_gqa=True) for k, v in kvs])
+            p3 = bench_rotating([lambda c=c: p3_decode_attention(q, c, None, scaling) for c in caches])
+            p3_bytes = b * KV_HEADS * t * (HEAD_DIM + 6) + 2 * b * HEADS * t * 4
+            raw.append(dict(batch=b, context=t, sdpa_us=sdpa, p3_us=p3))
+            rows.append((b, t, sdpa, bf16_bytes / sdpa / 1e6, p3, p3_bytes / p3 / 1e6, 100 * p3_bytes / p3 / 1e6 / copy_bw, sdpa / p3))
+            del kvs, caches
+            torch.cuda.empty_cache()
+    headers = ["batch", "context", "SDPA bf16 us", "SDPA TB/s", "P3 kernel us", "P3 TB/s", "P3 % copy BW", "speedup"]
+    notes = [f"measured copy bandwidth: {copy_bw:.2f} TB/s", f"transformers QuantizedCache: {quantized_cache_status()}",
+             "P3 bytes = packed K and V + scales/zeros (134 B per kv-head token) + fp32 scores written and read (32 B per kv-head token)"]
+    return table(headers, rows) + "\n\n" + "\n".join(notes), raw
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    print(environment())
+    print(run(args.quick)[0])
+
+
+if __name__ == "__main__":
+    main()

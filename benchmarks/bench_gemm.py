@@ -1,0 +1,98 @@
+"""GEMM benchmark: p3quant's fused W4A8 / W4A16 BitMoD dequant-GEMM vs bf16 cuBLAS, torch's int4 tinygemm
+and FP8 torch._scaled_mm, on Llama-3.1-8B decoder shapes (and 8192x8192) over M = 1..4096.
+
+Run: python benchmarks/bench_gemm.py [--quick]. Prints a markdown table last.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from p3quant.formats import BITMOD4
+from p3quant.kernels.gemm_w4 import w4_matmul
+
+try:
+    from ._common import bench_rotating, copies_for, copy_bandwidth_tbs, environment, table
+except ImportError:
+    from _common import bench_rotating, copies_for, copy_bandwidth_tbs, environment, table
+
+SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336), "sq8192": (8192, 8192)}
+MS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 1024, 4096)
+GROUP = 128
+
+
+def _bitmod_weights(n: int, k: int, copies: int):
+    """Random BitMoD weights (quantized once, then copied so timing rotates through distinct memory)."""
+    w = BITMOD4.quantize(torch.randn(n, k, device="cuda"), GROUP)
+    return [w] + [type(w)(w.packed.clone(), w.scales.clone(), w.selectors.clone(), w.shape, w.group_size) for _ in range(copies - 1)]
+
+
+def _tinygemm(n: int, k: int, copies: int):
+    """torch's int4 tinygemm operands (None where this torch build lacks the op)."""
+    try:
+        out = []
+        for _ in range(copies):
+            codes = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device="cuda")
+            packed = torch.ops.aten._convert_weight_to_int4pack(codes, 8)
+            sz = torch.randn(k // GROUP, n, 2, device="cuda", dtype=torch.bfloat16) * 0.01
+            out.append((packed, sz))
+        return out
+    except (RuntimeError, AttributeError):
+        return None
+
+
+def run(quick: bool = False) -> tuple[str, list[dict]]:
+    """Benchmark every shape and M; returns the markdown table and the raw rows."""
+    copy_bw = copy_bandwidth_tbs()
+    rows, raw = [], []
+    ms = (1, 16, 64, 1024) if quick else MS
+    for name, (n, k) in SHAPES.items():
+        wbytes = n * k // 2 + n * (k // GROUP) * 3
+        ncopy = copies_for(wbytes)
+        weights = _bitmod_weights(n, k, ncopy)
+        dense = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(copies_for(n * k * 2))]
+        tiny = _tinygemm(n, k, copies_for(n * k // 2))
+        fp8w = [d.to(torch.float8_e4m3fn) for d in dense]
+        scale_b = torch.ones(1, n, device="cuda")
+        for m in ms:
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            p3 = bench_rotating([lambda w=w: w4_matmul(x, w, None, "fp8_e4m3") for w in weights])
+            a16 = bench_rotating([lambda w=w: w4_matmul(x, w, None, "none") for w in weights]) if m in (1, 16, 64) or not quick else float("nan")
+            bf16 = bench_rotating([lambda d=d: x @ d.t() for d in dense])
+            tg = float("nan")
+            if tiny is not None:
+                tg = bench_rotating([lambda p=p, s=s: torch.ops.aten._weight_int4pack_mm(x, p, GROUP, s) for p, s in tiny])
+            f8 = float("nan")
+            if m % 16 == 0:
+                xa = x.to(torch.float8_e4m3fn)
+                scale_a = torch.ones(m, 1, device="cuda")
+                f8 = bench_rotating([lambda d=d: torch._scaled_mm(xa, d.t(), scale_a, scale_b, out_dtype=torch.bfloat16) for d in fp8w])
+            moved = wbytes + m * k * 4 + m * n * 2
+            tbs = moved / p3 / 1e6
+            raw.append(dict(shape=name, n=n, k=k, m=m, p3_us=p3, a16_us=a16, bf16_us=bf16, tinygemm_us=tg, fp8_us=f8, tbs=tbs))
+            rows.append((f"{name} {n}x{k}", m, p3, tbs, 100 * tbs / copy_bw, bf16, bf16 / p3, a16, bf16 / a16, tg, bf16 / tg, f8))
+    headers = ["shape NxK", "M", "P3 W4A8 us", "TB/s", "% copy BW", "bf16 us", "W4A8 x bf16", "W4A16 us", "W4A16 x bf16",
+               "tinygemm us", "tinygemm x bf16", "fp8 scaled_mm us"]
+    summary = [f"measured copy bandwidth: {copy_bw:.2f} TB/s (read + write)"]
+    for m in (1, 16, 64, 1024, 4096):
+        sel = [r for r in raw if r["m"] == m and r["shape"] != "sq8192"]
+        if sel:
+            mean = sum(r["bf16_us"] / r["p3_us"] for r in sel) / len(sel)
+            tg = [r["bf16_us"] / r["tinygemm_us"] for r in sel]
+            summary.append(f"M={m}: mean speedup over bf16 on the 4 Llama shapes: W4A8 {mean:.2f}x, tinygemm {sum(tg) / len(tg):.2f}x")
+    return table(headers, rows) + "\n\n" + "\n".join(summary), raw
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    print(environment())
+    text, _ = run(args.quick)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,129 @@
+"""One GPU run: every kernel against the torch reference over a grid of shapes, then all benchmarks.
+
+Prints PASS/FAIL lines first, then the environment and the benchmark tables last. Sections that raise are
+reported and the run continues. Run: python benchmarks/gpu_check.py [--quick] [--skip-e2e] [--out DIR].
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import traceback
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from _common import environment  # noqa: E402
+
+from p3quant.attention_math import AttentionFormats, QuantizedKV, p3_attention_reference  # noqa: E402
+from p3quant.formats import BITMOD4, INT4, Int4Tensor, quantize_scaled_fp8  # noqa: E402
+from p3quant.kernels.decode_attention import p3_decode_attention  # noqa: E402
+from p3quant.kernels.gemm_w4 import w4_matmul  # noqa: E402
+from p3quant.kernels.kv_append import append_kv, key_smoothing_factor_gpu  # noqa: E402
+from p3quant.quantizers import key_smoothing_factor, quantize_keys, quantize_values  # noqa: E402
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def check_gemm() -> list[str]:
+    out = []
+    for wfmt in ("bitmod", "int4"):
+        for group in (32, 64, 128):
+            for m, n, k in ((1, 1001, 4096), (3, 4096, 1408), (16, 777, 2048), (100, 1003, 4096), (300, 2048, 1536), (1030, 512, 1024)):
+                w = torch.randn(n, k, device="cuda") * (1 + torch.rand(n, 1, device="cuda"))
+                wq = BITMOD4.quantize(w, group) if wfmt == "bitmod" else INT4.quantize(w, group)
+                x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+                bias = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+                for afmt in ("fp8_e4m3", "none"):
+                    y = torch.full((m, n), float("nan"), device="cuda")
+                    w4_matmul(x, wq, bias, afmt, out_dtype=torch.float32, out=y)
+                    xq = quantize_scaled_fp8(x).dequantize().double() if afmt == "fp8_e4m3" else x.double()
+                    exact = xq @ wq.dequantize().double().t() + bias.double()
+                    err = _rel(y, exact)
+                    ok = torch.isfinite(y).all().item() and err < 1e-5
+                    out.append(f"{'PASS' if ok else 'FAIL'} gemm {wfmt} g{group} {afmt} M={m} N={n} K={k} rel_err={err:.2e}")
+    return out
+
+
+def _cache(b, hkv, n, r, d, dtype=torch.bfloat16):
+    k = torch.randn(b, hkv, n + r, d, device="cuda") * (0.5 + 4 * torch.rand(d, device="cuda"))
+    v = torch.randn(b, hkv, n + r, d, device="cuda")
+    s = key_smoothing_factor(k[:, :, :n])
+    cap = n + 64
+    st = lambda last, dt: torch.full((b, hkv, cap, last), 7, dtype=dt, device="cuda")  # noqa: E731
+    kp, ks, kz, vp, vs, vz = st(d // 2, torch.uint8), st(1, torch.float16), st(1, torch.uint8), st(d // 2, torch.uint8), st(1, torch.float16), st(1, torch.uint8)
+    append_kv(k[:, :, :n], v[:, :, :n], key_smoothing_factor_gpu(k[:, :, :n]), kp[:, :, :n], ks[:, :, :n], kz[:, :, :n], vp[:, :, :n], vs[:, :, :n], vz[:, :, :n])
+    kv = QuantizedKV(Int4Tensor(kp[:, :, :n], ks[:, :, :n], kz[:, :, :n], (b, hkv, n, d), d),
+                     Int4Tensor(vp[:, :, :n], vs[:, :, :n], vz[:, :, :n], (b, hkv, n, d), d), s,
+                     k[:, :, n:].to(dtype), v[:, :, n:].to(dtype))
+    rk, rv = quantize_keys(k[:, :, :n], s), quantize_values(v[:, :, :n])
+    exact = all(torch.equal(a, b) for a, b in ((kv.keys.packed, rk.packed), (kv.keys.scales, rk.scales), (kv.keys.zeros, rk.zeros),
+                                               (kv.values.packed, rv.packed), (kv.values.scales, rv.scales), (kv.values.zeros, rv.zeros)))
+    return kv, exact
+
+
+def check_attention() -> list[str]:
+    out = []
+    for b, h, hkv, d, n, r, rounding, softcap in ((1, 32, 8, 128, 4095, 1, "nearest_even", None), (3, 32, 8, 128, 5000, 16, "half_up", None),
+                                                  (2, 9, 3, 64, 777, 5, "nearest_even", 50.0), (4, 8, 8, 80, 1500, 1, "nearest_even", None)):
+        kv, exact = _cache(b, hkv, n, r, d)
+        out.append(f"{'PASS' if exact else 'FAIL'} kv_append bit-exact B={b} Hkv={hkv} T={n} D={d}")
+        q = torch.randn(b, h, 1, d, device="cuda", dtype=torch.bfloat16)
+        mask = torch.rand(b, n + r, device="cuda") > 0.05
+        mask[0, : n // 4] = False
+        fmt = AttentionFormats(prob_rounding=rounding)
+        ref = p3_attention_reference(q, kv, mask[:, None, None, :], d**-0.5, fmt, softcap)
+        got = p3_decode_attention(q, kv, mask, d**-0.5, softcap, rounding)
+        err = _rel(got, ref)
+        ok = torch.isfinite(got).all().item() and err < 1e-5
+        out.append(f"{'PASS' if ok else 'FAIL'} decode_attention B={b} H={h}/{hkv} D={d} n={n} R={r} {rounding} softcap={softcap} rel_err={err:.2e}")
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--skip-e2e", action="store_true")
+    parser.add_argument("--e2e-layers", type=int, default=32)
+    parser.add_argument("--out", default=os.environ.get("OUT", "."))
+    args = parser.parse_args()
+    sections: list[tuple[str, str]] = []
+
+    def section(name, fn):
+        start = time.perf_counter()
+        try:
+            text = fn()
+        except Exception:  # report and continue: one failing family must not hide the others
+            text = "ERROR\n" + traceback.format_exc()
+        text = f"{text}\n({name}: {time.perf_counter() - start:.0f} s)"
+        sections.append((name, text))
+        with open(os.path.join(args.out, f"{name}.md"), "w") as fh:
+            fh.write(text + "\n")
+        print(f"== {name} done", flush=True)
+
+    section("correctness", lambda: "\n".join(check_gemm() + check_attention()))
+    import bench_decode_attention
+    import bench_gemm
+
+    section("bench_gemm", lambda: bench_gemm.run(args.quick)[0])
+    section("bench_decode_attention", lambda: bench_decode_attention.run(args.quick)[0])
+    if not args.skip_e2e:
+        import bench_e2e
+
+        section("bench_e2e", lambda: bench_e2e.run(layers=args.e2e_layers))
+    print("\n" + environment() + "\ncommand: python " + " ".join(sys.argv))
+    for name, text in sections:
+        if name == "correctness":
+            fails = [line for line in text.splitlines() if not line.startswith("PASS")]
+            print(f"\n## correctness: {text.count('PASS')} PASS, {text.count('FAIL')} FAIL\n" + "\n".join(fails[:20]))
+        else:
+            print(f"\n## {name}\n{text}")
+
+
+if __name__ == "__main__":
+    main()
