@@ -136,12 +136,10 @@ def _linear_gather(rows: torch.Tensor, w: BitMoDTensor | Int4Tensor, table: torc
     return acc, unit
 
 
-def pim_linear(x: ScaledFp8Tensor, w: BitMoDTensor | Int4Tensor, cfg: PeConfig = PeConfig(), tep: bool = True
-               ) -> tuple[torch.Tensor, PimStats]:
-    """y = x @ W^T on the P3 PIM: x FP8-E4M3 [..., K] (per-token scale), W [N, K] BitMoD or INT4.
-
-    Returns float32 [..., N] and the stats. Each (row, output, weight group) is one PE accumulator.
-    """
+def linear_accumulators(x: ScaledFp8Tensor, w: BitMoDTensor | Int4Tensor, cfg: PeConfig = PeConfig(),
+                        tep: bool = True) -> tuple[torch.Tensor, float, PimStats]:
+    """The PIM's read-out for x @ W^T: int64 accumulators [M, N, G] (one per row, output and weight
+    group; M = rows of x), the weight view's unit, and the stats."""
     if len(w.shape) != 2 or x.shape[-1] != w.shape[1]:
         raise ValueError(f"pim_linear: x [..., {x.shape[-1]}] does not match weight {tuple(w.shape)}")
     if x.group_size % w.group_size:
@@ -161,6 +159,17 @@ def pim_linear(x: ScaledFp8Tensor, w: BitMoDTensor | Int4Tensor, cfg: PeConfig =
         acc, unit = _linear_exact(rows, w, table)
     else:
         acc, unit = _linear_gather(rows, w, table, bound, cfg, stats)
+    return acc, unit, stats
+
+
+def pim_linear(x: ScaledFp8Tensor, w: BitMoDTensor | Int4Tensor, cfg: PeConfig = PeConfig(), tep: bool = True
+               ) -> tuple[torch.Tensor, PimStats]:
+    """y = x @ W^T on the P3 PIM: x FP8-E4M3 [..., K] (per-token scale), W [N, K] BitMoD or INT4.
+
+    Returns float32 [..., N] (the NPU-side epilogue of the module docstring) and the stats.
+    """
+    acc, unit, stats = linear_accumulators(x, w, cfg, tep)
+    m, n, g = acc.shape
     frac = cfg.frac_bits_for(input_format("fp8_e4m3"))
     w_scale = w.scales.double().reshape(1, n, g) * (unit * 2.0**-frac)
     x_scale = x.scales.double().reshape(m, 1, -1).repeat_interleave(x.group_size // w.group_size, dim=-1)
@@ -176,10 +185,10 @@ def _expand_queries(t: torch.Tensor, kv_heads: int) -> torch.Tensor:
     return t.reshape(b, kv_heads, -1, *t.shape[3:])
 
 
-def pim_qk(q: ScaledFp8Tensor, keys: Int4Tensor, cfg: PeConfig = PeConfig(), tep: bool = True
-           ) -> tuple[torch.Tensor, PimStats]:
-    """Scores q.k (real units, before the softmax scaling) for q FP8 [B, H, Tq, D] per (token, head)
-    and keys INT4 [B, H_kv, T, D] per (token, kv-head). Returns float32 [B, H, Tq, T] and the stats."""
+def qk_accumulators(q: ScaledFp8Tensor, keys: Int4Tensor, cfg: PeConfig = PeConfig(), tep: bool = True
+                    ) -> tuple[torch.Tensor, PimStats]:
+    """The PIM's read-out for Q.K^T: int64 [B, H_kv, (H / H_kv) * Tq, T] accumulators (GQA rows of a
+    kv-head together, one per score) for q FP8 [B, H, Tq, D] and keys INT4 [B, H_kv, T, D]."""
     if len(q.shape) != 4 or len(keys.shape) != 4 or q.shape[-1] != keys.shape[-1]:
         raise ValueError(f"pim_qk: query {tuple(q.shape)} and keys {tuple(keys.shape)} must be [B, H, T, D] alike")
     b, h, tq, d = q.shape
@@ -194,23 +203,30 @@ def pim_qk(q: ScaledFp8Tensor, keys: Int4Tensor, cfg: PeConfig = PeConfig(), tep
     offsets = _expand_queries(q.codes.int() * _WIDTH, hkv)  # [B, Hkv, R, D]
     products = _gather(table, offsets.unsqueeze(-2), cols.unsqueeze(2))  # [B, Hkv, R, T, D]
     acc, report = accumulate(products, cfg)
+    rows = h // hkv * tq
+    return acc, PimStats(macs=b * h * tq * t * d, column_accesses=b * hkv * _fetches(t * d, rows, tep),
+                         readouts=b * h * tq * t, overflow=report)
+
+
+def pim_qk(q: ScaledFp8Tensor, keys: Int4Tensor, cfg: PeConfig = PeConfig(), tep: bool = True
+           ) -> tuple[torch.Tensor, PimStats]:
+    """Scores q.k (real units, before the softmax scaling) for q FP8 [B, H, Tq, D] per (token, head)
+    and keys INT4 [B, H_kv, T, D] per (token, kv-head). Returns float32 [B, H, Tq, T] and the stats."""
+    acc, stats = qk_accumulators(q, keys, cfg, tep)
+    b, h, tq, _ = q.shape
+    hkv, t = keys.shape[1], keys.shape[2]
     frac = cfg.frac_bits_for(input_format("fp8_e4m3"))
     q_scale = _expand_queries(q.scales.double(), hkv)  # [B, Hkv, R, 1]
     k_scale = keys.scales.double().reshape(b, hkv, 1, t)
     scores = acc.double() * 2.0**-frac * q_scale * k_scale
-    rows = h // hkv * tq
-    stats = PimStats(macs=b * h * tq * t * d, column_accesses=b * hkv * _fetches(t * d, rows, tep),
-                     readouts=b * h * tq * t, overflow=report)
     return scores.float().reshape(b, h, tq, t), stats
 
 
-def pim_pv(p_codes: torch.Tensor, values: Int4Tensor, cfg: PeConfig = PeConfig(), tep: bool = True
-           ) -> tuple[torch.Tensor, PimStats]:
-    """P8 @ (V_code - zp) for UE4M4 codes [B, H, Tq, T] and values INT4 [B, H_kv, T, D].
-
-    Returns float32 [B, H, Tq, D] in the centered-code domain (the caller multiplies by max S_V).
-    The reduction runs over tokens, padded with zero products to a multiple of the PE width.
-    """
+def pv_accumulators(p_codes: torch.Tensor, values: Int4Tensor, cfg: PeConfig = PeConfig(), tep: bool = True
+                    ) -> tuple[torch.Tensor, PimStats]:
+    """The PIM's read-out for P8 @ (V_code - zp): int64 [B, H_kv, (H / H_kv) * Tq, D] accumulators for
+    UE4M4 codes [B, H, Tq, T] and values INT4 [B, H_kv, T, D]. The reduction runs over tokens,
+    padded with zero products to a multiple of the PE width."""
     if p_codes.dim() != 4 or len(values.shape) != 4 or p_codes.shape[-1] != values.shape[2]:
         raise ValueError(f"pim_pv: probabilities {tuple(p_codes.shape)} and values {tuple(values.shape)} do not match")
     b, h, tq, t = p_codes.shape
@@ -225,9 +241,15 @@ def pim_pv(p_codes: torch.Tensor, values: Int4Tensor, cfg: PeConfig = PeConfig()
     if pad:
         products = torch.nn.functional.pad(products, (0, pad))
     acc, report = accumulate(products, cfg)
-    frac = cfg.frac_bits_for(input_format("ue4m4"))
-    out = acc.double() * 2.0**-frac
     rows = h // hkv * tq
-    stats = PimStats(macs=b * h * tq * t * d, column_accesses=b * hkv * _fetches(t * d, rows, tep),
-                     readouts=b * h * tq * d, overflow=report)
-    return out.float().reshape(b, h, tq, d), stats
+    return acc, PimStats(macs=b * h * tq * t * d, column_accesses=b * hkv * _fetches(t * d, rows, tep),
+                         readouts=b * h * tq * d, overflow=report)
+
+
+def pim_pv(p_codes: torch.Tensor, values: Int4Tensor, cfg: PeConfig = PeConfig(), tep: bool = True
+           ) -> tuple[torch.Tensor, PimStats]:
+    """P8 @ (V_code - zp) for UE4M4 codes [B, H, Tq, T] and values INT4 [B, H_kv, T, D]: float32
+    [B, H, Tq, D] in the centered-code domain (the caller multiplies by max S_V), and the stats."""
+    acc, stats = pv_accumulators(p_codes, values, cfg, tep)
+    out = acc.double() * 2.0**-cfg.frac_bits_for(input_format("ue4m4"))
+    return out.float().reshape(*p_codes.shape[:3], values.shape[3]), stats
