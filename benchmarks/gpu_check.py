@@ -30,23 +30,28 @@ def _rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
+GEMM_CASES = [  # weight format, group, activation format, M, N, K: every path (GEMV, small/medium/large tiles)
+    *[("bitmod", 128, "fp8_e4m3", m, n, k) for m, n, k in ((1, 1001, 4096), (3, 4096, 1408), (16, 777, 2048), (100, 1003, 4096), (300, 2048, 1536), (1030, 512, 1024))],
+    *[("bitmod", 128, "none", m, n, k) for m, n, k in ((1, 1001, 4096), (16, 777, 2048), (300, 2048, 1536))],
+    ("int4", 64, "fp8_e4m3", 3, 4096, 1408), ("int4", 64, "fp8_e4m3", 1030, 512, 1024),
+    ("int4", 32, "none", 1, 1001, 4096), ("int4", 32, "none", 100, 1003, 4096), ("bitmod", 32, "fp8_e4m3", 16, 777, 2048),
+]
+
+
 def check_gemm() -> list[str]:
     out = []
-    for wfmt in ("bitmod", "int4"):
-        for group in (32, 64, 128):
-            for m, n, k in ((1, 1001, 4096), (3, 4096, 1408), (16, 777, 2048), (100, 1003, 4096), (300, 2048, 1536), (1030, 512, 1024)):
-                w = torch.randn(n, k, device="cuda") * (1 + torch.rand(n, 1, device="cuda"))
-                wq = BITMOD4.quantize(w, group) if wfmt == "bitmod" else INT4.quantize(w, group)
-                x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-                bias = torch.randn(n, device="cuda", dtype=torch.bfloat16)
-                for afmt in ("fp8_e4m3", "none"):
-                    y = torch.full((m, n), float("nan"), device="cuda")
-                    w4_matmul(x, wq, bias, afmt, out_dtype=torch.float32, out=y)
-                    xq = quantize_scaled_fp8(x).dequantize().double() if afmt == "fp8_e4m3" else x.double()
-                    exact = xq @ wq.dequantize().double().t() + bias.double()
-                    err = _rel(y, exact)
-                    ok = torch.isfinite(y).all().item() and err < 1e-5
-                    out.append(f"{'PASS' if ok else 'FAIL'} gemm {wfmt} g{group} {afmt} M={m} N={n} K={k} rel_err={err:.2e}")
+    for wfmt, group, afmt, m, n, k in GEMM_CASES:
+        w = torch.randn(n, k, device="cuda") * (1 + torch.rand(n, 1, device="cuda"))
+        wq = BITMOD4.quantize(w, group) if wfmt == "bitmod" else INT4.quantize(w, group)
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        bias = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+        y = torch.full((m, n), float("nan"), device="cuda")
+        w4_matmul(x, wq, bias, afmt, out_dtype=torch.float32, out=y)
+        xq = quantize_scaled_fp8(x).dequantize().double() if afmt == "fp8_e4m3" else x.double()
+        exact = xq @ wq.dequantize().double().t() + bias.double()
+        err = _rel(y, exact)
+        ok = torch.isfinite(y).all().item() and err < 1e-5
+        out.append(f"{'PASS' if ok else 'FAIL'} gemm {wfmt} g{group} {afmt} M={m} N={n} K={k} rel_err={err:.2e}")
     return out
 
 
