@@ -50,7 +50,10 @@ def check_gemm() -> list[str]:
         xq = quantize_scaled_fp8(x).dequantize().double() if afmt == "fp8_e4m3" else x.double()
         exact = xq @ wq.dequantize().double().t() + bias.double()
         err = _rel(y, exact)
-        ok = torch.isfinite(y).all().item() and err < 1e-5
+        # fp32 accumulation: 1e-5; Hopper's FP8 tensor cores add each K-block's products with a ~14-bit
+        # mantissa before the fp32 group-scale accumulation, so the FP8 tensor-core path (M > 1) gets 1e-3.
+        tol = 1e-3 if afmt == "fp8_e4m3" and m > 1 else 1e-5
+        ok = torch.isfinite(y).all().item() and err < tol
         out.append(f"{'PASS' if ok else 'FAIL'} gemm {wfmt} g{group} {afmt} M={m} N={n} K={k} rel_err={err:.2e}")
     return out
 
