@@ -140,6 +140,9 @@ def linear_accumulators(x: ScaledFp8Tensor, w: BitMoDTensor | Int4Tensor, cfg: P
                         tep: bool = True) -> tuple[torch.Tensor, float, PimStats]:
     """The PIM's read-out for x @ W^T: int64 accumulators [M, N, G] (one per row, output and weight
     group; M = rows of x), the weight view's unit, and the stats."""
+    if not isinstance(x, ScaledFp8Tensor) or not isinstance(w, (BitMoDTensor, Int4Tensor)):
+        raise TypeError(f"pim_linear takes a ScaledFp8Tensor and a BitMoDTensor/Int4Tensor, "
+                        f"got {type(x).__name__} and {type(w).__name__}")
     if len(w.shape) != 2 or x.shape[-1] != w.shape[1]:
         raise ValueError(f"pim_linear: x [..., {x.shape[-1]}] does not match weight {tuple(w.shape)}")
     if x.group_size % w.group_size:
