@@ -13,10 +13,11 @@ import torch
 import triton
 import triton.language as tl
 
-FP16_TINY = float(torch.finfo(torch.float16).tiny)
-FP16_MAX = float(torch.finfo(torch.float16).max)
-FP8_MAX = 448.0
-_RNE_MAGIC = 12582912.0  # 1.5 * 2**23: x + M - M rounds |x| < 2**22 to the nearest integer, ties to even
+# Globals read inside @triton.jit functions must be tl.constexpr.
+FP16_TINY = tl.constexpr(float(torch.finfo(torch.float16).tiny))
+FP16_MAX = tl.constexpr(float(torch.finfo(torch.float16).max))
+FP8_MAX = tl.constexpr(448.0)
+_RNE_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23: x + M - M rounds |x| < 2**22 to the nearest integer, ties to even
 
 
 def interpreting() -> bool:

@@ -29,7 +29,7 @@ from p3quant.formats import Int4Tensor
 
 from .common import FP8_MAX, FP16_MAX, FP16_TINY, interpreting, require_device, round_minifloat
 
-UE4M4_MAX = 1.9375
+UE4M4_MAX = tl.constexpr(1.9375)
 _BLOCK_R = 16
 
 
