@@ -10,8 +10,9 @@ Two code paths score the same windows:
   all but the last R (residual window) tokens are quantized before attention. Otherwise no cache is used.
 - "decode": the window's tokens go one at a time through `model(input_ids=..., cache=cache, use_cache=True)`
   (`past_key_values=` in transformers releases before its rename), with the cache from
-  `model.p3_make_cache(batch_size, max_length)` or, for an unquantized model, transformers' `DynamicCache`. This measures the decode code path token by token. For an unquantized
-  model both paths agree up to float rounding.
+  `model.p3_make_cache(batch_size, max_length)` or, for an unquantized model, transformers' `DynamicCache`.
+  This measures the decode code path token by token. For an unquantized model both paths agree up to float
+  rounding.
 """
 
 from __future__ import annotations
