@@ -11,7 +11,6 @@ import importlib.metadata
 import importlib.util
 import json
 import os
-import shutil
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -140,11 +139,11 @@ def _convert(name: str, source: ModelSource, target: Path) -> None:
             tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
             # FP32 keeps the dequantized 4-bit values exact (FP16/BF16 would round some of them).
             model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
-        # The weights are plain dense tensors now: drop the "gguf" quantization marker so the folder loads as an
-        # ordinary checkpoint.
+        # The weights are plain dense tensors now: drop the GGUF quantizer (save_pretrained refuses to save a model
+        # that has one) and its config entry, so the folder is an ordinary checkpoint.
+        model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
-        model.hf_quantizer = None
         out = scratch / "model"
         model.save_pretrained(out)
         tokenizer.save_pretrained(out)
@@ -167,8 +166,8 @@ def ensure_converted(name: str, cache_dir: str | os.PathLike | None = None) -> P
         raise ValueError(f"unknown model {name!r}; known models: {', '.join(sorted(MODELS))}, or a local HF folder")
     target = cache_root(cache_dir) / name
     if not (target / SOURCE_FILE).is_file():
-        if target.exists():  # a folder without the marker is not ours or is broken: rebuild it
-            shutil.rmtree(target)
+        if target.exists():  # conversions are written atomically, so this folder is not one of ours
+            raise FileExistsError(f"{target} exists but is not a p3quant conversion; remove it or pick another cache_dir")
         _convert(name, MODELS[name], target)
     return target
 
@@ -186,9 +185,8 @@ def load(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    folder = Path(name).expanduser() if name not in MODELS and Path(name).expanduser().is_dir() else None
-    if folder is None:
-        folder = ensure_converted(name, cache_dir)
+    local = Path(name).expanduser()
+    folder = local if name not in MODELS and local.is_dir() else ensure_converted(name, cache_dir)
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True)
     if device is not None:
