@@ -167,7 +167,9 @@ def ensure_converted(name: str, cache_dir: str | os.PathLike | None = None) -> P
     target = cache_root(cache_dir) / name
     if not (target / SOURCE_FILE).is_file():
         if target.exists():  # conversions are written atomically, so this folder is not one of ours
-            raise FileExistsError(f"{target} exists but is not a p3quant conversion; remove it or pick another cache_dir")
+            raise FileExistsError(
+                f"{target} exists but is not a p3quant conversion; remove it or pick another cache_dir"
+            )
         _convert(name, MODELS[name], target)
     return target
 
