@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import FP8_MAX, FP16_MAX, FP16_TINY, require_device, round_minifloat
+from .common import FP8_MAX, fp16_scale, require_device, round_minifloat
 
 
 @triton.jit
@@ -22,7 +22,7 @@ def _act_quant_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, BLOCK_K: tl.
         x = tl.load(x_ptr + row * stride_xm + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
         amax = tl.maximum(amax, tl.abs(x))
     scale = tl.math.div_rn(tl.max(amax, axis=0), FP8_MAX)
-    scale = tl.minimum(tl.maximum(scale, FP16_TINY), FP16_MAX).to(tl.float16).to(tl.float32)
+    scale = fp16_scale(scale)
     tl.store(s_ptr + row, scale)
     for k0 in range(0, K, BLOCK_K):
         mask = k0 + offs < K

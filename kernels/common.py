@@ -74,6 +74,14 @@ def round_minifloat(x, MAN_BITS: tl.constexpr, MIN_EXP: tl.constexpr, MAX_VALUE:
 
 
 @triton.jit
+def fp16_scale(x):
+    """fp32 scale -> the float16 value formats.grouping.store_scale stores (clamp, then round to nearest even),
+    as fp32. Rounded arithmetically: the compiled fp32->fp16 cast was seen to break ties differently on an H200."""
+    x = tl.minimum(tl.maximum(x, FP16_TINY), FP16_MAX)
+    return round_minifloat(x, 10, -14, FP16_MAX, False)
+
+
+@triton.jit
 def bitmod_special2(selectors):
     """Special value x2 of each group from its selector (0:-5, 1:+5, 2:-8, 3:+8), as int32."""
     sel = selectors.to(tl.int32)

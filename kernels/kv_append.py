@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import FP16_MAX, FP16_TINY, require_device, rne
+from .common import fp16_scale, require_device, rne
 
 
 @triton.jit
@@ -39,8 +39,8 @@ def _int4_rows_kernel(
     lo = tl.minimum(tl.minimum(tl.min(x_even, axis=1), tl.min(x_odd, axis=1)), 0.0)  # padded lanes hold 0
     hi = tl.maximum(tl.maximum(tl.max(x_even, axis=1), tl.max(x_odd, axis=1)), 0.0)
     scale = tl.math.div_rn(hi - lo, 15.0)
-    scale = tl.minimum(tl.maximum(scale, FP16_TINY), FP16_MAX).to(tl.float16)
-    sf = scale.to(tl.float32)
+    sf = fp16_scale(scale)
+    scale = sf.to(tl.float16)  # exact
     zero = tl.minimum(tl.maximum(rne(tl.math.div_rn(-lo, sf)), 0.0), 15.0)
     q_even = tl.minimum(tl.maximum(rne(tl.math.div_rn(x_even, sf[:, None])) + zero[:, None], 0.0), 15.0).to(tl.int32)
     q_odd = tl.minimum(tl.maximum(rne(tl.math.div_rn(x_odd, sf[:, None])) + zero[:, None], 0.0), 15.0).to(tl.int32)
