@@ -1,0 +1,85 @@
+"""lm-eval model "p3": lm-eval's HFLM over a P3-quantized Hugging Face model.
+
+    python -m p3quant.eval.lm_eval_cli --model p3 \\
+        --model_args pretrained=smollm2-135m,preset=w4a8kv4p8,backend=torch,weight_group_size=64 --tasks p3_piqa
+
+`pretrained` is a folder (a float checkpoint, quantized on load, or a saved P3 checkpoint, loaded as saved) or a
+p3quant.models name; `preset` picks the P3Config and every other P3Config field given in model_args overrides it;
+`awq=True` calibrates with AWQ on the offline C4 subset first. In Python, `P3LM(pretrained=model, tokenizer=tok)`
+(or plain HFLM) evaluates an in-memory quantized model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from lm_eval.api.registry import register_model
+from lm_eval.models.huggingface import HFLM
+
+from ..config import P3Config
+
+MODEL_NAME = "p3"
+_FIELDS = {f.name: f for f in dataclasses.fields(P3Config)}
+
+
+def _coerce(name: str, value: Any) -> Any:
+    """model_args arrive as strings or numbers: convert to the P3Config field's type."""
+    default = _FIELDS[name].default
+    if isinstance(default, bool):
+        return value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes")
+    if isinstance(default, int):
+        return int(value)
+    if isinstance(default, tuple):
+        return tuple(v for v in str(value).split("|") if v)
+    return str(value)
+
+
+def p3_config_from_args(preset: str, overrides: dict[str, Any]) -> P3Config:
+    return P3Config.preset(preset, **{k: _coerce(k, v) for k, v in overrides.items()})
+
+
+def _is_p3_checkpoint(folder: Path) -> bool:
+    import json
+
+    config = folder / "config.json"
+    return config.is_file() and json.loads(config.read_text()).get("quantization_config", {}).get("quant_method") == "p3"
+
+
+def load_quantized(pretrained: str, config: P3Config, awq: bool = False, dtype: str = "float32"):
+    """(model, tokenizer): a saved P3 folder as saved, else a float model (folder or name) quantized with config."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .. import quantize
+    from ..models import load
+
+    folder = Path(pretrained).expanduser()
+    if folder.is_dir() and _is_p3_checkpoint(folder):
+        model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True).eval()
+        return model, AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    model, tokenizer = load(pretrained, dtype=getattr(torch, dtype))
+    calibration = None
+    if awq:
+        from ..calibration.texts import calibration_texts
+
+        calibration = calibration_texts()
+    return quantize(model, config, calibration=calibration, tokenizer=tokenizer), tokenizer
+
+
+@register_model(MODEL_NAME)
+class P3LM(HFLM):
+    """HFLM whose model is P3-quantized (see the module docstring for the model_args)."""
+
+    def __init__(self, pretrained: Any = "smollm2-135m", preset: str = "w4a8kv4p8", awq: bool = False, **kwargs: Any) -> None:
+        p3_args = {k: kwargs.pop(k) for k in list(kwargs) if k in _FIELDS}
+        if isinstance(pretrained, str):
+            config = p3_config_from_args(preset, p3_args)
+            dtype = str(kwargs.pop("dtype", "float32"))
+            model, tokenizer = load_quantized(pretrained, config, awq=_coerce("key_smoothing", awq), dtype=dtype)
+            kwargs.setdefault("tokenizer", tokenizer)
+            pretrained = model
+        elif p3_args:
+            raise ValueError(f"P3 options {sorted(p3_args)} apply when quantizing from a name or folder; this model is already built")
+        super().__init__(pretrained=pretrained, **kwargs)

@@ -1,0 +1,80 @@
+"""lm-eval integration: the offline p3_* tasks load, the "p3" model runs them (Python API and command line)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+import p3quant
+from p3quant.eval.lm_eval_cli import TASKS_DIR
+from p3quant.eval.lm_eval_model import P3LM, p3_config_from_args
+from p3quant.models import ensure_converted
+
+TASKS = ["p3_wikitext", "p3_piqa", "p3_arc_easy", "p3_arc_challenge", "p3_hellaswag", "p3_lambada_openai"]
+SIZES = {"p3_wikitext": 62, "p3_piqa": 1838, "p3_arc_easy": 2376, "p3_arc_challenge": 1172, "p3_hellaswag": 10042, "p3_lambada_openai": 5153}
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return AutoTokenizer.from_pretrained(ensure_converted("smollm2-135m"), local_files_only=True)
+
+
+def _tiny(vocab: int) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=2048, head_dim=16)
+    return LlamaForCausalLM(config).eval()
+
+
+def test_offline_tasks_load() -> None:
+    from lm_eval.tasks import TaskManager, get_task_dict
+
+    tasks = get_task_dict(TASKS, TaskManager(include_path=str(TASKS_DIR), include_defaults=False))
+    for name in TASKS:
+        task = tasks[name]
+        docs = list(task.test_docs() if task.has_test_docs() else task.validation_docs())
+        assert len(docs) == SIZES[name], (name, len(docs))
+    piqa = list(tasks["p3_piqa"].validation_docs())
+    assert {d["label"] for d in piqa} == {0, 1}
+    hella = list(tasks["p3_hellaswag"].validation_docs())[0]
+    assert len(hella["choices"]) == 4 and 0 <= hella["label"] <= 3
+
+
+def test_model_args_override_config() -> None:
+    config = p3_config_from_args("w4a8kv4p8", {"weight_group_size": "64", "key_smoothing": "False", "residual_window": 16})
+    assert (config.weight_group_size, config.key_smoothing, config.residual_window) == (64, False, 16)
+    with pytest.raises(ValueError, match="unknown preset"):
+        p3_config_from_args("w5", {})
+
+
+def test_in_memory_quantized_model_runs_a_task(tokenizer) -> None:
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    model = p3quant.quantize(_tiny(len(tokenizer)), p3quant.P3Config.preset("w4a8kv4p8", weight_group_size=64))
+    lm = P3LM(pretrained=model, tokenizer=tokenizer, batch_size=2)
+    out = lm_eval.simple_evaluate(model=lm, tasks=["p3_arc_easy"], limit=5, task_manager=TaskManager(include_path=str(TASKS_DIR), include_defaults=False))
+    acc = out["results"]["p3_arc_easy"]["acc,none"]
+    assert 0.0 <= acc <= 1.0
+
+
+def test_command_line_model_p3(tmp_path, tokenizer) -> None:
+    folder = tmp_path / "tiny"
+    _tiny(len(tokenizer)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    out = tmp_path / "results"
+    cmd = [sys.executable, "-m", "p3quant.eval.lm_eval_cli", "--model", "p3",
+           "--model_args", f"pretrained={folder},preset=int4-w4a8kv4,backend=torch,weight_group_size=32",
+           "--tasks", "p3_piqa", "--limit", "4", "--output_path", str(out)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = json.loads(next(out.rglob("results_*.json")).read_text())
+    assert results["config"]["model"] == "p3"
+    assert "p3_piqa" in results["results"]
