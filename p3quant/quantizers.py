@@ -14,6 +14,7 @@ from .formats import (
     BITMOD4, FP8_E4M3, INT4, INT8, UE4M4, BitMoDTensor, Int4Tensor, Int8Tensor, QuantizedTensor, ScaledFp8Tensor,
     quantize_scaled_fp8,
 )
+from .formats.scaled import fake_quantize_scaled_fp8
 from .formats.validation import require_finite
 
 WEIGHT_FORMATS = ("bitmod", "int4", "int4_sym", "none")
@@ -48,6 +49,8 @@ def fake_quantize_activation(x: torch.Tensor, fmt: str, check: bool = True) -> t
     """Quantize-dequantize per token, returning x's dtype ("none" returns x unchanged)."""
     if fmt == "none":
         return x
+    if fmt == "fp8_e4m3":
+        return fake_quantize_scaled_fp8(x, check).to(x.dtype)
     return quantize_activation(x, fmt, check).dequantize(x.dtype)
 
 
