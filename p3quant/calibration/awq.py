@@ -34,7 +34,7 @@ class AWQSettings:
     """Search sizes, smaller than AWQ's so that SmolLM2-135M calibrates in minutes on a 2-core CPU (docs/calibration.md)."""
 
     scale_grid: int = 10  # alpha in {0, 1/n, ..., (n-1)/n} (AWQ: n_grid 20)
-    clip_grid: int = 10  # ratios 1, 1 - 0.5/n, ..., 0.5 + 0.5/n (AWQ: 20 steps down to max_shrink 0.5)
+    clip_grid: int = 5  # ratios 1, 1 - 0.5/n, ..., 0.5 + 0.5/n (AWQ: 20 steps down to max_shrink 0.5)
     clip_max_shrink: float = 0.5
     search_tokens: int = 512  # tokens (sampled) on which candidate outputs are compared in the scale search
     clip_tokens: int = 256  # tokens (sampled) for the clipping search (AWQ: 512)

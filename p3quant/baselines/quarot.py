@@ -1,0 +1,157 @@
+"""QuaRot-style W4A8KV4 (Ashkboos et al., 2024) for Llama-family decoders, on top of the P3 modules.
+
+What is done (docs/baselines.md gives the full comparison with QuaRot):
+1. RMSNorm weights are fused into the following linears (input_layernorm -> q/k/v, post_attention_layernorm ->
+   gate/up, final norm -> lm_head; tied embeddings are untied first) and the norms' weights set to 1.
+2. The residual stream is rotated by a random Hadamard matrix Q: embeddings and the input side of q/k/v/gate/up
+   and lm_head become W Q, the output side of o_proj/down_proj becomes Q^T W. Unit-weight RMSNorm commutes with Q.
+3. Values are rotated per head by a Hadamard H_hd folded into v_proj (output rows) and o_proj (input columns).
+4. Online rotations: down_proj's input is multiplied by a random Hadamard H_ff (folded into down_proj's weight;
+   applied to the activation by a forward pre-hook), and queries/keys are rotated per head by H_hd after RoPE
+   (q.k unchanged) before the key is quantized, through the attention function "p3_quarot".
+5. Weights INT4 RTN, activations INT8 per token, KV INT4 per token (the config: preset "int4-w4a8kv4").
+In float (before step 5) the model's logits are unchanged (tested).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..config import P3Config
+from ..nn.attention import p3_attention_forward
+from ..nn.linear import P3Linear
+from .hadamard import random_hadamard
+
+ATTENTION_NAME = "p3_quarot"
+
+
+def _llama_parts(model: nn.Module):
+    base = model.get_decoder()
+    for layer in base.layers:
+        if not all(hasattr(layer, n) for n in ("input_layernorm", "post_attention_layernorm", "self_attn", "mlp")) or hasattr(
+            layer, "pre_feedforward_layernorm"
+        ):
+            raise ValueError(
+                f"QuaRot-style rotation supports Llama-style layers (pre-norms only); {type(layer).__name__} has norms "
+                "after its attention/MLP outputs (e.g. Gemma3), which do not commute with a residual rotation"
+            )
+    return base
+
+
+def _check_plain_rmsnorm(norm: nn.Module) -> None:
+    from ..calibration.awq import norm_offset
+
+    if norm_offset(norm) != 0.0:
+        raise ValueError(f"{type(norm).__name__}: only x_hat * w RMSNorms can be fused (not Gemma's (1 + w))")
+
+
+@torch.no_grad()
+def _fuse_norm(norm: nn.Module, linears: list[nn.Linear]) -> None:
+    _check_plain_rmsnorm(norm)
+    for linear in linears:
+        linear.weight.mul_(norm.weight.view(1, -1).to(linear.weight.dtype))
+    norm.weight.fill_(1.0)
+
+
+@torch.no_grad()
+def _rotate_input(linear: nn.Module, q: torch.Tensor) -> None:
+    linear.weight.copy_((linear.weight.double() @ q).to(linear.weight.dtype))
+
+
+@torch.no_grad()
+def _rotate_output(linear: nn.Linear, q: torch.Tensor) -> None:
+    linear.weight.copy_((q.T @ linear.weight.double()).to(linear.weight.dtype))
+    if linear.bias is not None:
+        linear.bias.copy_((linear.bias.double() @ q).to(linear.bias.dtype))
+
+
+@torch.no_grad()
+def rotate_model(model: nn.Module, seed: int = 0) -> None:
+    """Steps 1-4 on the float weights, in place; the online parts are installed by install_online_rotations."""
+    base = _llama_parts(model)
+    config = model.config
+    hidden, head_dim = config.hidden_size, getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    lm_head = model.get_output_embeddings()
+    if lm_head.weight is base.embed_tokens.weight:  # tied: the norm fusion must not change the embeddings
+        lm_head.weight = nn.Parameter(lm_head.weight.detach().clone())
+        config.tie_word_embeddings = False
+    q = random_hadamard(hidden, seed)
+    h_hd = random_hadamard(head_dim, seed + 1)
+    h_ff = random_hadamard(config.intermediate_size, seed + 2)
+    _fuse_norm(base.norm, [lm_head])
+    _rotate_input(lm_head, q)
+    base.embed_tokens.weight.copy_((base.embed_tokens.weight.double() @ q).to(base.embed_tokens.weight.dtype))
+    for layer in base.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        _fuse_norm(layer.input_layernorm, [attn.q_proj, attn.k_proj, attn.v_proj])
+        _fuse_norm(layer.post_attention_layernorm, [mlp.gate_proj, mlp.up_proj])
+        for linear in (attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj):
+            _rotate_input(linear, q)
+        for linear in (attn.o_proj, mlp.down_proj):
+            _rotate_output(linear, q)
+        # Values per head: v' = v H_hd (rows of v_proj), o_proj's input columns per head: W_o blockdiag(H_hd).
+        v_heads = attn.v_proj.out_features // head_dim
+        _rotate_output(attn.v_proj, torch.block_diag(*[h_hd] * v_heads))
+        _rotate_input(attn.o_proj, torch.block_diag(*[h_hd] * (attn.o_proj.in_features // head_dim)))
+        _rotate_input(mlp.down_proj, h_ff)  # down(u) = (u H_ff) (W H_ff)^T: the u H_ff part is online
+    model.quarot_rotations = {"head": h_hd.float(), "ffn": h_ff.float()}
+
+
+def _rotate_down_input(module: nn.Module, args: tuple) -> tuple:
+    x = args[0]
+    return (x @ module.quarot_ffn.to(x.dtype),) + args[1:]
+
+
+def quarot_attention_forward(module: nn.Module, query, key, value, attention_mask, **kwargs):
+    """Rotate queries and keys per head by H_hd after RoPE (scores unchanged), then P3 attention."""
+    h = module.quarot_head.to(query.dtype)
+    layer = getattr(key, "_p3_layer", None)
+    rotated = key @ h
+    if layer is not None:
+        layer.pending = (layer.pending[0] @ h, layer.pending[1])
+        rotated._p3_layer = layer
+    return p3_attention_forward(module, query @ h, rotated, value, attention_mask, **kwargs)
+
+
+def register_quarot_attention() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    def mask(*args, **kwargs):
+        kwargs["allow_is_causal_skip"] = False
+        return sdpa_mask(*args, **kwargs)
+
+    AttentionInterface.register(ATTENTION_NAME, quarot_attention_forward)
+    AttentionMaskInterface.register(ATTENTION_NAME, mask)
+
+
+def install_online_rotations(model: nn.Module) -> None:
+    """The online Hadamard before every down_proj, and the query/key rotation when P3 attention is used."""
+    rotations = getattr(model, "quarot_rotations", None)
+    if rotations is None:
+        raise ValueError("run rotate_model(model) first")
+    base = model.get_decoder()
+    for layer in base.layers:
+        down = layer.mlp.down_proj
+        device = layer.input_layernorm.weight.device
+        down.register_buffer("quarot_ffn", rotations["ffn"].to(device), persistent=False)
+        down.register_forward_pre_hook(_rotate_down_input)
+        if hasattr(layer.self_attn, "p3_attention"):
+            layer.self_attn.register_buffer("quarot_head", rotations["head"].to(device), persistent=False)
+    if any(hasattr(layer.self_attn, "p3_attention") for layer in base.layers):
+        register_quarot_attention()
+        model.set_attn_implementation(ATTENTION_NAME)
+
+
+def quarot_quantize(model: nn.Module, config: P3Config | None = None, seed: int = 0) -> nn.Module:
+    """QuaRot-style W4A8KV4: rotate, quantize with `config` (default preset "int4-w4a8kv4"), add online rotations."""
+    from ..quantize import quantize
+
+    config = config or P3Config.preset("int4-w4a8kv4")
+    if config.key_smoothing:
+        raise ValueError("the QuaRot baseline rotates keys instead of smoothing them: use key_smoothing=False")
+    rotate_model(model, seed)
+    quantize(model, config)
+    install_online_rotations(model)
+    return model

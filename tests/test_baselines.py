@@ -1,0 +1,71 @@
+"""QuaRot-style baseline: Hadamard constructions, rotations that keep the float model, finite quantized runs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM
+
+from p3quant import P3Config, P3Linear
+from p3quant.baselines import quarot_quantize, rotate_model
+from p3quant.baselines.hadamard import hadamard, random_hadamard
+from p3quant.baselines.quarot import install_online_rotations
+
+VOCAB = 96
+
+
+def _tiny_llama(tied: bool = True) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=96, intermediate_size=192, num_hidden_layers=2, num_attention_heads=6,
+                         num_key_value_heads=2, head_dim=16, vocab_size=VOCAB, max_position_embeddings=256,
+                         tie_word_embeddings=tied)
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.3 * torch.randn_like(p))
+    return model
+
+
+@pytest.mark.parametrize("n", [12, 20, 64, 96, 576, 1536])
+def test_hadamard_orders(n: int) -> None:
+    h = hadamard(n)
+    assert torch.equal(h @ h.T, n * torch.eye(n, dtype=torch.float64)) and set(h.unique().tolist()) == {-1.0, 1.0}
+    q = random_hadamard(n, seed=3)
+    assert torch.allclose(q @ q.T, torch.eye(n, dtype=torch.float64), atol=1e-12)
+
+
+def test_unsupported_hadamard_order() -> None:
+    with pytest.raises(ValueError, match="2\\^k"):
+        hadamard(28)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_rotations_keep_float_logits(tied: bool) -> None:
+    model = _tiny_llama(tied)
+    ids = torch.randint(0, VOCAB, (2, 20))
+    with torch.no_grad():
+        ref = model(ids).logits
+        rotate_model(model)
+        install_online_rotations(model)
+        out = model(ids).logits
+    assert not torch.equal(model.model.layers[0].self_attn.q_proj.weight, _tiny_llama(tied).model.layers[0].self_attn.q_proj.weight)
+    assert (out - ref).abs().max() < 1e-4 * max(1.0, ref.abs().max().item())
+
+
+def test_quarot_quantized_runs_and_rotates_keys() -> None:
+    model = quarot_quantize(_tiny_llama(), P3Config.preset("int4-w4a8kv4", weight_group_size=32))
+    assert model.config._attn_implementation == "p3_quarot"
+    assert isinstance(model.model.layers[0].mlp.down_proj, P3Linear)
+    ids = torch.randint(0, VOCAB, (1, 24))
+    with torch.no_grad():
+        logits = model(ids).logits
+        generated = model.generate(ids, max_new_tokens=4, do_sample=False)
+    assert torch.isfinite(logits).all() and generated.shape == (1, 28)
+
+
+def test_gemma3_is_refused_clearly() -> None:
+    model = Gemma3ForCausalLM(Gemma3TextConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                                               num_key_value_heads=1, head_dim=16, vocab_size=VOCAB, query_pre_attn_scalar=16))
+    with pytest.raises(ValueError, match="Gemma3|norms after"):
+        rotate_model(model)
