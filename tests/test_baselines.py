@@ -69,3 +69,22 @@ def test_gemma3_is_refused_clearly() -> None:
                                                num_key_value_heads=1, head_dim=16, vocab_size=VOCAB, query_pre_attn_scalar=16))
     with pytest.raises(ValueError, match="Gemma3|norms after"):
         rotate_model(model)
+
+
+def test_scaleout_cpu_device_map_auto() -> None:
+    import importlib.util
+    from pathlib import Path
+
+    import p3quant
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "scaleout.py"
+    spec = importlib.util.spec_from_file_location("scaleout", path)
+    scaleout = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(scaleout)
+    model = scaleout.llama_shaped(hidden=64, layers=2, intermediate=128, heads=4, kv_heads=2, vocab=VOCAB)
+    p3quant.quantize(model, P3Config.preset("w4a8kv4p8", weight_group_size=32))
+    device_map = scaleout.dispatch_quantized(model, {"cpu": 10**9})
+    assert set(device_map.values()) == {"cpu"}
+    with torch.no_grad():
+        out = model.generate(torch.randint(0, VOCAB, (1, 8)), max_new_tokens=3, do_sample=False)
+    assert out.shape == (1, 11)
