@@ -64,11 +64,22 @@ def test_quarot_quantized_runs_and_rotates_keys() -> None:
     assert torch.isfinite(logits).all() and generated.shape == (1, 28)
 
 
-def test_gemma3_is_refused_clearly() -> None:
-    model = Gemma3ForCausalLM(Gemma3TextConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
-                                               num_key_value_heads=1, head_dim=16, vocab_size=VOCAB, query_pre_attn_scalar=16))
-    with pytest.raises(ValueError, match="Gemma3|norms after"):
+def test_gemma3_rotations_keep_float_logits() -> None:
+    torch.manual_seed(0)
+    model = Gemma3ForCausalLM(Gemma3TextConfig(
+        hidden_size=80, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1,
+        head_dim=16, vocab_size=VOCAB, query_pre_attn_scalar=16, sliding_window=8,
+        layer_types=["sliding_attention", "full_attention"])).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.3 * torch.randn_like(p))
+        ids = torch.randint(0, VOCAB, (2, 20))
+        ref = model(ids).logits
         rotate_model(model)
+        install_online_rotations(model)
+        out = model(ids).logits
+    assert (out - ref).abs().max() < 1e-4 * max(1.0, ref.abs().max().item())
 
 
 def test_scaleout_cpu_device_map_auto() -> None:

@@ -1,4 +1,4 @@
-"""QuaRot-style W4A8KV4 (Ashkboos et al., 2024) for Llama-family decoders, on top of the P3 modules.
+"""QuaRot-style W4A8KV4 (Ashkboos et al., 2024) for Llama-family and Gemma3 decoders, on the P3 modules.
 
 What is done (docs/baselines.md gives the full comparison with QuaRot):
 1. RMSNorm weights are fused into the following linears (input_layernorm -> q/k/v, post_attention_layernorm ->
@@ -6,6 +6,8 @@ What is done (docs/baselines.md gives the full comparison with QuaRot):
 2. The residual stream is rotated by a random Hadamard matrix Q: embeddings and the input side of q/k/v/gate/up
    and lm_head become W Q, the output side of o_proj/down_proj becomes Q^T W. Unit-weight RMSNorm commutes with Q.
 3. Values are rotated per head by a Hadamard H_hd folded into v_proj (output rows) and o_proj (input columns).
+   Gemma3 normalises the attention / MLP outputs (post norms) before the residual add, which does not commute
+   with Q: there o_proj/down_proj stay unrotated and the post norms' outputs are rotated online (x Q).
 4. Online rotations: down_proj's input is multiplied by a random Hadamard H_ff (folded into down_proj's weight;
    applied to the activation by a forward pre-hook), and queries/keys are rotated per head by H_hd after RoPE
    (q.k unchanged) before the key is quantized, through the attention function "p3_quarot".
@@ -26,32 +28,29 @@ from .hadamard import random_hadamard
 ATTENTION_NAME = "p3_quarot"
 
 
-def _llama_parts(model: nn.Module):
+def _sandwich(layer: nn.Module) -> bool:
+    """Gemma3-style layers also normalise the attention / MLP outputs before the residual add."""
+    return hasattr(layer, "pre_feedforward_layernorm") and hasattr(layer, "post_feedforward_layernorm")
+
+
+def _decoder(model: nn.Module):
     base = model.get_decoder()
     for layer in base.layers:
-        if not all(hasattr(layer, n) for n in ("input_layernorm", "post_attention_layernorm", "self_attn", "mlp")) or hasattr(
-            layer, "pre_feedforward_layernorm"
-        ):
-            raise ValueError(
-                f"QuaRot-style rotation supports Llama-style layers (pre-norms only); {type(layer).__name__} has norms "
-                "after its attention/MLP outputs (e.g. Gemma3), which do not commute with a residual rotation"
-            )
+        if not all(hasattr(layer, n) for n in ("input_layernorm", "post_attention_layernorm", "self_attn", "mlp")):
+            raise ValueError(f"QuaRot-style rotation supports Llama- and Gemma3-style decoder layers, not {type(layer).__name__}")
     return base
-
-
-def _check_plain_rmsnorm(norm: nn.Module) -> None:
-    from ..calibration.awq import norm_offset
-
-    if norm_offset(norm) != 0.0:
-        raise ValueError(f"{type(norm).__name__}: only x_hat * w RMSNorms can be fused (not Gemma's (1 + w))")
 
 
 @torch.no_grad()
 def _fuse_norm(norm: nn.Module, linears: list[nn.Linear]) -> None:
-    _check_plain_rmsnorm(norm)
+    """Fold the norm's gain (w, or 1 + w for Gemma) into the linears and make the gain 1."""
+    from ..calibration.awq import norm_offset
+
+    offset = norm_offset(norm)
+    gain = offset + norm.weight.float()
     for linear in linears:
-        linear.weight.mul_(norm.weight.view(1, -1).to(linear.weight.dtype))
-    norm.weight.fill_(1.0)
+        linear.weight.mul_(gain.view(1, -1).to(linear.weight.dtype))
+    norm.weight.fill_(1.0 - offset)
 
 
 @torch.no_grad()
@@ -69,7 +68,7 @@ def _rotate_output(linear: nn.Linear, q: torch.Tensor) -> None:
 @torch.no_grad()
 def rotate_model(model: nn.Module, seed: int = 0) -> None:
     """Steps 1-4 on the float weights, in place; the online parts are installed by install_online_rotations."""
-    base = _llama_parts(model)
+    base = _decoder(model)
     config = model.config
     hidden, head_dim = config.hidden_size, getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     lm_head = model.get_output_embeddings()
@@ -85,17 +84,27 @@ def rotate_model(model: nn.Module, seed: int = 0) -> None:
     for layer in base.layers:
         attn, mlp = layer.self_attn, layer.mlp
         _fuse_norm(layer.input_layernorm, [attn.q_proj, attn.k_proj, attn.v_proj])
-        _fuse_norm(layer.post_attention_layernorm, [mlp.gate_proj, mlp.up_proj])
+        sandwich = _sandwich(layer)
+        _fuse_norm(layer.pre_feedforward_layernorm if sandwich else layer.post_attention_layernorm, [mlp.gate_proj, mlp.up_proj])
         for linear in (attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj):
             _rotate_input(linear, q)
-        for linear in (attn.o_proj, mlp.down_proj):
-            _rotate_output(linear, q)
+        if sandwich:  # the output norms sit between o/down and the residual: rotate their outputs online
+            for norm in (layer.post_attention_layernorm, layer.post_feedforward_layernorm):
+                norm.register_buffer("quarot_residual", q.float().to(norm.weight.device), persistent=False)
+                norm.register_forward_hook(_rotate_norm_output)
+        else:
+            for linear in (attn.o_proj, mlp.down_proj):
+                _rotate_output(linear, q)
         # Values per head: v' = v H_hd (rows of v_proj), o_proj's input columns per head: W_o blockdiag(H_hd).
         v_heads = attn.v_proj.out_features // head_dim
         _rotate_output(attn.v_proj, torch.block_diag(*[h_hd] * v_heads))
         _rotate_input(attn.o_proj, torch.block_diag(*[h_hd] * (attn.o_proj.in_features // head_dim)))
         _rotate_input(mlp.down_proj, h_ff)  # down(u) = (u H_ff) (W H_ff)^T: the u H_ff part is online
     model.quarot_rotations = {"head": h_hd.float(), "ffn": h_ff.float()}
+
+
+def _rotate_norm_output(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+    return output @ module.quarot_residual.to(output.dtype)
 
 
 def _rotate_down_input(module: nn.Module, args: tuple) -> tuple:
