@@ -31,6 +31,35 @@ def _act_quant_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, BLOCK_K: tl.
         tl.store(q_ptr + row * stride_qm + k0 + offs, q.to(tl.float8e4nv), mask=mask)
 
 
+@triton.jit
+def _act_quant_split_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, BLOCK_K: tl.constexpr):
+    """Same codes as _act_quant_kernel, stored as fp32 values de-interleaved by k % 8:
+    q[row, (k % 8) * (K // 8) + k // 8] (the layout the decode GEMV reads with vector loads)."""
+    row = tl.program_id(0)
+    offs = tl.arange(0, BLOCK_K)
+    amax = tl.zeros([BLOCK_K], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        x = tl.load(x_ptr + row * stride_xm + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
+        amax = tl.maximum(amax, tl.abs(x))
+    scale = fp16_scale(tl.math.div_rn(tl.max(amax, axis=0), FP8_MAX))
+    tl.store(s_ptr + row, scale)
+    kw = K // 8
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + offs
+        mask = k < K
+        x = tl.load(x_ptr + row * stride_xm + k, mask=mask, other=0.0).to(tl.float32)
+        q = round_minifloat(tl.math.div_rn(x, scale), 3, -6, FP8_MAX, False)
+        tl.store(q_ptr + row * K + (k % 8) * kw + k // 8, q, mask=mask)
+
+
+def quantize_activation_fp8_split(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> None:
+    """Hot-path variant for the decode GEMV (no checks; callers validate): x [M, K] (K % 8 == 0, unit stride)
+    -> codes fp32 [M, K] de-interleaved by k % 8 (exact E4M3 values), scales fp32 [M]."""
+    m, k = x.shape
+    block = min(triton.next_power_of_2(k), 4096)
+    _act_quant_split_kernel[(m,)](x, codes, scales, k, x.stride(0), BLOCK_K=block, num_warps=4 if block <= 1024 else 8)
+
+
 def quantize_activation_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x [M, K] (fp16/bf16/fp32) -> (codes torch.float8_e4m3fn [M, K], scales float32 [M], fp16-exact).
 

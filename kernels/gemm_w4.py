@@ -23,7 +23,7 @@ import triton.language as tl
 
 from p3quant.formats import BitMoDTensor, Int4Tensor
 
-from .act_quant import quantize_activation_fp8
+from .act_quant import quantize_activation_fp8, quantize_activation_fp8_split
 from .common import bitmod_special2, decode_w4, dot16, fp8_dot_supported, interpreting, require_device
 
 SUPPORTED_GROUPS = (32, 64, 128)
@@ -36,40 +36,59 @@ def _w4_gemv_kernel(
     GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     IS_BITMOD: tl.constexpr, A_FP8: tl.constexpr, HAS_BIAS: tl.constexpr,
 ):
-    GPB: tl.constexpr = BLOCK_K // GROUP
-    HALF: tl.constexpr = GROUP // 2
+    """Decode GEMV over int32 words of 8 codes (code i of word j = element 8j + i; stride_wn in words).
+
+    A_FP8: x holds the FP8 code values as fp32, de-interleaved by k % 8 (act_quant.quantize_activation_fp8_split),
+    so the 8 activation vectors of a word tile are contiguous loads. Otherwise x is the 16-bit row (strided loads).
+    BitMoD: fp16 bits ((c & 7) << 9) | ((c & 8) << 12) are the E2M1 value x 2**-14 (0.5 is the fp16 subnormal
+    2**-15), exact; code 8 (-0) is replaced by the group's special value x 2**-14. INT4: bitcast(0x4B000000 | c)
+    - (2**23 + zp) = c - zp, exact. Per word, 8 products are summed, then scaled once by the group scale.
+    """
+    BKW: tl.constexpr = BLOCK_K // 8
+    GW: tl.constexpr = GROUP // 8
     pid_n = tl.program_id(0)
     m = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
-    g_loc = tl.arange(0, GPB)
-    j = tl.arange(0, HALF)
-    num_groups = K // GROUP
-    acc = tl.zeros([BLOCK_N], tl.float32)
-    for g0 in range(0, num_groups, GPB):
-        g = g0 + g_loc
-        g_mask = g < num_groups
-        byte = g[:, None] * HALF + j[None, :]  # [GPB, HALF]
-        x_even = tl.load(x_ptr + m * stride_xm + 2 * byte, mask=g_mask[:, None], other=0.0).to(tl.float32)
-        x_odd = tl.load(x_ptr + m * stride_xm + 2 * byte + 1, mask=g_mask[:, None], other=0.0).to(tl.float32)
-        ng_mask = n_mask[:, None] & g_mask[None, :]
-        packed = tl.load(w_ptr + offs_n[:, None, None] * stride_wn + byte[None, :, :], mask=ng_mask[:, :, None], other=0)
-        packed = packed.to(tl.int32)
-        aux = tl.load(aux_ptr + offs_n[:, None] * stride_an + g[None, :], mask=ng_mask, other=0).to(tl.int32)
+    rows = tl.where(n_mask, offs_n, 0)  # clamped rows: unmasked weight loads, results of the clamp not stored
+    kw = K // 8
+    offs_w = tl.arange(0, BKW)
+    acc = tl.zeros([BLOCK_N, BKW], tl.float32)
+    x_row = x_ptr + m * stride_xm
+    for w0 in range(0, kw, BKW):
+        wi = w0 + offs_w
+        k_mask = wi < kw
+        words = tl.load(w_ptr + rows[:, None] * stride_wn + wi[None, :], mask=k_mask[None, :], other=0)
+        gi = wi // GW
+        scale = tl.load(s_ptr + rows[:, None] * stride_sn + gi[None, :], mask=k_mask[None, :], other=0.0).to(tl.float32)
+        aux = tl.load(aux_ptr + rows[:, None] * stride_an + gi[None, :], mask=k_mask[None, :], other=0).to(tl.int32)
         if IS_BITMOD:
-            aux = bitmod_special2(aux)
-        scale = tl.load(s_ptr + offs_n[:, None] * stride_sn + g[None, :], mask=ng_mask, other=0.0).to(tl.float32)
-        lo = decode_w4(packed & 15, aux[:, :, None], IS_BITMOD).to(tl.float32)
-        hi = decode_w4(packed >> 4, aux[:, :, None], IS_BITMOD).to(tl.float32)
-        part = tl.sum(lo * x_even[None, :, :] + hi * x_odd[None, :, :], axis=2)  # [BLOCK_N, GPB]
-        acc += tl.sum(part * scale, axis=1)
+            special = bitmod_special2(aux).to(tl.float32) * 3.0517578125e-05  # x2 -> x 2**-14
+        else:
+            zmag = aux.to(tl.float32) + 8388608.0
+        part = tl.zeros([BLOCK_N, BKW], tl.float32)
+        for i in tl.static_range(8):
+            if A_FP8:
+                xi = tl.load(x_row + i * kw + wi, mask=k_mask, other=0.0)
+            else:
+                xi = tl.load(x_row + wi * 8 + i, mask=k_mask, other=0.0).to(tl.float32)
+            c = (words >> (4 * i)) & 15
+            if IS_BITMOD:
+                bits = ((c & 7) << 9) | ((c & 8) << 12)
+                v = bits.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+                v = tl.where(c == 8, special, v)
+            else:
+                v = (c | 0x4B000000).to(tl.float32, bitcast=True) - zmag
+            part += v * xi[None, :]
+        acc += part * scale
+    out = tl.sum(acc, axis=1)
     if IS_BITMOD:
-        acc = acc * 0.5
+        out = out * 16384.0
     if A_FP8:
-        acc = acc * tl.load(xs_ptr + m)
+        out = out * tl.load(xs_ptr + m)
     if HAS_BIAS:
-        acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-    tl.store(y_ptr + m * stride_ym + offs_n, acc.to(y_ptr.dtype.element_ty), mask=n_mask)
+        out += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + m * stride_ym + offs_n, out.to(y_ptr.dtype.element_ty), mask=n_mask)
 
 
 @triton.jit
@@ -134,10 +153,16 @@ def _cfg(num_warps: int, num_stages: int, **kw: int) -> triton.Config:
     return triton.Config(kw, num_warps=num_warps, num_stages=num_stages)
 
 
-_GEMV_CONFIGS = [
-    _cfg(4, 4, BLOCK_N=16, BLOCK_K=512), _cfg(4, 3, BLOCK_N=32, BLOCK_K=256), _cfg(8, 4, BLOCK_N=32, BLOCK_K=512),
-    _cfg(4, 4, BLOCK_N=8, BLOCK_K=1024), _cfg(8, 3, BLOCK_N=16, BLOCK_K=1024), _cfg(4, 2, BLOCK_N=64, BLOCK_K=256),
-]
+# Decode GEMV launch parameters (BLOCK_N, BLOCK_K, num_warps, num_stages) by output width: fixed, not autotuned,
+# so a call costs no autotuner lookup. Small BLOCK_N keeps >= ~4 programs per SM on 4096-wide outputs (132 SMs)
+# without split-K. GEMV_OVERRIDE (benchmarks only) replaces the choice.
+GEMV_OVERRIDE: tuple[int, int, int, int] | None = None
+
+
+def _gemv_config(n: int) -> tuple[int, int, int, int]:
+    if GEMV_OVERRIDE is not None:
+        return GEMV_OVERRIDE
+    return (8, 1024, 4, 3)  # best of an 8-config sweep on o / gate_up / down (H200, benchmarks/bench_decode_gemm.py)
 _MM_CONFIGS = {
     "small": [  # M <= 16: weight-streaming, many programs
         _cfg(4, 4, BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, GROUP_M=1), _cfg(4, 4, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1),
@@ -167,9 +192,7 @@ def _prune_block_k(configs, named_args, **kwargs):
     return [fixed]
 
 
-_KEY_GEMV = ["N", "K", "GROUP", "IS_BITMOD", "A_FP8"]
 _KEY_MM = ["N", "K", "M_BUCKET", "GROUP", "IS_BITMOD", "A_FP8", "FP8_DOT"]
-_GEMV_TUNED = triton.autotune(_GEMV_CONFIGS, key=_KEY_GEMV, do_bench=_bench)(_w4_gemv_kernel)
 _MM_TUNED = {
     name: triton.autotune(cfgs, key=_KEY_MM, prune_configs_by={"early_config_prune": _prune_block_k}, do_bench=_bench)(_w4_mm_kernel)
     for name, cfgs in _MM_CONFIGS.items()
@@ -188,6 +211,36 @@ def _launch(kernel, config: triton.Config | None, grid, *args, **constexprs) -> 
         kernel.fn[grid](*args, **constexprs, **config.all_kwargs())
 
 
+class _Prepared:
+    """Per-weight launch metadata, built once (the weight's tensors are checked then, not on every call)."""
+
+    __slots__ = ("packed", "words", "scales", "aux", "is_bitmod", "n", "k", "group", "device")
+
+    def __init__(self, weight: BitMoDTensor | Int4Tensor, what: str) -> None:
+        require_device(what, weight.packed, weight.scales)
+        n, k = weight.shape
+        if weight.group_size not in SUPPORTED_GROUPS:
+            raise ValueError(f"{what}: group size {weight.group_size} not supported by the kernel; use one of {SUPPORTED_GROUPS}")
+        self.is_bitmod = isinstance(weight, BitMoDTensor)
+        self.aux = weight.selectors if self.is_bitmod else weight.zeros
+        self.packed, self.scales = weight.packed, weight.scales
+        if self.packed.stride(-1) != 1 or self.scales.stride(-1) != 1 or self.aux.stride(-1) != 1:
+            raise ValueError(f"{what}: weight tensors must be contiguous along K")
+        self.n, self.k, self.group, self.device = n, k, weight.group_size, self.packed.device
+        # int32 words of 8 codes for the GEMV (k % 32 == 0; rows 4-byte aligned when packed is contiguous)
+        aligned = self.packed.is_contiguous() and self.packed.data_ptr() % 4 == 0
+        self.words = self.packed.view(torch.int32) if aligned else self.packed.contiguous().view(torch.int32)
+
+
+def _prepared(weight: BitMoDTensor | Int4Tensor, what: str) -> _Prepared:
+    prep = weight.__dict__.get("_p3_prepared")
+    if prep is None or prep.packed is not weight.packed or prep.scales is not weight.scales or (
+            prep.aux is not (weight.selectors if prep.is_bitmod else weight.zeros)):
+        prep = _Prepared(weight, what)
+        weight.__dict__["_p3_prepared"] = prep
+    return prep
+
+
 def w4_matmul(
     x: torch.Tensor, weight: BitMoDTensor | Int4Tensor, bias: torch.Tensor | None = None, activation_format: str = "fp8_e4m3",
     out_dtype: torch.dtype | None = None, out: torch.Tensor | None = None,
@@ -201,15 +254,18 @@ def w4_matmul(
     what = "w4_matmul"
     if not isinstance(weight, (BitMoDTensor, Int4Tensor)):
         raise TypeError(f"{what}: weight must be a BitMoDTensor or Int4Tensor, got {type(weight).__name__}")
-    require_device(what, x, weight.packed, weight.scales, bias)
+    prep = _prepared(weight, what)
+    n, k = prep.n, prep.k
+    interp = interpreting()
+    if x.device != prep.device or (bias is not None and bias.device != prep.device):
+        raise ValueError(f"{what}: tensors on different devices ({x.device}, weight on {prep.device})")
+    if not interp and not x.is_cuda:
+        raise ValueError(f"{what}: the Triton kernel needs CUDA tensors (got {x.device}); use backend='torch' on CPU")
     if not x.is_floating_point():
         raise TypeError(f"{what}: x must be floating point, got {x.dtype}")
-    n, k = weight.shape
     if x.shape[-1] != k:
         raise ValueError(f"{what}: x has {x.shape[-1]} features but the weight expects {k}")
-    if weight.group_size not in SUPPORTED_GROUPS:
-        raise ValueError(f"{what}: group size {weight.group_size} not supported by the kernel; use one of {SUPPORTED_GROUPS}")
-    if activation_format not in ("fp8_e4m3", "none"):
+    if activation_format != "fp8_e4m3" and activation_format != "none":
         raise ValueError(f"{what}: activation_format must be 'fp8_e4m3' or 'none', got {activation_format!r}")
     if bias is not None and bias.shape != (n,):
         raise ValueError(f"{what}: bias must have shape ({n},), got {tuple(bias.shape)}")
@@ -228,35 +284,35 @@ def w4_matmul(
     if m == 0:
         return y.reshape(*lead, n)
     a_fp8 = activation_format == "fp8_e4m3"
+    is_bitmod, packed, scales, aux = prep.is_bitmod, prep.packed, prep.scales, prep.aux
+    bias_arg = bias if bias is not None else scales
+    if m == 1:  # decode GEMV: fixed launch parameters, no autotuner
+        if a_fp8:
+            a = torch.empty((1, k), dtype=torch.float32, device=x.device)
+            xs = torch.empty((1,), dtype=torch.float32, device=x.device)
+            quantize_activation_fp8_split(x2, a, xs)
+        else:
+            a, xs = (x2 if x2.dtype != torch.float32 else x2.to(torch.bfloat16)), scales
+        block_n, block_k, warps, stages = _gemv_config(n)
+        _w4_gemv_kernel[(triton.cdiv(n, block_n), 1)](
+            a, xs, prep.words, scales, aux, bias_arg, y,
+            n, k, a.stride(0), prep.words.stride(0), scales.stride(0), aux.stride(0), y.stride(0),
+            GROUP=prep.group, BLOCK_N=block_n, BLOCK_K=block_k, IS_BITMOD=is_bitmod, A_FP8=a_fp8,
+            HAS_BIAS=bias is not None, num_warps=warps, num_stages=stages)
+        return y.reshape(*lead, n)
     if a_fp8:
         a, xs = quantize_activation_fp8(x2)
     else:
         a, xs = (x2 if x2.dtype != torch.float32 else x2.to(torch.bfloat16)), x2.new_empty(0, dtype=torch.float32)
-    is_bitmod = isinstance(weight, BitMoDTensor)
-    aux = weight.selectors if is_bitmod else weight.zeros
-    packed, scales = weight.packed, weight.scales
-    if packed.stride(-1) != 1 or scales.stride(-1) != 1 or aux.stride(-1) != 1:
-        raise ValueError(f"{what}: weight tensors must be contiguous along K")
-    bias_arg = bias if bias is not None else scales
-    common = dict(GROUP=weight.group_size, IS_BITMOD=is_bitmod, A_FP8=a_fp8, HAS_BIAS=bias is not None)
-    interp = interpreting()
-    if m == 1:
-        kernel = _GEMV_TUNED
-        cfg = _GEMV_CONFIGS[0] if interp else None
-        if cfg is not None and cfg.kwargs["BLOCK_K"] < weight.group_size:
-            cfg = triton.Config(dict(cfg.kwargs, BLOCK_K=weight.group_size), num_warps=cfg.num_warps)
-        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), m)
-        _launch(kernel, cfg, grid, a, xs, packed, scales, aux, bias_arg, y,
-                n, k, a.stride(0), packed.stride(0), scales.stride(0), aux.stride(0), y.stride(0), **common)
-    else:
-        bucket = _mm_bucket(m)
-        kernel = _MM_TUNED[bucket]
-        cfg = None
-        if interp:
-            cfg = _prune_block_k(_MM_CONFIGS[bucket][:1], {"GROUP": weight.group_size})[0]
-        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
-        _launch(kernel, cfg, grid, a, xs, packed, scales, aux, bias_arg, y,
-                m, n, k, a.stride(0), packed.stride(0), scales.stride(0), aux.stride(0), y.stride(0),
-                triton.next_power_of_2(m) if m <= 256 else 512 * triton.cdiv(m, 512),
-                FP8_DOT=fp8_dot_supported(x.device), NATIVE_BF16=not interp, **common)
+    common = dict(GROUP=prep.group, IS_BITMOD=is_bitmod, A_FP8=a_fp8, HAS_BIAS=bias is not None)
+    bucket = _mm_bucket(m)
+    kernel = _MM_TUNED[bucket]
+    cfg = None
+    if interp:
+        cfg = _prune_block_k(_MM_CONFIGS[bucket][:1], {"GROUP": prep.group})[0]
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+    _launch(kernel, cfg, grid, a, xs, packed, scales, aux, bias_arg, y,
+            m, n, k, a.stride(0), packed.stride(0), scales.stride(0), aux.stride(0), y.stride(0),
+            triton.next_power_of_2(m) if m <= 256 else 512 * triton.cdiv(m, 512),
+            FP8_DOT=fp8_dot_supported(x.device), NATIVE_BF16=not interp, **common)
     return y.reshape(*lead, n)

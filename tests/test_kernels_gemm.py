@@ -27,6 +27,7 @@ CASES = [  # M, N, K, group, weight format, activation format
     (1, 40, 256, 64, "bitmod", "fp8_e4m3"),
     (1, 33, 160, 32, "int4", "none"),
     (1, 21, 384, 128, "bitmod", "none"),
+    (1, 19, 96, 32, "int4", "fp8_e4m3"),
     (3, 33, 96, 32, "bitmod", "none"),
     (5, 40, 384, 128, "int4", "fp8_e4m3"),
     (16, 17, 128, 64, "bitmod", "fp8_e4m3"),
@@ -71,6 +72,18 @@ def test_activation_quant_is_bit_exact():
     ref = quantize_scaled_fp8(x)
     assert torch.equal(scales, ref.scales.float().squeeze(-1))
     assert torch.equal(codes.float() * scales[:, None], ref.dequantize())
+
+
+def test_split_activation_quant_matches():
+    from p3quant.kernels.act_quant import quantize_activation_fp8_split
+
+    gen = torch.Generator().manual_seed(5)
+    x = (torch.randn(2, 96, generator=gen) * torch.logspace(-6, 3, 96)).to(torch.bfloat16)
+    codes, scales = quantize_activation_fp8(x)
+    a, s = torch.empty(2, 96), torch.empty(2)
+    quantize_activation_fp8_split(x, a, s)
+    assert torch.equal(s, scales)
+    assert torch.equal(a.view(2, 8, 12).transpose(1, 2).reshape(2, 96), codes.float())
 
 
 def test_bad_inputs_are_rejected(monkeypatch):

@@ -1,0 +1,103 @@
+"""Decode GEMM (M = 1 and 16) focus run: correctness (gpu_check GEMM cases + bit-exact split activation quant),
+a GEMV launch-parameter sweep (CUDA-graph time), then eager and CUDA-graph times on the Llama-3.1-8B shapes.
+
+Run: PYTHONUNBUFFERED=1 python benchmarks/bench_decode_gemm.py
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+import triton
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import gpu_check  # noqa: E402
+from _common import bench_rotating, copies_for, copy_bandwidth_tbs, environment, table  # noqa: E402
+
+import p3quant.kernels.gemm_w4 as g  # noqa: E402
+from p3quant.formats import BITMOD4  # noqa: E402
+from p3quant.kernels.act_quant import quantize_activation_fp8, quantize_activation_fp8_split  # noqa: E402
+
+SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336), "sq8192": (8192, 8192)}
+
+
+def graph_rotating_us(calls, reps: int = 50) -> float:
+    """Median us per call of a CUDA graph cycling through `calls` (distinct weight copies: L2 misses)."""
+    for c in calls:
+        c()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            for c in calls:
+                c()
+    torch.cuda.synchronize()
+    return triton.testing.do_bench(graph.replay, warmup=5, rep=reps, return_mode="median") * 1e3 / len(calls)
+
+
+def weights(n, k, copies):
+    w = BITMOD4.quantize(torch.randn(n, k, device="cuda"), 128)
+    return [w] + [type(w)(w.packed.clone(), w.scales.clone(), w.selectors.clone(), w.shape, w.group_size) for _ in range(copies - 1)]
+
+
+def main() -> None:
+    print(environment(), flush=True)
+    lines = gpu_check.check_gemm()
+    for m, k in ((1, 4096), (1, 14336), (1, 1408)):
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16) * torch.logspace(-6, 3, k, device="cuda").to(torch.bfloat16)
+        c, s = quantize_activation_fp8(x)
+        a = torch.empty(m, k, device="cuda")
+        xs = torch.empty(m, device="cuda")
+        quantize_activation_fp8_split(x, a, xs)
+        ok = torch.equal(xs, s) and torch.equal(a.view(m, 8, k // 8).transpose(1, 2).reshape(m, k), c.float())
+        lines.append(f"{'PASS' if ok else 'FAIL'} split act quant bit-exact M={m} K={k}")
+    print("\n".join(lines), flush=True)
+    print(f"correctness: {sum(l.startswith('PASS') for l in lines)} PASS, {sum(l.startswith('FAIL') for l in lines)} FAIL", flush=True)
+
+    sweep = [(8, 512, 4, 4), (16, 512, 4, 4), (8, 1024, 4, 3), (16, 256, 4, 4), (32, 512, 8, 3), (4, 512, 2, 4), (16, 1024, 8, 3), (32, 256, 4, 4)]
+    srows = []
+    for name in ("o", "gate_up", "down"):
+        n, k = SHAPES[name]
+        ws = weights(n, k, min(copies_for(n * k // 2), 16))
+        x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+        for cfg in sweep:
+            g.GEMV_OVERRIDE = cfg
+            try:
+                us = graph_rotating_us([lambda w=w: g.w4_matmul(x, w, None, "fp8_e4m3") for w in ws])
+            except Exception as e:  # noqa: BLE001
+                us = float("nan")
+                print("sweep error", cfg, repr(e)[:200])
+            srows.append((name, str(cfg), us, (n * k // 2 + n * (k // 128) * 3) / us / 1e6))
+        g.GEMV_OVERRIDE = None
+    print("\n## GEMV sweep (BLOCK_N, BLOCK_K, warps, stages), W4A8 M=1, graph us incl. act-quant launch\n"
+          + table(["shape", "config", "graph us", "weight TB/s"], srows), flush=True)
+
+    copy_bw = copy_bandwidth_tbs()
+    rows = []
+    for name, (n, k) in SHAPES.items():
+        wbytes = n * k // 2 + n * (k // 128) * 3
+        ws = weights(n, k, copies_for(wbytes))
+        dense = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(copies_for(n * k * 2))]
+        for m in (1, 16):
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            a8 = [lambda w=w: g.w4_matmul(x, w, None, "fp8_e4m3") for w in ws]
+            a16 = [lambda w=w: g.w4_matmul(x, w, None, "none") for w in ws]
+            bf = [lambda d=d: x @ d.t() for d in dense]
+            e8, e16, ebf = bench_rotating(a8), bench_rotating(a16), bench_rotating(bf)
+            g8, g16, gbf = graph_rotating_us(a8[:16]), graph_rotating_us(a16[:16]), graph_rotating_us(bf[:16])
+            rows.append((f"{name} {n}x{k}", m, e8, ebf / e8, g8, gbf / g8, wbytes / g8 / 1e6 / copy_bw * 100, e16, g16, gbf / g16, ebf, gbf))
+            print(rows[-1], flush=True)
+    hdr = ["shape NxK", "M", "W4A8 eager us", "W4A8 eager x bf16", "W4A8 graph us", "W4A8 graph x bf16-graph", "W4A8 graph % copy BW",
+           "W4A16 eager us", "W4A16 graph us", "W4A16 graph x bf16-graph", "bf16 eager us", "bf16 graph us"]
+    print(f"\n## decode GEMM (copy BW {copy_bw:.2f} TB/s)\n" + table(hdr, rows))
+    for m in (1, 16):
+        sel = [r for r in rows if r[1] == m and not r[0].startswith("sq")]
+        print(f"M={m} mean over 4 Llama shapes: W4A8 eager x bf16 eager {sum(r[3] for r in sel) / 4:.2f}, graph x graph {sum(r[5] for r in sel) / 4:.2f}")
+
+
+if __name__ == "__main__":
+    main()
