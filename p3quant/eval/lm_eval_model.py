@@ -74,12 +74,42 @@ class P3LM(HFLM):
 
     def __init__(self, pretrained: Any = "smollm2-135m", preset: str = "w4a8kv4p8", awq: bool = False, **kwargs: Any) -> None:
         p3_args = {k: kwargs.pop(k) for k in list(kwargs) if k in _FIELDS}
+        accelerator = None
         if isinstance(pretrained, str):
             config = p3_config_from_args(preset, p3_args)
             dtype = str(kwargs.pop("dtype", "float32"))
             model, tokenizer = load_quantized(pretrained, config, awq=_coerce("key_smoothing", awq), dtype=dtype)
+            accelerator = _data_parallel_accelerator()
+            device = accelerator.device if accelerator is not None else _usable(kwargs.get("device"))
+            if device is not None:
+                model = model.to(device)
             kwargs.setdefault("tokenizer", tokenizer)
             pretrained = model
         elif p3_args:
             raise ValueError(f"P3 options {sorted(p3_args)} apply when quantizing from a name or folder; this model is already built")
         super().__init__(pretrained=pretrained, **kwargs)
+        if accelerator is not None:  # HFLM skips its data-parallel setup for a built model: do it here
+            self.accelerator = accelerator
+            self._device = accelerator.device
+            self._rank = accelerator.process_index
+            self._world_size = accelerator.num_processes
+
+
+def _usable(device: str | None) -> str | None:
+    """The requested device, or None when it is a CUDA device on a machine without CUDA (HFLM falls back too)."""
+    import torch
+
+    if device is None or (str(device).startswith("cuda") and not torch.cuda.is_available()):
+        return None
+    return device
+
+
+def _data_parallel_accelerator():
+    """An accelerate Accelerator when launched with `accelerate launch` on more than one process, else None."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    from accelerate import Accelerator
+
+    return Accelerator()
