@@ -16,14 +16,22 @@ import time
 import torch
 
 
-def llama_shaped(hidden: int, layers: int, intermediate: int, heads: int, kv_heads: int, vocab: int, seed: int = 0):
-    """A LlamaForCausalLM with random weights of the given shape (float32, CPU)."""
+def llama_shaped(hidden: int, layers: int, intermediate: int, heads: int, kv_heads: int, vocab: int, seed: int = 0,
+                 device: str = "cpu", dtype: torch.dtype = torch.float32):
+    """A LlamaForCausalLM with random weights of the given shape, created directly on `device` in `dtype`."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     config = LlamaConfig(hidden_size=hidden, num_hidden_layers=layers, intermediate_size=intermediate, num_attention_heads=heads,
                          num_key_value_heads=kv_heads, vocab_size=vocab, max_position_embeddings=4096)
-    return LlamaForCausalLM(config).eval()
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(default)
+    return model.eval()
 
 
 def dispatch_quantized(model: torch.nn.Module, max_memory: dict | None = None) -> dict:
@@ -62,9 +70,10 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=64, help="new tokens to generate")
     p.add_argument("--batch", type=int, default=1)
     args = p.parse_args()
-    model = llama_shaped(args.hidden, args.layers, args.intermediate, args.heads, args.kv_heads, args.vocab)
-    model = p3quant.quantize(model.half() if torch.cuda.is_available() else model,
-                             p3quant.P3Config.preset(args.preset, backend=args.backend))
+    cuda = torch.cuda.is_available()
+    model = llama_shaped(args.hidden, args.layers, args.intermediate, args.heads, args.kv_heads, args.vocab,
+                         device="cuda:0" if cuda else "cpu", dtype=torch.float16 if cuda else torch.float32)
+    model = p3quant.quantize(model, p3quant.P3Config.preset(args.preset, backend=args.backend))
     device_map = dispatch_quantized(model, balanced_memory(model))
     devices = sorted({str(d) for d in device_map.values()})
     print(f"devices: {devices}; modules per device: { {d: sum(v == d for v in device_map.values()) for d in set(device_map.values())} }")
