@@ -147,11 +147,15 @@ def cmd_ppl(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    from .nn.backends import get_backend
+
     model, tokenizer = _load(args)
     if args.preset != "none" and getattr(model, "p3_config", None) is None:
         model = _quantized(model, args)
+    ledger = get_backend("pim").ledger if args.backend == "pim" else None
+    if ledger is not None:
+        ledger.reset()
     print(_greedy(model, tokenizer, args.prompt, args.max_new_tokens))
-    ledger = getattr(model, "p3_pim_ledger", None)
     if ledger is not None:
         print(ledger.summary())
     return 0
