@@ -25,8 +25,8 @@ def require_group_size(features: int, group_size: int, what: str, even: bool = T
     if group_size <= 0 or (even and group_size % 2):
         raise ValueError(f"{what}: group size must be a positive {'even ' if even else ''}number, got {group_size}")
     if features % group_size:
-        divisors = [g for g in (32, 64, 128, 256) if features % g == 0]
-        hint = f"; group sizes that divide it: {divisors}" if divisors else ""
+        divisors = [g for g in range(2 if even else 1, features + 1, 2 if even else 1) if features % g == 0]
+        hint = f"; group sizes that divide it: {divisors}" if divisors else "; it has no even divisor, so 4-bit packing cannot group it"
         raise ValueError(
             f"{what}: group size {group_size} does not divide the reduction dimension {features}{hint}"
         )
