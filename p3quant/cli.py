@@ -59,6 +59,14 @@ def _load(args: argparse.Namespace):
     return models.load(args.model, device=args.device)
 
 
+def _load_quantized(args: argparse.Namespace):
+    """Load the model and quantize it with the preset, unless it is a saved P3 model already (or preset none)."""
+    model, tokenizer = _load(args)
+    if args.preset != "none" and getattr(model, "p3_config", None) is None:
+        model = _quantized(model, args)
+    return model, tokenizer
+
+
 def _quantized(model, args, tokenizer=None, calibration=None):
     from .quantize import quantize
 
@@ -137,9 +145,7 @@ def cmd_ppl(args: argparse.Namespace) -> int:
     from .data import wikitext2_test_text
     from .eval.perplexity import perplexity
 
-    model, tokenizer = _load(args)
-    if args.preset != "none" and getattr(model, "p3_config", None) is None:
-        model = _quantized(model, args)
+    model, tokenizer = _load_quantized(args)
     result = perplexity(model, tokenizer, wikitext2_test_text(args.data), seqlen=args.seqlen,
                         max_windows=args.windows, path=args.path)
     print(f"{args.model} {args.preset} WikiText-2 ppl {result.ppl:.4f} ({result.windows} x {result.seqlen} tokens, {args.path} path)")
@@ -149,9 +155,7 @@ def cmd_ppl(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     from .nn.backends import get_backend
 
-    model, tokenizer = _load(args)
-    if args.preset != "none" and getattr(model, "p3_config", None) is None:
-        model = _quantized(model, args)
+    model, tokenizer = _load_quantized(args)
     ledger = get_backend("pim").ledger if args.backend == "pim" else None
     if ledger is not None:
         ledger.reset()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import secrets
 
 import pytest
 import safetensors.torch
@@ -19,15 +18,6 @@ from p3quant.formats.bitmod import code_integers, code_values
 
 GRID_MAX = {0: 6.0, 1: 6.0, 2: 8.0, 3: 8.0}
 NEAR_TIE = 1e-5  # relative MSE gap below which float32 (implementation) and float64 (oracle) may disagree
-
-
-@pytest.fixture(autouse=True)
-def fresh_seed() -> int:
-    """A fresh seed per test, printed so that a failure can be reproduced with P3_TEST_SEED=<seed>."""
-    seed = int(os.environ.get("P3_TEST_SEED") or secrets.randbits(32))
-    torch.manual_seed(seed)
-    print(f"P3_TEST_SEED={seed}")
-    return seed
 
 
 # ------------------------------------------------------------------------------------------------ packing

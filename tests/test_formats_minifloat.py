@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import secrets
 
 import numpy as np
 import pytest
@@ -15,15 +13,6 @@ from p3quant.formats import FP8_E4M3, UE4M4, MiniFloat
 
 FP8_MAX_CODE, FP8_NEG_MAX_CODE, FP8_NAN_CODES = 0x7E, 0xFE, (0x7F, 0xFF)
 UE4M4_MAX_CODE = 0xFF
-
-
-@pytest.fixture(autouse=True)
-def fresh_seed() -> int:
-    """A fresh seed per test, printed so that a failure can be reproduced with P3_TEST_SEED=<seed>."""
-    seed = int(os.environ.get("P3_TEST_SEED") or secrets.randbits(32))
-    torch.manual_seed(seed)
-    print(f"P3_TEST_SEED={seed}")
-    return seed
 
 
 def all_fp16() -> torch.Tensor:

@@ -5,8 +5,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
-import secrets
 from typing import Callable
 
 import pytest
@@ -28,15 +26,6 @@ FP8_SUBNORMAL_HALF_STEP = 2.0**-10  # below 2^-6 the grid step is 2^-9: at most 
 E4M4_REL, E4M4_SUBNORMAL_HALF_STEP = 2.0**-5, 2.0**-19  # 4 mantissa bits; subnormal step 2^-18
 INT4_HALF_STEP = 0.51  # 0.5 rounding + < 0.01 for the rounded zero point/FP16 scale at the clip (see format tests)
 FP16_SCALE = 1 + 2.0**-10  # an FP16-rounded scale is within a factor 1 +- 2^-11 of the exact one
-
-
-@pytest.fixture(autouse=True)
-def fresh_seed() -> int:
-    """A fresh seed per test, printed so that a failure can be reproduced with P3_TEST_SEED=<seed>."""
-    seed = int(os.environ.get("P3_TEST_SEED") or secrets.randbits(32))
-    torch.manual_seed(seed)
-    print(f"P3_TEST_SEED={seed}")
-    return seed
 
 
 def keys_with_outlier_channels(b: int, h: int, t: int, d: int) -> torch.Tensor:

@@ -89,14 +89,23 @@ def capture_rope(module: nn.Module, args: tuple, kwargs: dict) -> None:
     module.p3_attention.rope = kwargs.get("position_embeddings")
 
 
+def explicit_mask(*args, **kwargs):
+    """transformers' boolean SDPA mask, always materialized (P3 attention needs the visible keys of each row)."""
+    from transformers.masking_utils import sdpa_mask
+
+    kwargs["allow_is_causal_skip"] = False
+    return sdpa_mask(*args, **kwargs)
+
+
+def register_attention(name: str, forward) -> None:
+    """Register an attention function under `name` with transformers' attention and mask interfaces."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(name, forward)
+    AttentionMaskInterface.register(name, explicit_mask)
+
+
 def register_p3_attention() -> None:
     """Register "p3" with transformers' attention and mask interfaces (idempotent)."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-    def p3_mask(*args, **kwargs):
-        kwargs["allow_is_causal_skip"] = False
-        return sdpa_mask(*args, **kwargs)
-
-    AttentionInterface.register(ATTENTION_NAME, p3_attention_forward)
-    AttentionMaskInterface.register(ATTENTION_NAME, p3_mask)
+    register_attention(ATTENTION_NAME, p3_attention_forward)
