@@ -69,10 +69,13 @@ def _prefill_nll(model: torch.nn.Module, batch: torch.Tensor) -> float:
     return _window_nll_sum(logits[:, :-1], batch[:, 1:])
 
 
-def _decode_nll(model: torch.nn.Module, batch: torch.Tensor, bar: tqdm) -> float:
+def _decode_nll(model: torch.nn.Module, batch: torch.Tensor, prompt_len: int, bar: tqdm) -> float:
     cache = {_cache_kwarg(model): _make_cache(model, batch.shape[0], batch.shape[1])}
     total = 0.0
-    for i in range(batch.shape[1] - 1):
+    logits = model(input_ids=batch[:, :prompt_len], use_cache=True, **cache).logits
+    total += _window_nll_sum(logits, batch[:, 1 : prompt_len + 1])
+    bar.update(batch.shape[0] * prompt_len)
+    for i in range(prompt_len, batch.shape[1] - 1):
         logits = model(input_ids=batch[:, i : i + 1], use_cache=True, **cache).logits
         total += _window_nll_sum(logits[:, -1:], batch[:, i + 1 : i + 2])
         bar.update(batch.shape[0])
@@ -89,12 +92,16 @@ def perplexity(
     path: ScoringPath = "prefill",
     batch_size: int = 1,
     progress: bool = True,
+    prompt_len: int | None = None,
 ) -> PerplexityResult:
     """Perplexity of `model` on `text` with windows of `seqlen` tokens (at most `max_windows` of them).
 
     `path` selects one forward per window ("prefill") or token-by-token decoding through the KV cache ("decode");
     `batch_size` windows run together. Prefill keeps [batch, seqlen, vocab] logits in memory (2 GiB per window for
     Gemma-3's 262k vocabulary at 2048 in FP32).
+    On the decode path the first `prompt_len` tokens of each window (default seqlen // 8) are the prompt: one
+    prefill forward scores them and, on a P3 model, fixes the key smoothing factor, as a deployment would; every
+    later token is decoded one at a time. prompt_len=1 decodes the whole window token by token.
     """
     if path not in ("prefill", "decode"):
         raise ValueError(f"path must be 'prefill' or 'decode', got {path!r}")
@@ -104,6 +111,9 @@ def perplexity(
     windows = ids.numel() // seqlen
     if max_windows is not None:
         windows = min(windows, max_windows)
+    prompt_len = max(1, seqlen // 8) if prompt_len is None else prompt_len
+    if not 1 <= prompt_len < seqlen:
+        raise ValueError(f"prompt_len must lie in [1, seqlen), got {prompt_len} with seqlen={seqlen}")
     if windows < 1:
         raise ValueError(f"the text has {ids.numel()} tokens, fewer than one window of seqlen={seqlen}")
     device = next(model.parameters()).device
@@ -121,7 +131,7 @@ def perplexity(
                 nll_sum += _prefill_nll(model, batch)
                 bar.update(batch.shape[0])
             else:
-                nll_sum += _decode_nll(model, batch, bar)
+                nll_sum += _decode_nll(model, batch, prompt_len, bar)
     tokens = windows * (seqlen - 1)
     nll = nll_sum / tokens
     return PerplexityResult(ppl=math.exp(nll), nll=nll, tokens=tokens, windows=windows, seqlen=seqlen, path=path)
