@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import safetensors.torch
@@ -56,15 +55,16 @@ def test_pack_rejects_bad_input() -> None:
 def brute_force_bitmod(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per group [N, G] (float64 search): the MSE of each of the 4 variants [N, 4], their scales, their codes.
 
-    scale = fp16(amax / 6 or / 8); each element takes the nearest of the 16 code values (weight domain), ties
-    to the smaller magnitude.
+    scale = fp16(amax / 6 or / 8), kept in FP16's normal range as formats.grouping.store_scale does (a group with
+    amax below ~3.7e-4 therefore gets the scale 2^-14, not a subnormal one); each element takes the nearest of the
+    16 code values (weight domain), ties to the smaller magnitude.
     """
     w = w.double()
     amax = w.abs().amax(-1)
     table = code_values().double()
     mses, scales, codes = [], [], []
     for sel in range(4):
-        scale = (amax / GRID_MAX[sel]).to(torch.float16).double()
+        scale = (amax / GRID_MAX[sel]).clamp(min=torch.finfo(torch.float16).tiny).to(torch.float16).double()
         cand = table[sel] * scale[:, None]  # [N, 16]
         dist = (w[:, :, None] - cand[:, None, :]).abs()  # [N, G, 16]
         nearest = dist == dist.amin(-1, keepdim=True)
@@ -188,7 +188,7 @@ def test_bitmod_zero_and_constant_groups() -> None:
     w = torch.randn(6, 64)
     w[1] = 0.0  # explicit zero groups: whole rows and a half row
     w[3, 32:] = 0.0
-    c = torch.empty(1).uniform_(0.01, 100).item()
+    c = torch.empty(1).uniform_(0.5, 100).item()  # 1e-3 c stays above the FP16-normal scale floor (x 6)
     w[4, :32], w[4, 32:], w[5, :32] = c, -c, 1e-3 * c
     q = BITMOD4.quantize(w, 32)
     d = q.dequantize()

@@ -26,6 +26,7 @@ FP8_SUBNORMAL_HALF_STEP = 2.0**-10  # below 2^-6 the grid step is 2^-9: at most 
 E4M4_REL, E4M4_SUBNORMAL_HALF_STEP = 2.0**-5, 2.0**-19  # 4 mantissa bits; subnormal step 2^-18
 INT4_HALF_STEP = 0.51  # 0.5 rounding + < 0.01 for the rounded zero point/FP16 scale at the clip (see format tests)
 FP16_SCALE = 1 + 2.0**-10  # an FP16-rounded scale is within a factor 1 +- 2^-11 of the exact one
+FP16_TINY = torch.finfo(torch.float16).tiny  # scales are kept in FP16's normal range (formats.grouping.store_scale)
 
 
 def keys_with_outlier_channels(b: int, h: int, t: int, d: int) -> torch.Tensor:
@@ -38,7 +39,8 @@ def keys_with_outlier_channels(b: int, h: int, t: int, d: int) -> torch.Tensor:
 
 def int4_token_scale_bound(x: torch.Tensor) -> torch.Tensor:
     """Upper bound of the INT4-asym scale of each group along the last dim: (max(hi, 0) - min(lo, 0)) / 15."""
-    return (x.amax(-1, keepdim=True).clamp(min=0) - x.amin(-1, keepdim=True).clamp(max=0)) / 15 * FP16_SCALE
+    spread = x.amax(-1, keepdim=True).clamp(min=0) - x.amin(-1, keepdim=True).clamp(max=0)
+    return (spread / 15).clamp(min=FP16_TINY) * FP16_SCALE
 
 
 # ---------------------------------------------------------------------------------------------- activations
@@ -57,8 +59,7 @@ def test_fp8_activation_per_token_error_bound(batch: int, tokens: int, hidden: i
     q = quantize_activation(x, "fp8_e4m3")
     assert q.scales.shape == (batch, tokens, 1) and q.codes.shape == x.shape and q.codes.dtype == torch.uint8
     amax = x.abs().amax(-1, keepdim=True)
-    fp16_tiny = torch.finfo(torch.float16).tiny  # scales are FP16, clamped to its normal range
-    assert torch.allclose(q.scales.float(), (amax / 448).clamp(min=fp16_tiny), rtol=2**-11)
+    assert torch.allclose(q.scales.float(), (amax / 448).clamp(min=FP16_TINY), rtol=2**-11)
     err = (q.dequantize() - x).abs()
     slack = 1e-6 * amax
     assert bool((err <= FP8_REL * amax + slack).all())
@@ -71,7 +72,7 @@ def test_int8_activation_per_token() -> None:
     q = quantize_activation(x, "int8")
     amax = x.abs().amax(-1, keepdim=True)
     assert q.scales.shape == (3, 17, 1) and int(q.values.abs().max()) <= 127
-    assert bool(((q.dequantize() - x).abs() <= 0.5 * amax / 127 * FP16_SCALE + 1e-7 * amax).all())
+    assert bool(((q.dequantize() - x).abs() <= 0.5 * (amax / 127).clamp(min=FP16_TINY) * FP16_SCALE + 1e-7 * amax).all())
 
 
 def test_fake_quantize_activation_keeps_dtype_and_zero_tokens() -> None:

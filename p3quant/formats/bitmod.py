@@ -84,9 +84,15 @@ def _quantize_groups(g: torch.Tensor, scale_dtype: torch.dtype) -> tuple[torch.T
     amax = mag.amax(-1)
     negative, positive = g < 0, g > 0
     fits = [_fit_family(mag, negative, amax, sv, top, scale_dtype) for sv, top in ((5.0, 6.0), (8.0, 8.0))]
-    # Selector 2 * family + side (side 0: SV negative, 1: positive); argmin keeps the first of equal MSEs.
+    # Selector 2 * family + side (side 0: SV negative, 1: positive); argmin keeps the first of equal MSEs. The sums
+    # run in float64, where they are (all but always) exact: mirrored groups whose two variants make the same
+    # errors at different positions then tie exactly, whatever the summation order of the device.
     err = torch.stack(
-        [torch.where(f.take_sv & on_side, f.sv_err, f.base_err).sum(-1) for f in fits for on_side in (negative, positive)],
+        [
+            torch.where(f.take_sv & on_side, f.sv_err, f.base_err).sum(-1, dtype=torch.float64)
+            for f in fits
+            for on_side in (negative, positive)
+        ],
         dim=-1,
     )
     sel = err.argmin(-1)
