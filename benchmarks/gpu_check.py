@@ -35,6 +35,9 @@ GEMM_CASES = [  # weight format, group, activation format, M, N, K: every path (
     *[("bitmod", 128, "none", m, n, k) for m, n, k in ((1, 1001, 4096), (16, 777, 2048), (300, 2048, 1536))],
     ("int4", 64, "fp8_e4m3", 3, 4096, 1408), ("int4", 64, "fp8_e4m3", 1030, 512, 1024),
     ("int4", 32, "none", 1, 1001, 4096), ("int4", 32, "none", 100, 1003, 4096), ("bitmod", 32, "fp8_e4m3", 16, 777, 2048),
+    # decode GEMV (inline-PTX decode on the GPU): every format x group, K tails of a partial group block
+    ("int4", 128, "fp8_e4m3", 1, 4096, 4096), ("int4", 64, "fp8_e4m3", 1, 777, 1408), ("bitmod", 64, "fp8_e4m3", 1, 333, 1408),
+    ("bitmod", 32, "fp8_e4m3", 1, 4099, 14336), ("bitmod", 128, "none", 1, 515, 1408), ("int4", 128, "none", 1, 64, 384),
 ]
 
 

@@ -6,8 +6,8 @@ that group, once per output and group, never per element. Activations are 16-bit
 with a per-token scale (W4A8, see act_quant.py); the token scale is applied once per output.
 
 - M == 1 (decode GEMV): CUDA-core reduction; one program per BLOCK_N outputs walks the whole K, so bias and
-  the output cast are fused and there is one launch (with N >= 2K and BLOCK_N <= 32 the grid fills the GPU
-  without split-K).
+  the output cast are fused. W4A8 decodes two codes per 32-bit instruction with inline PTX on the GPU
+  (_w4_gemv_kernel; a pure-Triton decode under the interpreter); W4A16 runs _w4_gemv_a16_kernel.
 - M > 1: tiled tensor-core path (tl.dot) over K-blocks that never straddle a group. W4A8 multiplies FP8 x FP8
   (both exact: every BitMoD grid value and INT4 code difference is an E4M3 number) on GPUs with FP8 tensor
   cores; W4A16 multiplies the integer weights in the activation dtype (exact too).
@@ -29,14 +29,202 @@ from .common import bitmod_special2, decode_w4, dot16, fp8_dot_supported, interp
 SUPPORTED_GROUPS = (32, 64, 128)
 
 
+# Decode nibbles of one int32 word (element 8j + i = nibble i) into 8 exact fp32 values with ~2.4 (INT4) /
+# ~3.4 (BitMoD) PTX instructions per weight (decode + widening to fp32), two codes per 32-bit operation. See
+# _w4_gemv_kernel for the exactness arguments.
+_ASM_INT4 = tl.constexpr("""{
+.reg .b32 t, p0, p1, p2, p3;
+.reg .b16 l, h;
+lop3.b32 p0, $8, 0x000F000F, 0x64006400, 0xEA;
+shr.u32 t, $8, 4;
+lop3.b32 p1, t, 0x000F000F, 0x64006400, 0xEA;
+shr.u32 t, $8, 8;
+lop3.b32 p2, t, 0x000F000F, 0x64006400, 0xEA;
+shr.u32 t, $8, 12;
+lop3.b32 p3, t, 0x000F000F, 0x64006400, 0xEA;
+sub.rn.f16x2 p0, p0, $9;
+sub.rn.f16x2 p1, p1, $9;
+sub.rn.f16x2 p2, p2, $9;
+sub.rn.f16x2 p3, p3, $9;
+mov.b32 {l, h}, p0;
+cvt.f32.f16 $0, l;
+cvt.f32.f16 $4, h;
+mov.b32 {l, h}, p1;
+cvt.f32.f16 $1, l;
+cvt.f32.f16 $5, h;
+mov.b32 {l, h}, p2;
+cvt.f32.f16 $2, l;
+cvt.f32.f16 $6, h;
+mov.b32 {l, h}, p3;
+cvt.f32.f16 $3, l;
+cvt.f32.f16 $7, h;
+}""")
+
+_ASM_BITMOD = tl.constexpr("""{
+.reg .b32 tp0, tp1, s80, m64, bias, wn, wh, wnh, P, N, S, R, q0, q1;
+.reg .b16 l, h;
+mov.b32 tp0, 0x13121110;
+mov.b32 tp1, 0x1C181614;
+mov.b32 s80, 0x80808080;
+mov.b32 m64, 0x64646464;
+mov.b32 bias, 0x64106410;
+xor.b32 wn, $8, 0x88888888;
+shr.u32 wh, $8, 16;
+shr.u32 wnh, wn, 16;
+prmt.b32 P, tp0, tp1, $8;
+prmt.b32 N, $9, $10, wn;
+prmt.b32 S, s80, s80, $8;
+lop3.b32 R, S, N, P, 0xCA;
+prmt.b32 q0, R, m64, 0x5140;
+prmt.b32 q1, R, m64, 0x7362;
+sub.rn.f16x2 q0, q0, bias;
+sub.rn.f16x2 q1, q1, bias;
+mov.b32 {l, h}, q0;
+cvt.f32.f16 $0, l;
+cvt.f32.f16 $1, h;
+mov.b32 {l, h}, q1;
+cvt.f32.f16 $2, l;
+cvt.f32.f16 $3, h;
+prmt.b32 P, tp0, tp1, wh;
+prmt.b32 N, $9, $10, wnh;
+prmt.b32 S, s80, s80, wh;
+lop3.b32 R, S, N, P, 0xCA;
+prmt.b32 q0, R, m64, 0x5140;
+prmt.b32 q1, R, m64, 0x7362;
+sub.rn.f16x2 q0, q0, bias;
+sub.rn.f16x2 q1, q1, bias;
+mov.b32 {l, h}, q0;
+cvt.f32.f16 $4, l;
+cvt.f32.f16 $5, h;
+mov.b32 {l, h}, q1;
+cvt.f32.f16 $6, l;
+cvt.f32.f16 $7, h;
+}""")
+
+
+@triton.jit
+def _ld(ptr, mask, EVEN: tl.constexpr):
+    """Load, masked only when the K loop has a partial last block (masked loads zero-fill their registers)."""
+    if EVEN:
+        return tl.load(ptr)
+    else:
+        return tl.load(ptr, mask=mask, other=0)
+
+
+@triton.jit
+def _nibble(words, i: tl.constexpr, aux, IS_BITMOD: tl.constexpr):
+    return decode_w4((words >> (4 * i)) & 15, aux, IS_BITMOD).to(tl.float32)
+
+
+@triton.jit
+def _decode_word(words, aux, IS_BITMOD: tl.constexpr, USE_ASM: tl.constexpr):
+    """8 fp32 tensors (nibble i of each int32 word): BitMoD grid x 2, or INT4 code - zp; aux = the group's
+    selector / zero point, broadcast to the words' shape."""
+    if USE_ASM:
+        if IS_BITMOD:
+            # byte table of the negative codes 8..15 (biased by 16): 16 + SV2, 15, 14, 13 | 12, 10, 8, 4
+            tn0 = 0x0D0E0F00 | (16 + bitmod_special2(aux))
+            tn1 = tl.full(words.shape, 0x04080A0C, tl.int32)
+            return tl.inline_asm_elementwise(_ASM_BITMOD, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r", [words, tn0, tn1],
+                                             dtype=(tl.float32,) * 8, is_pure=True, pack=1)
+        else:
+            zp2 = (0x6400 + aux) * 65537  # fp16x2 (1024 + zp, 1024 + zp)
+            return tl.inline_asm_elementwise(_ASM_INT4, "=r,=r,=r,=r,=r,=r,=r,=r,r,r", [words, zp2],
+                                             dtype=(tl.float32,) * 8, is_pure=True, pack=1)
+    else:
+        a = aux
+        if IS_BITMOD:
+            a = bitmod_special2(aux)
+        return (_nibble(words, 0, a, IS_BITMOD), _nibble(words, 1, a, IS_BITMOD), _nibble(words, 2, a, IS_BITMOD),
+                _nibble(words, 3, a, IS_BITMOD), _nibble(words, 4, a, IS_BITMOD), _nibble(words, 5, a, IS_BITMOD),
+                _nibble(words, 6, a, IS_BITMOD), _nibble(words, 7, a, IS_BITMOD))
+
+
 @triton.jit
 def _w4_gemv_kernel(
+    x_ptr, xs_ptr, w_ptr, s_ptr, aux_ptr, b_ptr, y_ptr,
+    N, K, stride_xm, stride_wn, stride_sn, stride_an, stride_ym, ZERO, KW,
+    GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    IS_BITMOD: tl.constexpr, HAS_BIAS: tl.constexpr, USE_ASM: tl.constexpr, EVEN_K: tl.constexpr,
+):
+    """Decode GEMV over int32 words of 8 codes (code i of word j = element 8j + i; stride_wn in words).
+
+    Tile [BLOCK_N rows, BLOCK_K / GROUP groups, GROUP / 8 words]: scale and selector / zero point are loaded
+    once per (row, group) and broadcast in registers; the activations of a tile are loaded once per program and
+    reused for all its rows. W4A8 only: x holds the FP8 code values as fp32, de-interleaved by k % 8
+    (act_quant.quantize_activation_fp8_split), so the 8 activation vectors are contiguous 16-byte loads; xs is
+    the token scale. (W4A16 runs _w4_gemv_a16_kernel.)
+
+    USE_ASM (GPU) decodes two codes per 32-bit instruction into fp16x2, then widens to fp32 (all exact):
+    - INT4: lop3 (w >> 4i) & 0x000F000F | 0x64006400 is the fp16 pair (1024 + c_i, 1024 + c_{i+4}) (1024 has
+      a unit ulp, c <= 15 fills the low mantissa bits); sub.f16x2 of (1024 + zp) gives c - zp exactly (an
+      integer of magnitude <= 15 is an fp16 value, and the exact difference is representable, so RN is exact).
+    - BitMoD: prmt looks each nibble up in byte tables of (grid x 2 + 16) in [0, 32]: positive codes 0..7 in
+      a constant table, negative codes 8..15 (code 8 -> the group's special value) in a per-group table indexed
+      by code ^ 8; prmt's sign-replicate mode (selector bit 3 = the code's sign bit) builds the byte mask
+      0x80 / 0xFF that lop3 uses to pick the table (bits 0..6 from the selected table, bit 7 is 0 in both since
+      every entry is < 0x80). prmt then places byte b under 0x64 (fp16 1024 + b) and sub.f16x2 of 1040 gives
+      grid x 2 exactly (integers |v| <= 16). The special value is thus handled with no correction term.
+    The fp32 products and sums then follow the same order as the interpreter path (pure Triton decode, used
+    when interpreting(): inline asm does not run there). Per word, 8 products are summed, then scaled once by
+    the group scale; accumulation is fp32 throughout.
+    """
+    GW: tl.constexpr = GROUP // 8
+    NG: tl.constexpr = BLOCK_K // GROUP
+    pid_n = tl.program_id(0)
+    m = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    rows = tl.where(n_mask, offs_n, 0)  # clamped rows: unmasked weight loads, results of the clamp not stored
+    kw = KW  # K // 8, passed so the compiler sees its divisibility (16-byte activation loads)
+    ng_total = K // GROUP
+    og = tl.arange(0, NG)
+    ow = tl.arange(0, GW)
+    acc = tl.zeros([BLOCK_N, NG, GW], tl.float32)
+    x_row = x_ptr + m * stride_xm
+    w_rows = w_ptr + rows[:, None, None] * stride_wn
+    for g0 in range(0, ng_total, NG):
+        gi = g0 + og
+        g_mask = gi < ng_total
+        wi = gi[:, None] * GW + ow[None, :]  # [NG, GW] word index
+        words = _ld(w_rows + wi[None, :, :], g_mask[None, :, None], EVEN_K)
+        # scale and selector / zero point: once per (row, group), broadcast over the group's words in registers
+        scale = _ld(s_ptr + rows[:, None] * stride_sn + gi[None, :], g_mask[None, :], EVEN_K).to(tl.float32)
+        aux = _ld(aux_ptr + rows[:, None] * stride_an + gi[None, :], g_mask[None, :], EVEN_K).to(tl.int32)
+        aux = tl.broadcast_to(aux[:, :, None], [BLOCK_N, NG, GW])
+        v0, v1, v2, v3, v4, v5, v6, v7 = _decode_word(words, aux, IS_BITMOD, USE_ASM)
+        xm = g_mask[None, :, None]
+        # activations through a [BLOCK_N, NG, GW] pointer tensor (ZERO = 0 at run time, opaque to the compiler)
+        # so their loads share the words' register layout (L1 hits; no shared-memory layout conversion)
+        x3 = x_row + rows[:, None, None] * ZERO + wi[None, :, :]
+        part = v0 * _ld(x3, xm, EVEN_K)
+        part += v1 * _ld(x3 + kw, xm, EVEN_K)
+        part += v2 * _ld(x3 + 2 * kw, xm, EVEN_K)
+        part += v3 * _ld(x3 + 3 * kw, xm, EVEN_K)
+        part += v4 * _ld(x3 + 4 * kw, xm, EVEN_K)
+        part += v5 * _ld(x3 + 5 * kw, xm, EVEN_K)
+        part += v6 * _ld(x3 + 6 * kw, xm, EVEN_K)
+        part += v7 * _ld(x3 + 7 * kw, xm, EVEN_K)
+        acc += part * scale[:, :, None]
+    out = tl.sum(tl.sum(acc, axis=2), axis=1)
+    if IS_BITMOD:
+        out = out * 0.5
+    out = out * tl.load(xs_ptr + m)
+    if HAS_BIAS:
+        out += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + m * stride_ym + offs_n, out.to(y_ptr.dtype.element_ty), mask=n_mask)
+
+
+@triton.jit
+def _w4_gemv_a16_kernel(
     x_ptr, xs_ptr, w_ptr, s_ptr, aux_ptr, b_ptr, y_ptr,
     N, K, stride_xm, stride_wn, stride_sn, stride_an, stride_ym,
     GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     IS_BITMOD: tl.constexpr, A_FP8: tl.constexpr, HAS_BIAS: tl.constexpr,
 ):
-    """Decode GEMV over int32 words of 8 codes (code i of word j = element 8j + i; stride_wn in words).
+    """W4A16 decode GEMV (the previous GEMV, kept for 16-bit activations: its strided 16-bit activation loads
+    measured faster there than the tiled kernel below, whose activation reuse needs the de-interleaved layout).
+    Decode GEMV over int32 words of 8 codes (code i of word j = element 8j + i; stride_wn in words).
 
     A_FP8: x holds the FP8 code values as fp32, de-interleaved by k % 8 (act_quant.quantize_activation_fp8_split),
     so the 8 activation vectors of a word tile are contiguous loads. Otherwise x is the 16-bit row (strided loads).
@@ -157,12 +345,18 @@ def _cfg(num_warps: int, num_stages: int, **kw: int) -> triton.Config:
 # so a call costs no autotuner lookup. Small BLOCK_N keeps >= ~4 programs per SM on 4096-wide outputs (132 SMs)
 # without split-K. GEMV_OVERRIDE (benchmarks only) replaces the choice.
 GEMV_OVERRIDE: tuple[int, int, int, int] | None = None
+GEMV_USE_ASM = True  # benchmarks/gpu_check may switch it off to compare against the pure-Triton decode on the GPU
 
 
 def _gemv_config(n: int) -> tuple[int, int, int, int]:
     if GEMV_OVERRIDE is not None:
         return GEMV_OVERRIDE
-    return (8, 1024, 4, 3)  # best of an 8-config sweep on o / gate_up / down (H200, benchmarks/bench_decode_gemm.py)
+    # best total of an 8-config sweep on qkv / o / gate_up / down (H200, benchmarks/bench_decode_gemm.py, 2026-11-28);
+    # (8, 1024, 4, 3) was within 3% of it on every shape
+    return (4, 1024, 2, 3)
+
+
+GEMV_A16_CONFIG = (8, 1024, 4, 3)  # W4A16 GEMV (the previous kernel and its sweep's best)
 _MM_CONFIGS = {
     "small": [  # M <= 16: weight-streaming, many programs
         _cfg(4, 4, BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, GROUP_M=1), _cfg(4, 4, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1),
@@ -291,14 +485,21 @@ def w4_matmul(
             a = torch.empty((1, k), dtype=torch.float32, device=x.device)
             xs = torch.empty((1,), dtype=torch.float32, device=x.device)
             quantize_activation_fp8_split(x2, a, xs)
+            block_n, block_k, warps, stages = _gemv_config(n)
+            block_k = max(block_k, prep.group)
+            _w4_gemv_kernel[(triton.cdiv(n, block_n), 1)](
+                a, xs, prep.words, scales, aux, bias_arg, y,
+                n, k, a.stride(0), prep.words.stride(0), scales.stride(0), aux.stride(0), y.stride(0), 0, k // 8,
+                GROUP=prep.group, BLOCK_N=block_n, BLOCK_K=block_k, IS_BITMOD=is_bitmod, HAS_BIAS=bias is not None,
+                USE_ASM=GEMV_USE_ASM and not interp, EVEN_K=k % block_k == 0, num_warps=warps, num_stages=stages)
         else:
-            a, xs = (x2 if x2.dtype != torch.float32 else x2.to(torch.bfloat16)), scales
-        block_n, block_k, warps, stages = _gemv_config(n)
-        _w4_gemv_kernel[(triton.cdiv(n, block_n), 1)](
-            a, xs, prep.words, scales, aux, bias_arg, y,
-            n, k, a.stride(0), prep.words.stride(0), scales.stride(0), aux.stride(0), y.stride(0),
-            GROUP=prep.group, BLOCK_N=block_n, BLOCK_K=block_k, IS_BITMOD=is_bitmod, A_FP8=a_fp8,
-            HAS_BIAS=bias is not None, num_warps=warps, num_stages=stages)
+            a = x2 if x2.dtype != torch.float32 else x2.to(torch.bfloat16)
+            block_n, block_k, warps, stages = GEMV_A16_CONFIG
+            _w4_gemv_a16_kernel[(triton.cdiv(n, block_n), 1)](
+                a, scales, prep.words, scales, aux, bias_arg, y,
+                n, k, a.stride(0), prep.words.stride(0), scales.stride(0), aux.stride(0), y.stride(0),
+                GROUP=prep.group, BLOCK_N=block_n, BLOCK_K=block_k, IS_BITMOD=is_bitmod, A_FP8=False,
+                HAS_BIAS=bias is not None, num_warps=warps, num_stages=stages)
         return y.reshape(*lead, n)
     if a_fp8:
         a, xs = quantize_activation_fp8(x2)
