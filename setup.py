@@ -23,5 +23,5 @@ package_dir.update(_mapped("pim_emulator", "p3quant.pim_emulator"))
 setup(
     packages=sorted(package_dir),
     package_dir=package_dir,
-    package_data={"p3quant": ["eval/tasks/*.yaml", "eval/tasks/*.py"]},
+    package_data={"p3quant.eval.tasks": ["*.yaml"]},
 )
