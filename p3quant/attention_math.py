@@ -80,6 +80,16 @@ def _quantized_value_output(
     return (p8 @ centered) * sv_max
 
 
+MAX_SCORES_PER_CHUNK = 2**26
+"""Query rows are processed in chunks so that one chunk's score matrix stays below this many elements
+(each row is independent, so chunking changes nothing but the peak memory of long prefills)."""
+
+
+def _total_tokens(kv: QuantizedKV) -> int:
+    stored = kv.keys if kv.keys is not None else kv.dense_keys
+    return (stored.shape[-2] if stored is not None else 0) + kv.residual_keys.shape[-2]
+
+
 def p3_attention_reference(
     query: torch.Tensor,
     kv: QuantizedKV,
@@ -92,6 +102,27 @@ def p3_attention_reference(
 
     attention_mask: additive float mask or boolean (True = attend) broadcastable to [B, H, Tq, T_total].
     """
+    rows = query.shape[-2]
+    chunk = max(1, MAX_SCORES_PER_CHUNK // max(1, query.shape[0] * query.shape[1] * _total_tokens(kv)))
+    if rows <= chunk:
+        return _attention_rows(query, kv, attention_mask, scaling, fmt, softcap)
+    outputs = []
+    for start in range(0, rows, chunk):
+        mask = attention_mask
+        if mask is not None and mask.shape[-2] > 1:
+            mask = mask[..., start : start + chunk, :]
+        outputs.append(_attention_rows(query[..., start : start + chunk, :], kv, mask, scaling, fmt, softcap))
+    return torch.cat(outputs, dim=-2)
+
+
+def _attention_rows(
+    query: torch.Tensor,
+    kv: QuantizedKV,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    fmt: AttentionFormats,
+    softcap: float | None,
+) -> torch.Tensor:
     heads = query.shape[1]
     q = _smoothed_query(query, kv.smoothing, fmt.query_format if kv.keys is not None else "none")
     keys = _key_matrix(kv, heads)

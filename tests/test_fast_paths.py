@@ -16,3 +16,17 @@ def test_native_fp8_cast_equals_reference_encoder_on_every_fp16_value() -> None:
 def test_fake_quantized_activation_equals_code_path() -> None:
     x = torch.randn(7, 300) * torch.logspace(-3, 3, 300)
     assert torch.equal(fake_quantize_scaled_fp8(x), quantize_scaled_fp8(x).dequantize())
+
+
+def test_chunked_reference_attention_equals_one_shot(monkeypatch) -> None:
+    from p3quant import attention_math as am
+    from p3quant.quantizers import key_smoothing_factor, quantize_keys, quantize_values
+
+    b, h, hk, t, d = 2, 4, 2, 90, 16
+    k, v, q = torch.randn(b, hk, t, d), torch.randn(b, hk, t, d), torch.randn(b, h, t, d)
+    s = key_smoothing_factor(k)
+    kv = am.QuantizedKV(quantize_keys(k[:, :, :-1], s), quantize_values(v[:, :, :-1]), s, k[:, :, -1:], v[:, :, -1:])
+    mask = torch.ones(t, t, dtype=torch.bool).tril()[None, None]
+    whole = am.p3_attention_reference(q, kv, mask, d**-0.5, am.AttentionFormats())
+    monkeypatch.setattr(am, "MAX_SCORES_PER_CHUNK", b * h * t * 7)
+    assert torch.equal(am.p3_attention_reference(q, kv, mask, d**-0.5, am.AttentionFormats()), whole)
