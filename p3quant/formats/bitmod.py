@@ -16,7 +16,7 @@ from typing import ClassVar
 
 import torch
 
-from .grouping import store_scale, to_groups
+from .grouping import scale_from, to_groups
 from .packing import pack_int4, unpack_int4
 from .qtensor import QuantizedTensor
 from .validation import require_finite
@@ -62,7 +62,7 @@ class _FamilyFit:
 def _fit_family(
     mag: torch.Tensor, negative: torch.Tensor, amax: torch.Tensor, sv_mag: float, grid_max: float, scale_dtype: torch.dtype
 ) -> _FamilyFit:
-    scale = store_scale(amax / grid_max, scale_dtype)
+    scale = scale_from(amax, grid_max, scale_dtype)
     s = scale.float().unsqueeze(-1)
     idx = torch.bucketize(mag / s, _MAG_MIDPOINTS.to(mag.device), right=False)  # ties -> smaller magnitude
     base = _MAG.to(mag.device)[idx]

@@ -15,6 +15,16 @@ def to_groups(x: torch.Tensor, group_size: int, what: str, even: bool = True) ->
     return x.float().reshape(*x.shape[:-1], x.shape[-1] // group_size, group_size)
 
 
+def scale_from(numerator: torch.Tensor, levels: float, dtype: torch.dtype) -> torch.Tensor:
+    """store_scale(numerator / levels), with an IEEE division on every device.
+
+    torch on CUDA divides by a Python scalar as a multiplication by its reciprocal, which can differ from the
+    CPU's correctly rounded quotient by one ulp; dividing by a same-device tensor keeps scales (and therefore
+    codes) identical on CPU and GPU.
+    """
+    return store_scale(numerator.float() / torch.full_like(numerator, levels, dtype=torch.float32), dtype)
+
+
 def store_scale(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Round a positive float32 scale to its storage dtype, clamped to the dtype's normal range.
 

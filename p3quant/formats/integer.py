@@ -7,7 +7,7 @@ from typing import ClassVar
 
 import torch
 
-from .grouping import store_scale, to_groups
+from .grouping import scale_from, to_groups
 from .packing import pack_int4, unpack_int4
 from .qtensor import QuantizedTensor
 from .validation import require_finite
@@ -72,12 +72,12 @@ class _Int4Format:
             require_finite(x, "INT4.quantize")
         g = to_groups(x, group_size, "INT4.quantize")
         if symmetric:
-            scale = store_scale(g.abs().amax(-1) / 7, scale_dtype)
+            scale = scale_from(g.abs().amax(-1), 7, scale_dtype)
             zero = torch.full_like(scale, SYMMETRIC_INT4_ZERO, dtype=torch.uint8)
         else:
             lo = g.amin(-1).clamp(max=0)
             hi = g.amax(-1).clamp(min=0)
-            scale = store_scale((hi - lo) / INT4_MAX_CODE, scale_dtype)
+            scale = scale_from(hi - lo, INT4_MAX_CODE, scale_dtype)
             zero = torch.round(-lo / scale.float()).clamp(0, INT4_MAX_CODE).to(torch.uint8)
         q = torch.round(g / scale.float().unsqueeze(-1)) + zero.float().unsqueeze(-1)
         codes = q.clamp(0, INT4_MAX_CODE).to(torch.uint8).reshape(x.shape)
@@ -96,7 +96,7 @@ class _Int8Format:
             require_finite(x, "INT8.quantize")
         group_size = group_size or x.shape[-1]
         g = to_groups(x, group_size, "INT8.quantize", even=False)
-        scale = store_scale(g.abs().amax(-1) / 127, scale_dtype)
+        scale = scale_from(g.abs().amax(-1), 127, scale_dtype)
         q = torch.round(g / scale.float().unsqueeze(-1)).clamp(-127, 127).to(torch.int8)
         return Int8Tensor(q.reshape(x.shape), scale, tuple(x.shape), group_size)
 

@@ -7,7 +7,7 @@ from typing import ClassVar
 
 import torch
 
-from .grouping import store_scale, to_groups
+from .grouping import scale_from, to_groups
 from .minifloat import FP8_E4M3
 from .qtensor import QuantizedTensor
 from .validation import require_finite
@@ -46,7 +46,7 @@ def fake_quantize_scaled_fp8(x: torch.Tensor, check: bool = True) -> torch.Tenso
     if check:
         require_finite(x, "FP8-E4M3 quantization")
     x = x.float()
-    scale = store_scale(x.abs().amax(-1, keepdim=True) / FP8_E4M3.max_value, torch.float16).float()
+    scale = scale_from(x.abs().amax(-1, keepdim=True), FP8_E4M3.max_value, torch.float16).float()
     y = (x / scale).clamp(-FP8_E4M3.max_value, FP8_E4M3.max_value)
     return y.to(torch.float8_e4m3fn).float() * scale
 
@@ -59,6 +59,6 @@ def quantize_scaled_fp8(
         require_finite(x, "FP8-E4M3 quantization")
     group_size = group_size or x.shape[-1]
     g = to_groups(x, group_size, "FP8-E4M3 quantization", even=False)
-    scale = store_scale(g.abs().amax(-1) / FP8_E4M3.max_value, scale_dtype)
+    scale = scale_from(g.abs().amax(-1), FP8_E4M3.max_value, scale_dtype)
     codes = fp8_e4m3_codes(g / scale.float().unsqueeze(-1))
     return ScaledFp8Tensor(codes.reshape(x.shape), scale, tuple(x.shape), group_size)
