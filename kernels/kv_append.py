@@ -3,9 +3,8 @@ storage, and the prefill key-smoothing factor.
 
 Bit-exact with p3quant.quantizers.quantize_keys / quantize_values / key_smoothing_factor: the same fp32
 operations in the same order (IEEE division via div_rn, round-half-even, fp16 scale clamped to its normal
-range), so codes, scales and zero points are identical to the reference run on the CPU. Against the reference
-run on CUDA, about 1 in 10^4 fp16 scales differs by one ulp (PyTorch's CUDA division by the scalar 15 multiplies
-by 1/15); codes and zero points were identical in every GPU check.
+range), so codes, scales and zero points are identical to the reference on the CPU and on CUDA (the reference
+divides by a same-device tensor, formats.grouping.scale_from, so it too is an IEEE division on the GPU).
 """
 
 from __future__ import annotations
