@@ -9,6 +9,7 @@ dequantized copy. New tokens are handed to the layer by `update` (called by the 
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 
 import torch
@@ -16,8 +17,8 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 from ..attention_math import QuantizedKV
 from ..config import P3Config
-from ..formats import Int4Tensor
-from ..quantizers import key_smoothing_factor, quantize_keys, quantize_keys_per_channel, quantize_values
+from ..formats import INT4, Int4Tensor
+from ..quantizers import key_smoothing_factor, quantize_keys_per_channel
 from .rope import rotate, unrotate
 
 
@@ -38,8 +39,13 @@ class _Int4Store:
             torch.zeros(batch, heads, capacity, 1, dtype=torch.uint8, device=device),
         )
 
-    def append(self, q: Int4Tensor) -> None:
-        n = q.packed.shape[2]
+    def append(self, x: torch.Tensor, divisor: torch.Tensor | None = None) -> None:
+        """Quantize rows x [B, H, T, D] (x / divisor if given) to INT4 asymmetric into the next T slots.
+
+        On CUDA with Triton the fused append kernel writes the slots directly (bit-exact with the torch
+        quantizers, see kernels/kv_append.py); elsewhere the torch quantizers run and their result is copied.
+        """
+        n = x.shape[2]
         needed = self.length + n
         if needed > self.packed.shape[2]:
             capacity = max(needed, 2 * self.packed.shape[2])
@@ -47,9 +53,15 @@ class _Int4Store:
                 _grow(t, capacity) for t in (self.packed, self.scales, self.zeros)
             )
         sl = slice(self.length, needed)
-        self.packed[:, :, sl] = q.packed
-        self.scales[:, :, sl] = q.scales.to(torch.float16)
-        self.zeros[:, :, sl] = q.zeros
+        if _use_append_kernel(x):
+            from ..kernels.kv_append import quantize_int4_rows_into
+
+            quantize_int4_rows_into(x, self.packed[:, :, sl], self.scales[:, :, sl], self.zeros[:, :, sl], divisor)
+        else:
+            q = INT4.quantize(x if divisor is None else x.float() / divisor, x.shape[-1])
+            self.packed[:, :, sl] = q.packed
+            self.scales[:, :, sl] = q.scales.to(torch.float16)
+            self.zeros[:, :, sl] = q.zeros
         self.length = needed
 
     def view(self, head_dim: int) -> Int4Tensor:
@@ -63,6 +75,13 @@ class _Int4Store:
 
     def map_batch(self, fn) -> None:
         self.packed, self.scales, self.zeros = fn(self.packed), fn(self.scales), fn(self.zeros)
+
+
+def _use_append_kernel(x: torch.Tensor) -> bool:
+    """The Triton KV-append kernel serves CUDA tensors whose rows are contiguous, when Triton is installed."""
+    if not x.is_cuda or x.stride(-1) != 1:
+        return False
+    return importlib.util.find_spec("triton") is not None
 
 
 def _grow(t: torch.Tensor, capacity: int) -> torch.Tensor:
@@ -178,7 +197,12 @@ class P3CacheLayer(DynamicLayer):
             self.rope_cos = _cat_tokens(self.rope_cos, cos.unsqueeze(1).to(keys.dtype), dim=2)
             self.rope_sin = _cat_tokens(self.rope_sin, sin.unsqueeze(1).to(keys.dtype), dim=2)
         if self.smoothing is None and self.p3.key_smoothing:
-            self.smoothing = key_smoothing_factor(keys, token_mask)
+            if _use_append_kernel(keys):
+                from ..kernels.kv_append import key_smoothing_factor_gpu
+
+                self.smoothing = key_smoothing_factor_gpu(keys, token_mask)
+            else:
+                self.smoothing = key_smoothing_factor(keys, token_mask)
         self.residual_keys = torch.cat([self.residual_keys, keys], dim=-2)
         self.residual_values = torch.cat([self.residual_values, values], dim=-2)
         self._flush()
@@ -211,7 +235,7 @@ class P3CacheLayer(DynamicLayer):
             k = unrotate(k.float(), cos.float(), sin.float())
         if self.key_store is None:
             self.key_store = _Int4Store.empty(k.shape[0], k.shape[1], k.shape[3], k.device)
-        self.key_store.append(quantize_keys(k, self.smoothing))
+        self.key_store.append(k, self.smoothing)
 
     def _store_values(self, v: torch.Tensor) -> None:
         if self.p3.value_format == "none":
@@ -219,7 +243,7 @@ class P3CacheLayer(DynamicLayer):
             return
         if self.value_store is None:
             self.value_store = _Int4Store.empty(v.shape[0], v.shape[1], v.shape[3], v.device)
-        self.value_store.append(quantize_values(v))
+        self.value_store.append(v)
 
     def quantized_kv(self) -> QuantizedKV:
         """The committed cache as the backends see it (views, no copies of the packed data)."""
