@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import subprocess
@@ -14,14 +15,25 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 import p3quant
 from p3quant.eval.lm_eval_cli import TASKS_DIR
 from p3quant.eval.lm_eval_model import P3LM, p3_config_from_args
-from p3quant.models import ensure_converted
+from p3quant.models import MODELS, ensure_converted
 
 TASKS = ["p3_wikitext", "p3_piqa", "p3_arc_easy", "p3_arc_challenge", "p3_hellaswag", "p3_lambada_openai"]
 SIZES = {"p3_wikitext": 62, "p3_piqa": 1838, "p3_arc_easy": 2376, "p3_arc_challenge": 1172, "p3_hellaswag": 10042, "p3_lambada_openai": 5153}
 
 
+DATA_FILES = {
+    "p3_wikitext": "wikitext-2-raw/wiki.test.raw", "p3_piqa": "piqa/valid.jsonl", "p3_arc_easy": "arc/ARC-Easy-test.jsonl",
+    "p3_arc_challenge": "arc/ARC-Challenge-test.jsonl", "p3_hellaswag": "hellaswag/hellaswag_val_full.txt.bz2",
+    "p3_lambada_openai": "lambada_openai/lambada_test.jsonl",
+}
+
+
 @pytest.fixture(scope="module")
 def tokenizer():
+    try:
+        importlib.metadata.version(MODELS["smollm2-135m"].package)
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip(f"needs SmolLM2's tokenizer: {MODELS['smollm2-135m'].pip_command}")
     return AutoTokenizer.from_pretrained(ensure_converted("smollm2-135m"), local_files_only=True)
 
 
@@ -32,9 +44,11 @@ def _tiny(vocab: int) -> LlamaForCausalLM:
     return LlamaForCausalLM(config).eval()
 
 
-def test_offline_tasks_load() -> None:
+def test_offline_tasks_load(require_data) -> None:
     from lm_eval.tasks import TaskManager, get_task_dict
 
+    for relative in DATA_FILES.values():
+        require_data(relative)
     tasks = get_task_dict(TASKS, TaskManager(include_path=str(TASKS_DIR), include_defaults=False))
     for name in TASKS:
         task = tasks[name]
@@ -53,8 +67,10 @@ def test_model_args_override_config() -> None:
         p3_config_from_args("w5", {})
 
 
-def test_in_memory_quantized_model_runs_a_task(tokenizer) -> None:
+def test_in_memory_quantized_model_runs_a_task(tokenizer, require_data) -> None:
     import lm_eval
+
+    require_data(DATA_FILES["p3_arc_easy"])
     from lm_eval.tasks import TaskManager
 
     model = p3quant.quantize(_tiny(len(tokenizer)), p3quant.P3Config.preset("w4a8kv4p8", weight_group_size=64))
@@ -64,7 +80,8 @@ def test_in_memory_quantized_model_runs_a_task(tokenizer) -> None:
     assert 0.0 <= acc <= 1.0
 
 
-def test_command_line_model_p3(tmp_path, tokenizer) -> None:
+def test_command_line_model_p3(tmp_path, tokenizer, require_data) -> None:
+    require_data(DATA_FILES["p3_piqa"])
     folder = tmp_path / "tiny"
     _tiny(len(tokenizer)).save_pretrained(folder)
     tokenizer.save_pretrained(folder)

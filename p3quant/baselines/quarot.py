@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..config import P3Config
-from ..nn.attention import p3_attention_forward
+from ..nn.attention import p3_attention_forward, register_attention
 from ..nn.linear import P3Linear
 from .hadamard import random_hadamard
 
@@ -124,15 +124,7 @@ def quarot_attention_forward(module: nn.Module, query, key, value, attention_mas
 
 
 def register_quarot_attention() -> None:
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-    def mask(*args, **kwargs):
-        kwargs["allow_is_causal_skip"] = False
-        return sdpa_mask(*args, **kwargs)
-
-    AttentionInterface.register(ATTENTION_NAME, quarot_attention_forward)
-    AttentionMaskInterface.register(ATTENTION_NAME, mask)
+    register_attention(ATTENTION_NAME, quarot_attention_forward)
 
 
 def install_online_rotations(model: nn.Module) -> None:

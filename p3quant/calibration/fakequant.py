@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from ..formats.bitmod import MAGNITUDES
-from ..formats.grouping import store_scale
+from ..formats.grouping import scale_from
 from ..quantizers import quantize_weight
 
 _MAG = torch.tensor(MAGNITUDES)
@@ -26,7 +26,7 @@ def fake_bitmod(w: torch.Tensor, group_size: int) -> torch.Tensor:
     amax = mag.amax(-1, keepdim=True)
     fits, errors = [], []
     for sv, grid_max in _FAMILIES:
-        s = store_scale(amax / grid_max, torch.float16).float()
+        s = scale_from(amax, grid_max, torch.float16).float()
         y = mag / s
         base = _MAG.to(g.device)[torch.bucketize(y, _MIDPOINTS.to(g.device))]
         base_err = (y - base) ** 2
