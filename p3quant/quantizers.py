@@ -14,7 +14,8 @@ from .formats import (
     BITMOD4, FP8_E4M3, INT4, INT8, UE4M4, BitMoDTensor, Int4Tensor, Int8Tensor, QuantizedTensor, ScaledFp8Tensor,
     quantize_scaled_fp8,
 )
-from .formats.scaled import fake_quantize_scaled_fp8
+from .formats.minifloat import ue4m4_codes
+from .formats.scaled import fake_quantize_scaled_fp8, fp8_e4m3_codes
 from .formats.validation import require_finite
 
 WEIGHT_FORMATS = ("bitmod", "int4", "int4_sym", "none")
@@ -128,10 +129,11 @@ class FoldedProbs(QuantizedTensor):
 
 def encode_probs(p: torch.Tensor, fmt: str, rounding: str = "nearest_even") -> torch.Tensor:
     """Values in [0, 1] (probabilities, possibly rescaled) to 8-bit codes of `fmt`."""
+    require_finite(p, "probability quantization")
     if fmt == "ue4m4":
-        return UE4M4.encode(p, rounding)
+        return ue4m4_codes(p.clamp(min=0), rounding)
     if fmt == "fp8_e4m3":
-        return FP8_E4M3.encode(p)
+        return fp8_e4m3_codes(p)
     if fmt == "int8":
         return torch.round(p.float().clamp(0, 1) * INT8_PROB_LEVELS).to(torch.uint8)
     raise ValueError(f"unknown probability format {fmt!r}; use one of {PROB_FORMATS[:-1]}")

@@ -1,8 +1,10 @@
 """Runtime fast paths equal the arithmetic reference formats bit for bit."""
 
+import pytest
 import torch
 
-from p3quant.formats import FP8_E4M3, quantize_scaled_fp8
+from p3quant.formats import FP8_E4M3, UE4M4, quantize_scaled_fp8
+from p3quant.formats.minifloat import ue4m4_codes
 from p3quant.formats.scaled import fake_quantize_scaled_fp8, fp8_e4m3_codes
 
 
@@ -30,3 +32,13 @@ def test_chunked_reference_attention_equals_one_shot(monkeypatch) -> None:
     whole = am.p3_attention_reference(q, kv, mask, d**-0.5, am.AttentionFormats())
     monkeypatch.setattr(am, "MAX_SCORES_PER_CHUNK", b * h * t * 7)
     assert torch.equal(am.p3_attention_reference(q, kv, mask, d**-0.5, am.AttentionFormats()), whole)
+
+
+@pytest.mark.parametrize("rounding", ["nearest_even", "half_up"])
+def test_ue4m4_bit_arithmetic_equals_reference_encoder(rounding: str) -> None:
+    bits = torch.arange(0, 2**15, dtype=torch.int32).to(torch.int16).view(torch.float16)
+    x = bits[torch.isfinite(bits)].float()
+    x = x[x < 2]  # every FP16 value in [0, 2)
+    assert torch.equal(ue4m4_codes(x, rounding), UE4M4.encode(x, rounding))
+    y = torch.rand(200_000) ** 8 * 2.2  # fp32 values down to the subnormals and past the saturation point
+    assert torch.equal(ue4m4_codes(y, rounding), UE4M4.encode(y, rounding))
