@@ -93,6 +93,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .data import wikitext2_test_text
     from .eval.perplexity import perplexity
     from .nn.linear import P3Linear
+    from .nn.patching import cache_argument
 
     model, tokenizer = _load(args)
     text = wikitext2_test_text(args.data)
@@ -107,7 +108,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     cache = qmodel.p3_make_cache()
     ids = tokenizer(text[:20000], return_tensors="pt")["input_ids"][:, : args.seqlen].to(next(qmodel.parameters()).device)
     with torch.no_grad():
-        qmodel(ids, past_key_values=cache, use_cache=True)
+        qmodel(ids, use_cache=True, **{cache_argument(qmodel): cache})
     config = _config(args)
     print(f"\nWikiText-2 perplexity, {fp.windows} window(s) of {args.seqlen} tokens ({fp.tokens} predicted tokens):")
     print(f"  {'FP32 (GGUF-dequantized weights)':<36} {fp.ppl:8.3f}")

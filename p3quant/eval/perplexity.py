@@ -17,7 +17,6 @@ Two code paths score the same windows:
 
 from __future__ import annotations
 
-import inspect
 import math
 from dataclasses import dataclass
 from typing import Literal
@@ -26,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import DynamicCache
+
+from ..nn.patching import cache_argument
 
 ScoringPath = Literal["prefill", "decode"]
 
@@ -50,11 +51,6 @@ def _make_cache(model: torch.nn.Module, batch_size: int, max_length: int):
     return DynamicCache(config=model.config)
 
 
-def _cache_kwarg(model: torch.nn.Module) -> str:
-    """The forward argument that takes the cache: "cache" in recent transformers, else "past_key_values"."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
 def _window_nll_sum(logits: torch.Tensor, targets: torch.Tensor) -> float:
     """Summed NLL of `targets` [b, n] under `logits` [b, n, vocab], one row at a time to bound memory."""
     return sum(F.cross_entropy(row.float(), target, reduction="sum").item() for row, target in zip(logits, targets))
@@ -63,14 +59,14 @@ def _window_nll_sum(logits: torch.Tensor, targets: torch.Tensor) -> float:
 def _prefill_nll(model: torch.nn.Module, batch: torch.Tensor) -> float:
     if callable(getattr(model, "p3_make_cache", None)):
         cache = _make_cache(model, batch.shape[0], batch.shape[1])
-        logits = model(input_ids=batch, use_cache=True, **{_cache_kwarg(model): cache}).logits
+        logits = model(input_ids=batch, use_cache=True, **{cache_argument(model): cache}).logits
     else:
         logits = model(input_ids=batch, use_cache=False).logits
     return _window_nll_sum(logits[:, :-1], batch[:, 1:])
 
 
 def _decode_nll(model: torch.nn.Module, batch: torch.Tensor, prompt_len: int, bar: tqdm) -> float:
-    cache = {_cache_kwarg(model): _make_cache(model, batch.shape[0], batch.shape[1])}
+    cache = {cache_argument(model): _make_cache(model, batch.shape[0], batch.shape[1])}
     total = 0.0
     logits = model(input_ids=batch[:, :prompt_len], use_cache=True, **cache).logits
     total += _window_nll_sum(logits, batch[:, 1 : prompt_len + 1])

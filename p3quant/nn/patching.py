@@ -100,14 +100,15 @@ def attach_attention(model: nn.Module, config: P3Config) -> None:
         model._p3_cache_hook = True
 
 
-def _cache_argument(model: nn.Module) -> str:
+def cache_argument(model: nn.Module) -> str:
+    """The forward argument that takes the KV cache: "cache" in recent transformers, else "past_key_values"."""
     params = inspect.signature(model.forward).parameters
     return "cache" if "cache" in params else "past_key_values"
 
 
 def _inject_p3_cache(model: nn.Module, args: tuple, kwargs: dict):
     """Forward pre-hook: replace a missing or empty non-P3 cache (e.g. generate()'s DynamicCache) by a P3Cache."""
-    name = _cache_argument(model)
+    name = cache_argument(model)
     current = kwargs.get(name, kwargs.get("past_key_values"))
     if isinstance(current, P3Cache):
         return None
