@@ -93,7 +93,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .data import wikitext2_test_text
     from .eval.perplexity import perplexity
     from .nn.linear import P3Linear
-    from .nn.patching import cache_argument
+    from .nn.patching import cache_argument, model_memory
 
     model, tokenizer = _load(args)
     text = wikitext2_test_text(args.data)
@@ -105,6 +105,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     q = perplexity(qmodel, tokenizer, text, seqlen=args.seqlen, max_windows=args.windows)
     q_text = _greedy(qmodel, tokenizer, args.prompt, args.max_new_tokens)
     packed = sum(m.packed_nbytes() for m in qmodel.modules() if isinstance(m, P3Linear))
+    whole_fp, whole_q = model_memory(model)["total_bytes"], model_memory(qmodel)["total_bytes"]
     cache = qmodel.p3_make_cache()
     ids = tokenizer(text[:20000], return_tensors="pt")["input_ids"][:, : args.seqlen].to(next(qmodel.parameters()).device)
     with torch.no_grad():
@@ -115,6 +116,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"  {'P3 ' + args.preset + f' (g{config.weight_group_size})':<36} {q.ppl:8.3f}   (+{q.ppl - fp.ppl:.3f})")
     print("\nmemory:")
     print(f"  decoder linear weights  FP16 {_mib(linear_bytes)} -> packed {_mib(packed)} ({packed / linear_bytes:.3f}x)")
+    print(f"  whole model in memory   FP32 {_mib(whole_fp)} -> {_mib(whole_q)} (embeddings and norms stay 32-bit here)")
     print(f"  KV cache, {ids.shape[1]} tokens     FP16 {_mib(cache.fp16_nbytes())} -> P3 {_mib(cache.nbytes())} "
           f"({cache.nbytes() / cache.fp16_nbytes():.3f}x)")
     print(f"\ngreedy continuation of {args.prompt!r}:")

@@ -108,10 +108,14 @@ def test_p3linear_matches_fake_quant_reference() -> None:
 def test_packed_weights_shrink_model_memory() -> None:
     model = _tiny("llama")
     linear_bytes = sum(m.weight.numel() * 4 for m in model.modules() if type(m) is nn.Linear and m is not model.lm_head)
+    before = p3quant.model_memory(model)["total_bytes"]
     p3quant.quantize(model, _cfg())
+    assert before - p3quant.model_memory(model)["total_bytes"] > 0.85 * linear_bytes
     packed = sum(m.packed_nbytes() for m in model.modules() if isinstance(m, P3Linear))
     # 4 bits per weight + (2-byte scale + 1-byte selector) per 64 weights, against 32 bits per weight.
     assert packed / linear_bytes < (0.5 + 3 / 64) / 4 + 1e-3
+    memory = p3quant.model_memory(model)
+    assert memory["p3linear_bytes"] == packed and memory["total_bytes"] == packed + memory["other_bytes"]
 
 
 def _prefill_then_decode_last_logits(model: nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
