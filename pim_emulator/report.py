@@ -153,7 +153,7 @@ def plot(results: Sequence[StepResult], path: str | Path, reference: str = REFER
     for i, s in enumerate(systems):
         per = ratios(results, reference, s)
         ax1.bar(x + i * width, [per.get(k, np.nan) for k in keys], width, label=s)
-    ax1.set_xticks(x + 0.4 - width / 2, [f"{m}\nb{b}" for m, b in keys], fontsize=7)
+    ax1.set_xticks(x + 0.4 - width / 2, [f"{m} b{b}" for m, b in keys], fontsize=7, rotation=60, ha="right")
     ax1.set_ylabel(f"speedup of {reference}")
     ax1.set_yscale("log")
     ax1.legend(fontsize=7, ncol=3)
