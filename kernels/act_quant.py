@@ -14,15 +14,21 @@ from .common import FP8_MAX, fp16_scale, require_device, round_minifloat
 
 
 @triton.jit
-def _act_quant_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, BLOCK_K: tl.constexpr):
-    row = tl.program_id(0)
+def _row_scale(x_ptr, row, K, stride_xm, BLOCK_K: tl.constexpr):
+    """fp16-rounded amax / 448 of one row (the per-token FP8 scale)."""
     offs = tl.arange(0, BLOCK_K)
     amax = tl.zeros([BLOCK_K], tl.float32)
     for k0 in range(0, K, BLOCK_K):
         x = tl.load(x_ptr + row * stride_xm + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
         amax = tl.maximum(amax, tl.abs(x))
-    scale = tl.math.div_rn(tl.max(amax, axis=0), FP8_MAX)
-    scale = fp16_scale(scale)
+    return fp16_scale(tl.math.div_rn(tl.max(amax, axis=0), FP8_MAX))
+
+
+@triton.jit
+def _act_quant_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, BLOCK_K: tl.constexpr):
+    row = tl.program_id(0)
+    offs = tl.arange(0, BLOCK_K)
+    scale = _row_scale(x_ptr, row, K, stride_xm, BLOCK_K)
     tl.store(s_ptr + row, scale)
     for k0 in range(0, K, BLOCK_K):
         mask = k0 + offs < K
@@ -37,11 +43,7 @@ def _act_quant_split_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, BLOCK_K: tl.const
     q[row, (k % 8) * (K // 8) + k // 8] (the layout the decode GEMV reads with vector loads)."""
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK_K)
-    amax = tl.zeros([BLOCK_K], tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        x = tl.load(x_ptr + row * stride_xm + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
-        amax = tl.maximum(amax, tl.abs(x))
-    scale = fp16_scale(tl.math.div_rn(tl.max(amax, axis=0), FP8_MAX))
+    scale = _row_scale(x_ptr, row, K, stride_xm, BLOCK_K)
     tl.store(s_ptr + row, scale)
     kw = K // 8
     for k0 in range(0, K, BLOCK_K):
