@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from .formats import Int4Tensor, quantize_scaled_fp8
-from .quantizers import decode_probs, encode_probs, expand_kv_heads
+from .quantizers import expand_kv_heads, fake_quantize_probs
 
 
 @dataclass
@@ -62,20 +62,38 @@ def _key_matrix(kv: QuantizedKV, num_heads: int) -> torch.Tensor:
     return expand_kv_heads(torch.cat(parts, dim=-2), num_heads)
 
 
+def fold_value_scales(p: torch.Tensor, values: Int4Tensor, visible: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(P * S_V / M clamped to [0, 1], M) with M = max S_V over each row's visible keys (P3LLM.md 2.5).
+
+    p, visible: [B, H, Tq, T] over the quantized tokens; values: their Int4Tensor [B, H_kv, T, D].
+    """
+    sv = expand_kv_heads(values.scales.float().squeeze(-1), p.shape[1]).unsqueeze(2)  # [B, H, 1, T]
+    sv_max = torch.where(visible, sv, torch.zeros_like(sv)).amax(dim=-1, keepdim=True)
+    sv_max = sv_max.clamp(min=torch.finfo(torch.float16).tiny)
+    return (p * sv / sv_max).clamp(0, 1), sv_max
+
+
+def masked_softmax(scores: torch.Tensor, attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(softmax probabilities in float32, visible-key mask) after a bool or additive mask.
+
+    Rows with no visible key (fully padded queries) get zero probabilities, not NaN.
+    """
+    if attention_mask is not None:
+        mask = attention_mask[..., : scores.shape[-1]]
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.float()
+    visible = scores > float("-inf")
+    return torch.nan_to_num(torch.softmax(scores, dim=-1), nan=0.0), visible
+
+
 def _quantized_value_output(
     p: torch.Tensor, values: Int4Tensor, visible: torch.Tensor, fmt: AttentionFormats
 ) -> torch.Tensor:
     heads = p.shape[1]
-    if fmt.prob_format == "none":
-        return p @ expand_kv_heads(values.dequantize(), heads)
-    if not fmt.fold_value_scale:
-        p8 = decode_probs(encode_probs(p, fmt.prob_format, fmt.prob_rounding), fmt.prob_format)
+    if fmt.prob_format == "none" or not fmt.fold_value_scale:
+        p8 = fake_quantize_probs(p, fmt.prob_format, fmt.prob_rounding)
         return p8 @ expand_kv_heads(values.dequantize(), heads)
-    sv = expand_kv_heads(values.scales.float().squeeze(-1), heads).unsqueeze(2)  # [B, H, 1, T]
-    sv_visible = torch.where(visible, sv, torch.zeros_like(sv))
-    sv_max = sv_visible.amax(dim=-1, keepdim=True).clamp(min=torch.finfo(torch.float16).tiny)
-    folded = (p * sv / sv_max).clamp(0, 1)
-    p8 = decode_probs(encode_probs(folded, fmt.prob_format, fmt.prob_rounding), fmt.prob_format)
+    folded, sv_max = fold_value_scales(p, values, visible)
+    p8 = fake_quantize_probs(folded, fmt.prob_format, fmt.prob_rounding)
     centered = expand_kv_heads(values.centered_codes().float(), heads)
     return (p8 @ centered) * sv_max
 
@@ -85,9 +103,10 @@ MAX_SCORES_PER_CHUNK = 2**26
 (each row is independent, so chunking changes nothing but the peak memory of long prefills)."""
 
 
-def _total_tokens(kv: QuantizedKV) -> int:
+def stored_tokens(kv: QuantizedKV) -> int:
+    """Tokens of the cache outside the residual window (quantized, or dense for unquantized keys)."""
     stored = kv.keys if kv.keys is not None else kv.dense_keys
-    return (stored.shape[-2] if stored is not None else 0) + kv.residual_keys.shape[-2]
+    return stored.shape[-2] if stored is not None else 0
 
 
 def p3_attention_reference(
@@ -103,7 +122,7 @@ def p3_attention_reference(
     attention_mask: additive float mask or boolean (True = attend) broadcastable to [B, H, Tq, T_total].
     """
     rows = query.shape[-2]
-    chunk = max(1, MAX_SCORES_PER_CHUNK // max(1, query.shape[0] * query.shape[1] * _total_tokens(kv)))
+    chunk = max(1, MAX_SCORES_PER_CHUNK // max(1, query.shape[0] * query.shape[1] * (stored_tokens(kv) + kv.residual_keys.shape[-2])))
     if rows <= chunk:
         return _attention_rows(query, kv, attention_mask, scaling, fmt, softcap)
     outputs = []
@@ -129,26 +148,17 @@ def _attention_rows(
     scores = (q @ keys.transpose(-1, -2)) * scaling
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
-    total = keys.shape[-2]
-    if attention_mask is not None:
-        mask = attention_mask[..., :total]
-        if mask.dtype == torch.bool:
-            scores = scores.masked_fill(~mask, float("-inf"))
-        else:
-            scores = scores + mask.float()
-    visible = scores > float("-inf")
-    p = torch.softmax(scores, dim=-1)
-    p = torch.nan_to_num(p, nan=0.0)  # rows with no visible key (fully padded queries) give zeros
-    n_quant = total - kv.residual_keys.shape[-2]
+    p, visible = masked_softmax(scores, attention_mask)
+    n_quant = stored_tokens(kv)
     p_q, p_r = p[..., :n_quant], p[..., n_quant:]
     out = torch.zeros(*p.shape[:-1], query.shape[-1], dtype=torch.float32, device=query.device)
     if n_quant:
         if kv.values is not None:
             out = out + _quantized_value_output(p_q, kv.values, visible[..., :n_quant], fmt)
         else:
-            p8 = p_q if fmt.prob_format == "none" else decode_probs(encode_probs(p_q, fmt.prob_format, fmt.prob_rounding), fmt.prob_format)
+            p8 = fake_quantize_probs(p_q, fmt.prob_format, fmt.prob_rounding)
             out = out + p8 @ expand_kv_heads(kv.dense_values.float(), heads)
     if p_r.shape[-1]:
-        p8 = p_r if fmt.prob_format == "none" else decode_probs(encode_probs(p_r, fmt.prob_format, fmt.prob_rounding), fmt.prob_format)
+        p8 = fake_quantize_probs(p_r, fmt.prob_format, fmt.prob_rounding)
         out = out + p8 @ expand_kv_heads(kv.residual_values.float(), heads)
     return out

@@ -19,7 +19,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..attention_math import AttentionFormats, QuantizedKV, p3_attention_reference
+from ..attention_math import (
+    AttentionFormats, QuantizedKV, fold_value_scales, masked_softmax, p3_attention_reference, stored_tokens,
+)
 from ..pim_emulator.arith_p3 import PeConfig
 from ..pim_emulator.energy import EnergyBreakdown, npu_energy, pim_energy
 from ..pim_emulator.functional import PimStats, pim_linear, pim_pv, pim_qk
@@ -27,7 +29,7 @@ from ..pim_emulator.npu import npu_op
 from ..pim_emulator.system_model import SOFTMAX_OPS, Hardware
 from ..pim_emulator.systems import SystemSpec, get_system
 from ..pim_emulator.timing import PimTiming, pim_attention, pim_gemv
-from ..quantizers import decode_probs, encode_probs, expand_kv_heads, quantize_activation, quantize_query
+from ..quantizers import encode_probs, expand_kv_heads, fake_quantize_probs, quantize_activation, quantize_query
 from .backends import Backend, TorchBackend, register_backend
 
 _WEIGHT_BITS = 4
@@ -178,7 +180,7 @@ class PimBackend(Backend):
 
     def _book_attention_npu(self, phase: str, query: torch.Tensor, kv: QuantizedKV, fmt: AttentionFormats) -> None:
         b, h, tq, d = query.shape
-        total = kv.residual_keys.shape[-2] + _quantized_tokens(kv)
+        total = kv.residual_keys.shape[-2] + stored_tokens(kv)
         kv_bytes = 2 * b * kv.residual_keys.shape[1] * total * d * (_WEIGHT_BITS if kv.keys is not None else 16) / 8
         self._book_npu(phase, "attention", macs=2 * b * h * tq * total * d, vector_ops=b * h * tq * total * SOFTMAX_OPS,
                        dram_bytes=kv_bytes, mac_pj=self.hw.energy.npu_mac_pj(_WEIGHT_BITS, 8))
@@ -189,7 +191,7 @@ class PimBackend(Backend):
         device = query.device
         b, h, _, d = query.shape
         hkv = kv.residual_keys.shape[1]
-        n_quant = _quantized_tokens(kv)
+        n_quant = stored_tokens(kv)
         n_res = kv.residual_keys.shape[-2]
         pcu, tep = self.system.pcu, self.system.pcu.tep
         smoothing = kv.smoothing.float().cpu() if kv.smoothing is not None else None
@@ -220,19 +222,13 @@ class PimBackend(Backend):
         if softcap is not None:
             scores = torch.tanh(scores / softcap) * softcap
         total = scores.shape[-1]
-        if attention_mask is not None:
-            mask = attention_mask[..., :total].cpu()
-            scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.float()
-        visible = scores > float("-inf")
-        p = torch.nan_to_num(torch.softmax(scores, dim=-1), nan=0.0)
+        p, visible = masked_softmax(scores, attention_mask.cpu() if attention_mask is not None else None)
         self._book_npu("decode", "softmax", vector_ops=b * h * total * SOFTMAX_OPS)
         out = torch.zeros(b, h, 1, d)
         if n_quant:
             out = out + self._value_output(p[..., :n_quant], visible[..., :n_quant], kv, fmt, h)
         if n_res:
-            p_r = p[..., n_quant:]
-            if fmt.prob_format != "none":
-                p_r = decode_probs(encode_probs(p_r, fmt.prob_format, fmt.prob_rounding), fmt.prob_format)
+            p_r = fake_quantize_probs(p[..., n_quant:], fmt.prob_format, fmt.prob_rounding)
             out = out + p_r @ expand_kv_heads(kv.residual_values.float().cpu(), h)
             self._book_npu("decode", "residual window", macs=2 * b * h * n_res * d)
         return out.to(device)
@@ -246,25 +242,16 @@ class PimBackend(Backend):
             self._book_npu("decode", "pv", macs=b * heads * t * d, dram_bytes=b * hkv * t * d * 2,
                            mac_pj=self.hw.energy.npu_mac_pj(16, 16))
             values = kv.values.dequantize() if kv.values is not None else kv.dense_values.float()
-            probs = p if fmt.prob_format == "none" else decode_probs(
-                encode_probs(p, fmt.prob_format, fmt.prob_rounding), fmt.prob_format)
+            probs = fake_quantize_probs(p, fmt.prob_format, fmt.prob_rounding)
             return probs @ expand_kv_heads(values.cpu(), heads)
         values = kv.values.to("cpu")
-        sv = expand_kv_heads(values.scales.float().squeeze(-1), heads).unsqueeze(2)  # [B, H, 1, T]
-        sv_max = torch.where(visible, sv, torch.zeros_like(sv)).amax(dim=-1, keepdim=True)
-        sv_max = sv_max.clamp(min=torch.finfo(torch.float16).tiny)
-        codes = encode_probs((p * sv / sv_max).clamp(0, 1), "ue4m4", fmt.prob_rounding)
+        folded, sv_max = fold_value_scales(p, values, visible)
+        codes = encode_probs(folded, "ue4m4", fmt.prob_rounding)
         out, stats = pim_pv(codes, values, self.pe, self.system.pcu.tep)
         self.ledger.arithmetic.merge(stats)
         self._book_pim("decode", "pv", pim_attention(self.hw.dram, self.system.pcu, units=b * hkv, cout=d, cin=t,
                                                      n_inputs=heads // hkv, weight_bits=_WEIGHT_BITS, input_bits=8))
         return out * sv_max
-
-
-def _quantized_tokens(kv: QuantizedKV) -> int:
-    if kv.keys is not None:
-        return kv.keys.shape[-2]
-    return kv.dense_keys.shape[-2] if kv.dense_keys is not None else 0
 
 
 register_backend("pim", PimBackend)

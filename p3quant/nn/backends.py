@@ -6,7 +6,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 from abc import ABC, abstractmethod
+from functools import lru_cache
 from typing import Callable
 
 import torch
@@ -93,7 +95,7 @@ def available_backends() -> list[str]:
 def get_backend(name: str, device: torch.device | None = None) -> Backend:
     """The backend called `name`; "auto" picks "triton" on CUDA when it is importable, else "torch"."""
     if name == "auto":
-        name = "triton" if device is not None and device.type == "cuda" and _triton_usable() else "torch"
+        name = "triton" if device is not None and device.type == "cuda" and triton_available() else "torch"
     if name not in _FACTORIES:
         _load_optional_backend(name)
     if name not in _FACTORIES:
@@ -103,18 +105,16 @@ def get_backend(name: str, device: torch.device | None = None) -> Backend:
     return _INSTANCES[name]
 
 
-def _triton_usable() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+@lru_cache(maxsize=None)
+def triton_available() -> bool:
+    """Whether the triton package is installed (looked up once)."""
+    return importlib.util.find_spec("triton") is not None
 
 
 def _load_optional_backend(name: str) -> None:
     """Import the module that registers an optional backend ("triton", "pim")."""
     if name == "triton":
-        if not _triton_usable():
+        if not triton_available():
             raise RuntimeError("backend 'triton' needs the triton package: pip install 'p3quant[triton]' (and a CUDA GPU)")
         from . import backend_triton  # noqa: F401
     elif name == "pim":

@@ -9,7 +9,6 @@ dequantized copy. New tokens are handed to the layer by `update` (called by the 
 
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +18,7 @@ from ..attention_math import QuantizedKV
 from ..config import P3Config
 from ..formats import INT4, Int4Tensor
 from ..quantizers import key_smoothing_factor, quantize_keys_per_channel
+from .backends import triton_available
 from .rope import rotate, unrotate
 
 
@@ -79,9 +79,7 @@ class _Int4Store:
 
 def _use_append_kernel(x: torch.Tensor) -> bool:
     """The Triton KV-append kernel serves CUDA tensors whose rows are contiguous, when Triton is installed."""
-    if not x.is_cuda or x.stride(-1) != 1:
-        return False
-    return importlib.util.find_spec("triton") is not None
+    return x.is_cuda and x.stride(-1) == 1 and triton_available()
 
 
 def _grow(t: torch.Tensor, capacity: int) -> torch.Tensor:
