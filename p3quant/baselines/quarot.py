@@ -11,7 +11,8 @@ What is done (docs/baselines.md gives the full comparison with QuaRot):
 4. Online rotations: down_proj's input is multiplied by a random Hadamard H_ff (folded into down_proj's weight;
    applied to the activation by a forward pre-hook), and queries/keys are rotated per head by H_hd after RoPE
    (q.k unchanged) before the key is quantized, through the attention function "p3_quarot".
-5. Weights INT4 RTN, activations INT8 per token, KV INT4 per token (the config: preset "int4-w4a8kv4").
+5. Weights INT4 (RTN, or GPTQ on the rotated float weights: weights="gptq"), activations INT8 per token, KV INT4
+   per token (the config: preset "int4-w4a8kv4").
 In float (before step 5) the model's logits are unchanged (tested).
 """
 
@@ -22,7 +23,6 @@ from torch import nn
 
 from ..config import P3Config
 from ..nn.attention import p3_attention_forward, register_attention
-from ..nn.linear import P3Linear
 from .hadamard import random_hadamard
 
 ATTENTION_NAME = "p3_quarot"
@@ -145,14 +145,54 @@ def install_online_rotations(model: nn.Module) -> None:
         model.set_attn_implementation(ATTENTION_NAME)
 
 
-def quarot_quantize(model: nn.Module, config: P3Config | None = None, seed: int = 0) -> nn.Module:
-    """QuaRot-style W4A8KV4: rotate, quantize with `config` (default preset "int4-w4a8kv4"), add online rotations."""
+WEIGHT_METHODS = ("rtn", "gptq")
+
+
+def _down_rotation_hooks(model: nn.Module) -> list:
+    """The online H_ff before every down_proj as removable hooks (for calibrating the rotated float model)."""
+    rotations = getattr(model, "quarot_rotations", None)
+    if rotations is None:
+        raise ValueError("run rotate_model(model) first")
+    handles = []
+    for layer in model.get_decoder().layers:
+        down = layer.mlp.down_proj
+        down.register_buffer("quarot_ffn", rotations["ffn"].to(down.weight.device), persistent=False)
+        handles.append(down.register_forward_pre_hook(_rotate_down_input))
+    return handles
+
+
+def quarot_quantize(model: nn.Module, config: P3Config | None = None, seed: int = 0, weights: str = "rtn",
+                    calibration=None, tokenizer=None, gptq_settings=None) -> nn.Module:
+    """QuaRot-style W4A8KV4: rotate, quantize with `config` (default preset "int4-w4a8kv4"), add online rotations.
+
+    weights="rtn": INT4 round-to-nearest of the rotated weights. weights="gptq": GPTQ (p3quant.calibration.gptq)
+    on the rotated float weights first, calibrated on `calibration` (texts with `tokenizer`, or token ids;
+    config.calibration_samples x config.calibration_seqlen tokens); GPTQ's weights lie on the INT4 grid, so the
+    packing that follows keeps GPTQ's codes.
+    """
     from ..quantize import quantize
 
     config = config or P3Config.preset("int4-w4a8kv4")
     if config.key_smoothing:
         raise ValueError("the QuaRot baseline rotates keys instead of smoothing them: use key_smoothing=False")
+    if weights not in WEIGHT_METHODS:
+        raise ValueError(f"quarot_quantize: weights={weights!r}; choose one of {list(WEIGHT_METHODS)}")
+    if weights == "gptq":
+        if calibration is None:
+            raise ValueError("weights='gptq' needs calibration data, e.g. p3quant.calibration.texts.calibration_texts() "
+                             "with the model's tokenizer")
+        if config.weight_format != "int4":
+            raise ValueError(f"QuaRot+GPTQ uses INT4 weights (weight_format='int4'), not {config.weight_format!r}")
     rotate_model(model, seed)
+    if weights == "gptq":
+        from ..calibration.gptq import apply_gptq
+
+        handles = _down_rotation_hooks(model)
+        try:
+            apply_gptq(model, config, calibration, tokenizer, gptq_settings)
+        finally:
+            for handle in handles:
+                handle.remove()
     quantize(model, config)
     install_online_rotations(model)
     return model
