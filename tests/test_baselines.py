@@ -99,3 +99,31 @@ def test_scaleout_cpu_device_map_auto() -> None:
     with torch.no_grad():
         out = model.generate(torch.randint(0, VOCAB, (1, 8)), max_new_tokens=3, do_sample=False)
     assert out.shape == (1, 11)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_online_norm_gains_keep_float_logits(arch: str) -> None:
+    """norm_gains="online": the gains stay on the activation side (x_hat Q times Q^T diag(g) Q), weights unfused."""
+    if arch == "llama":
+        model = _tiny_llama()
+    else:
+        model = Gemma3ForCausalLM(Gemma3TextConfig(
+            hidden_size=80, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1,
+            head_dim=16, vocab_size=VOCAB, query_pre_attn_scalar=16, sliding_window=8,
+            layer_types=["sliding_attention", "full_attention"])).eval()
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "norm" in name:
+                    p.add_(3.0 * torch.randn_like(p))  # large gains, as in the real Gemma-3
+    q_before = model.model.layers[0].self_attn.q_proj.weight.detach().clone()
+    ids = torch.randint(0, VOCAB, (2, 20))
+    with torch.no_grad():
+        ref = model(ids).logits
+        rotate_model(model, norm_gains="online")
+        install_online_rotations(model)
+        out = model(ids).logits
+    # q_proj only rotated (W Q), so its row norms are unchanged: no gain was fused into it
+    assert torch.allclose(model.model.layers[0].self_attn.q_proj.weight.norm(dim=1), q_before.norm(dim=1), rtol=1e-5)
+    assert (out - ref).abs().max() < 1e-4 * max(1.0, ref.abs().max().item())
+    with pytest.raises(ValueError, match="norm_gains"):
+        rotate_model(_tiny_llama(), norm_gains="clip")

@@ -2,7 +2,9 @@
 
 What is done (docs/baselines.md gives the full comparison with QuaRot):
 1. RMSNorm weights are fused into the following linears (input_layernorm -> q/k/v, post_attention_layernorm ->
-   gate/up, final norm -> lm_head; tied embeddings are untied first) and the norms' weights set to 1.
+   gate/up, final norm -> lm_head; tied embeddings are untied first) and the norms' weights set to 1. With
+   norm_gains="online" (for Gemma-3, whose gains break 4-bit weights) the input/MLP norms' gains stay on the
+   activation side instead: the norm's output x_hat Q is multiplied online by Q^T diag(g) Q.
 2. The residual stream is rotated by a random Hadamard matrix Q: embeddings and the input side of q/k/v/gate/up
    and lm_head become W Q, the output side of o_proj/down_proj becomes Q^T W. Unit-weight RMSNorm commutes with Q.
 3. Values are rotated per head by a Hadamard H_hd folded into v_proj (output rows) and o_proj (input columns).
@@ -26,6 +28,7 @@ from ..nn.attention import p3_attention_forward, register_attention
 from .hadamard import random_hadamard
 
 ATTENTION_NAME = "p3_quarot"
+NORM_GAINS = ("fuse", "online")
 
 
 def _sandwich(layer: nn.Module) -> bool:
@@ -54,6 +57,19 @@ def _fuse_norm(norm: nn.Module, linears: list[nn.Linear]) -> None:
 
 
 @torch.no_grad()
+def _gain_online(norm: nn.Module, q: torch.Tensor) -> None:
+    """Keep the norm's gain g on the activation side in the rotated basis: make the gain 1 and multiply the
+    norm's output (x_hat Q) by Q^T diag(g) Q, giving (x_hat * g) Q (two online Hadamards and a diagonal)."""
+    from ..calibration.awq import norm_offset
+
+    offset = norm_offset(norm)
+    gain = offset + norm.weight.double()
+    norm.register_buffer("quarot_gain", (q.T @ (gain.view(-1, 1) * q)).float(), persistent=False)
+    norm.register_forward_hook(_gain_norm_output)
+    norm.weight.fill_(1.0 - offset)
+
+
+@torch.no_grad()
 def _rotate_input(linear: nn.Module, q: torch.Tensor) -> None:
     linear.weight.copy_((linear.weight.double() @ q).to(linear.weight.dtype))
 
@@ -66,8 +82,15 @@ def _rotate_output(linear: nn.Linear, q: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def rotate_model(model: nn.Module, seed: int = 0) -> None:
-    """Steps 1-4 on the float weights, in place; the online parts are installed by install_online_rotations."""
+def rotate_model(model: nn.Module, seed: int = 0, norm_gains: str = "fuse") -> None:
+    """Steps 1-4 on the float weights, in place; the online parts are installed by install_online_rotations.
+
+    norm_gains="fuse" folds the input/MLP norms' gains into q/k/v and gate/up (QuaRot); "online" keeps them on
+    the activation side (_gain_online), for models whose gains are too large for 4-bit weights (Gemma-3).
+    The final norm's gain is always fused into lm_head (16-bit).
+    """
+    if norm_gains not in NORM_GAINS:
+        raise ValueError(f"rotate_model: norm_gains={norm_gains!r}; choose one of {list(NORM_GAINS)}")
     base = _decoder(model)
     config = model.config
     hidden, head_dim = config.hidden_size, getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -83,9 +106,13 @@ def rotate_model(model: nn.Module, seed: int = 0) -> None:
     base.embed_tokens.weight.copy_((base.embed_tokens.weight.double() @ q).to(base.embed_tokens.weight.dtype))
     for layer in base.layers:
         attn, mlp = layer.self_attn, layer.mlp
-        _fuse_norm(layer.input_layernorm, [attn.q_proj, attn.k_proj, attn.v_proj])
         sandwich = _sandwich(layer)
-        _fuse_norm(layer.pre_feedforward_layernorm if sandwich else layer.post_attention_layernorm, [mlp.gate_proj, mlp.up_proj])
+        mlp_norm = layer.pre_feedforward_layernorm if sandwich else layer.post_attention_layernorm
+        for norm, linears in ((layer.input_layernorm, [attn.q_proj, attn.k_proj, attn.v_proj]), (mlp_norm, [mlp.gate_proj, mlp.up_proj])):
+            if norm_gains == "fuse":
+                _fuse_norm(norm, linears)
+            else:
+                _gain_online(norm, q)
         for linear in (attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj):
             _rotate_input(linear, q)
         if sandwich:  # the output norms sit between o/down and the residual: rotate their outputs online
@@ -101,6 +128,10 @@ def rotate_model(model: nn.Module, seed: int = 0) -> None:
         _rotate_input(attn.o_proj, torch.block_diag(*[h_hd] * (attn.o_proj.in_features // head_dim)))
         _rotate_input(mlp.down_proj, h_ff)  # down(u) = (u H_ff) (W H_ff)^T: the u H_ff part is online
     model.quarot_rotations = {"head": h_hd.float(), "ffn": h_ff.float()}
+
+
+def _gain_norm_output(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+    return output @ module.quarot_gain.to(output.dtype)
 
 
 def _rotate_norm_output(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
@@ -162,13 +193,13 @@ def _down_rotation_hooks(model: nn.Module) -> list:
 
 
 def quarot_quantize(model: nn.Module, config: P3Config | None = None, seed: int = 0, weights: str = "rtn",
-                    calibration=None, tokenizer=None, gptq_settings=None) -> nn.Module:
+                    calibration=None, tokenizer=None, gptq_settings=None, norm_gains: str = "fuse") -> nn.Module:
     """QuaRot-style W4A8KV4: rotate, quantize with `config` (default preset "int4-w4a8kv4"), add online rotations.
 
     weights="rtn": INT4 round-to-nearest of the rotated weights. weights="gptq": GPTQ (p3quant.calibration.gptq)
     on the rotated float weights first, calibrated on `calibration` (texts with `tokenizer`, or token ids;
     config.calibration_samples x config.calibration_seqlen tokens); GPTQ's weights lie on the INT4 grid, so the
-    packing that follows keeps GPTQ's codes.
+    packing that follows keeps GPTQ's codes. norm_gains: see rotate_model.
     """
     from ..quantize import quantize
 
@@ -183,7 +214,7 @@ def quarot_quantize(model: nn.Module, config: P3Config | None = None, seed: int 
                              "with the model's tokenizer")
         if config.weight_format != "int4":
             raise ValueError(f"QuaRot+GPTQ uses INT4 weights (weight_format='int4'), not {config.weight_format!r}")
-    rotate_model(model, seed)
+    rotate_model(model, seed, norm_gains)
     if weights == "gptq":
         from ..calibration.gptq import apply_gptq
 

@@ -3,8 +3,9 @@
     p3quant eval --model smollm2-135m --presets fp16 w4a8kv4p8 --tasks wikitext piqa arc_easy --limit 200
 
 Methods are P3Config presets, "quarot-w4a8kv4" (QuaRot-style rotation + preset int4-w4a8kv4, RTN weights),
-"quarot-gptq-w4a8kv4" (the same with GPTQ weights, calibrated on the offline C4 subset), or presets
-with "+awq" (AWQ calibration on the offline C4 subset). "wikitext" is perplexity with the standard protocol
+"quarot-gptq-w4a8kv4" (the same with GPTQ weights, calibrated on 32 x 512 tokens of the offline C4 subset),
+"quarot-actgain-w4a8kv4" / "quarot-gptq-actgain-w4a8kv4" (norm gains kept on the activation side instead of fused
+into the weights: the Gemma-3 fix, see docs/baselines.md), or presets with "+awq" (AWQ calibration on the offline C4 subset). "wikitext" is perplexity with the standard protocol
 (context --seqlen, at most --windows windows, --path prefill or decode); other task names run the packaged
 p3_<task> lm-eval tasks (0-shot, --limit items each). One table is printed (markdown).
 """
@@ -19,6 +20,14 @@ LM_EVAL_TASKS = ("piqa", "arc_easy", "arc_challenge", "hellaswag", "lambada_open
 TASKS = ("wikitext", *LM_EVAL_TASKS)
 QUAROT = "quarot-w4a8kv4"
 QUAROT_GPTQ = "quarot-gptq-w4a8kv4"
+# QuaRot methods: name -> (weights, norm_gains) of p3quant.baselines.quarot_quantize. "actgain": the input/MLP norm
+# gains stay on the activation side (online Q^T diag(g) Q after the norm) instead of being fused into the weights.
+QUAROT_METHODS = {
+    QUAROT: ("rtn", "fuse"),
+    QUAROT_GPTQ: ("gptq", "fuse"),
+    "quarot-actgain-w4a8kv4": ("rtn", "online"),
+    "quarot-gptq-actgain-w4a8kv4": ("gptq", "online"),
+}
 GPTQ_SAMPLES = 32  # calibration windows of 512 tokens for quarot-gptq (GPTQ paper: 128 x 2048)
 
 
@@ -49,17 +58,20 @@ def build(model_name: str, method: str, group_size: int | None = None):
     if extra not in ("", "awq"):
         raise ValueError(f"unknown method suffix {extra!r} in {method!r}; only '+awq' is supported")
     group = group_size or default_group_size(model)
-    if base in (QUAROT, QUAROT_GPTQ):
+    if base in QUAROT_METHODS:
         from ..baselines import quarot_quantize
 
         if extra:
             raise ValueError(f"{method!r}: the QuaRot baselines take no '+awq' suffix")
-        if base == QUAROT:
-            return quarot_quantize(model, P3Config.preset("int4-w4a8kv4", weight_group_size=group)), tokenizer
-        from ..calibration.texts import calibration_texts
+        weights, norm_gains = QUAROT_METHODS[base]
+        config = P3Config.preset("int4-w4a8kv4", weight_group_size=group)
+        calibration = None
+        if weights == "gptq":
+            from ..calibration.texts import calibration_texts
 
-        config = P3Config.preset("int4-w4a8kv4", weight_group_size=group, calibration_samples=GPTQ_SAMPLES)
-        return quarot_quantize(model, config, weights="gptq", calibration=calibration_texts(), tokenizer=tokenizer), tokenizer
+            config, calibration = config.replace(calibration_samples=GPTQ_SAMPLES), calibration_texts()
+        return quarot_quantize(model, config, weights=weights, calibration=calibration, tokenizer=tokenizer,
+                               norm_gains=norm_gains), tokenizer
     config = P3Config.preset(base, weight_group_size=group)
     calibration = None
     if extra == "awq":
@@ -127,7 +139,7 @@ def format_table(rows: list[Row], reference: str | None = None) -> str:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="p3quant eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m", help="p3quant.models name or HF folder")
-    p.add_argument("--presets", nargs="+", default=["fp16", "w4a8kv4p8"], help="methods: presets, quarot-w4a8kv4, quarot-gptq-w4a8kv4, NAME+awq")
+    p.add_argument("--presets", nargs="+", default=["fp16", "w4a8kv4p8"], help="methods: presets, quarot[-gptq][-actgain]-w4a8kv4, NAME+awq")
     p.add_argument("--tasks", nargs="+", default=["wikitext", "piqa", "arc_easy"], choices=TASKS)
     p.add_argument("--limit", type=int, default=200, help="items per lm-eval task (0: all)")
     p.add_argument("--seqlen", type=int, default=2048, help="WikiText-2 context")
