@@ -7,6 +7,7 @@ reported and the run continues. Run: python benchmarks/gpu_check.py [--quick] [-
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -97,16 +98,41 @@ def check_attention() -> list[str]:
     return out
 
 
+def check_second_gpu() -> list[str]:
+    """Kernels on cuda:1 (a model split by device_map) must equal the same call on cuda:0, bit for bit."""
+    if torch.cuda.device_count() < 2:
+        return ["PASS second-gpu: skipped (one GPU visible)"]
+    torch.cuda.set_device(0)
+    w = BITMOD4.quantize(torch.randn(1001, 4096, device="cuda"), 128)
+    x = torch.randn(3, 4096, device="cuda", dtype=torch.bfloat16)
+    kv, _ = _cache(2, 8, 777, 3, 128)
+    q = torch.randn(2, 32, 1, 128, device="cuda", dtype=torch.bfloat16)
+    out = []
+    for m in (1, 3):
+        ref = w4_matmul(x[:m], w, None, "fp8_e4m3")
+        got = w4_matmul(x[:m].to("cuda:1"), w.to("cuda:1"), None, "fp8_e4m3")
+        out.append(f"{'PASS' if torch.equal(got.cpu(), ref.cpu()) else 'FAIL'} second-gpu gemm M={m} bit-equal to cuda:0")
+    ref = p3_decode_attention(q, kv, None, 0.088)
+    kv1 = QuantizedKV(*(None if (t := getattr(kv, f.name)) is None else t.to("cuda:1") for f in dataclasses.fields(kv)))
+    got = p3_decode_attention(q.to("cuda:1"), kv1, None, 0.088)
+    out.append(f"{'PASS' if torch.equal(got.cpu(), ref.cpu()) else 'FAIL'} second-gpu decode_attention bit-equal to cuda:0")
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--skip-e2e", action="store_true")
+    parser.add_argument("--only", nargs="+", choices=["correctness", "bench_gemm", "bench_decode_attention", "bench_e2e"],
+                        help="run only these sections")
     parser.add_argument("--e2e-layers", type=int, default=32)
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     args = parser.parse_args()
     sections: list[tuple[str, str]] = []
 
     def section(name, fn):
+        if args.only and name not in args.only:
+            return
         start = time.perf_counter()
         try:
             text = fn()
@@ -118,7 +144,7 @@ def main() -> None:
             fh.write(text + "\n")
         print(f"== {name} done", flush=True)
 
-    section("correctness", lambda: "\n".join(check_gemm() + check_attention()))
+    section("correctness", lambda: "\n".join(check_gemm() + check_attention() + check_second_gpu()))
     import bench_decode_attention
     import bench_gemm
 

@@ -77,14 +77,19 @@ def main() -> None:
     device_map = dispatch_quantized(model, balanced_memory(model))
     devices = sorted({str(d) for d in device_map.values()})
     print(f"devices: {devices}; modules per device: { {d: sum(v == d for v in device_map.values()) for d in set(device_map.values())} }")
+    if cuda:  # the float model was built on cuda:0; count only what generation needs after placement
+        torch.cuda.empty_cache()
+        for i in range(torch.cuda.device_count()):
+            torch.cuda.reset_peak_memory_stats(i)
     ids = torch.randint(0, args.vocab, (args.batch, args.prompt_tokens), device=model.get_input_embeddings().weight.device)
     with torch.no_grad():
         model.generate(ids, max_new_tokens=2, do_sample=False)  # warm-up
         start = time.time()
         out = model.generate(ids, max_new_tokens=args.tokens, min_new_tokens=args.tokens, do_sample=False)
         seconds = time.time() - start
+    peaks = {f"cuda:{i}": f"{torch.cuda.max_memory_allocated(i) / 2**30:.1f} GiB" for i in range(torch.cuda.device_count())} if cuda else {}
     print(f"generated {out.shape[1] - ids.shape[1]} tokens x batch {args.batch} in {seconds:.2f} s "
-          f"({args.batch * args.tokens / seconds:.1f} tok/s) on {devices}")
+          f"({args.batch * args.tokens / seconds:.1f} tok/s) on {devices}; peak memory during generation {peaks}")
 
 
 if __name__ == "__main__":

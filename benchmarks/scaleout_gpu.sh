@@ -7,11 +7,11 @@ set -euo pipefail
 : "${TOKENIZER:?set TOKENIZER to a tokenizer folder}" "${P3QUANT_DATA:?set P3QUANT_DATA to the evaluation data folder}"
 export PYTHONUNBUFFERED=1
 MODEL_DIR=${MODEL_DIR:-/tmp/p3-scaleout-llama}
-LIMIT=${LIMIT:-600}
+LIMIT=${LIMIT:-1838}  # the whole PIQA validation set
 
 echo "== model parallel (device_map=auto) vs one GPU"
-python benchmarks/scaleout.py --hidden 4096 --layers 32 --intermediate 14336 --heads 32 --kv-heads 8 --vocab 128256 --tokens 32
-CUDA_VISIBLE_DEVICES=0 python benchmarks/scaleout.py --hidden 4096 --layers 32 --intermediate 14336 --heads 32 --kv-heads 8 --vocab 128256 --tokens 32
+python benchmarks/scaleout.py --hidden 4096 --layers 32 --intermediate 14336 --heads 32 --kv-heads 8 --vocab 128256 --tokens 32 --batch 8
+CUDA_VISIBLE_DEVICES=0 python benchmarks/scaleout.py --hidden 4096 --layers 32 --intermediate 14336 --heads 32 --kv-heads 8 --vocab 128256 --tokens 32 --batch 8
 
 echo "== data-parallel lm-eval: a 1B-class random Llama with the given tokenizer"
 python - "$MODEL_DIR" "$TOKENIZER" <<'PY'
@@ -30,8 +30,9 @@ start=$(date +%s.%N)
 python -m p3quant.eval.lm_eval_cli $ARGS --device cuda:0 > /tmp/lm1.log 2>&1 || { tail -30 /tmp/lm1.log; exit 1; }
 one=$(awk "BEGIN{print $(date +%s.%N) - $start}")
 start=$(date +%s.%N)
-accelerate launch --multi_gpu --num_processes 2 -m p3quant.eval.lm_eval_cli $ARGS > /tmp/lm2.log 2>&1 || { tail -30 /tmp/lm2.log; exit 1; }
+OMP_NUM_THREADS=$(( $(nproc) / 2 )) accelerate launch --multi_gpu --num_processes 2 -m p3quant.eval.lm_eval_cli $ARGS > /tmp/lm2.log 2>&1 || { tail -30 /tmp/lm2.log; exit 1; }
 two=$(awk "BEGIN{print $(date +%s.%N) - $start}")
+grep -o "Running loglikelihood requests: 100%[^R]*" /tmp/lm1.log /tmp/lm2.log | tr -d '\r'
 grep -E "p3_piqa|acc" /tmp/lm1.log | tail -3
 grep -E "p3_piqa|acc" /tmp/lm2.log | tail -3
 echo "lm-eval p3_piqa limit $LIMIT: 1 GPU ${one}s, 2 GPUs (accelerate launch) ${two}s, speed-up $(awk "BEGIN{printf \"%.2f\", $one / $two}")x"

@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import FP8_MAX, fp16_scale, require_device, round_minifloat
+from .common import fp16_scale, FP8_MAX, on_input_device, require_device, round_minifloat
 
 
 @triton.jit
@@ -54,6 +54,7 @@ def _act_quant_split_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, BLOCK_K: tl.const
         tl.store(q_ptr + row * K + (k % 8) * kw + k // 8, q, mask=mask)
 
 
+@on_input_device
 def quantize_activation_fp8_split(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> None:
     """Hot-path variant for the decode GEMV (no checks; callers validate): x [M, K] (K % 8 == 0, unit stride)
     -> codes fp32 [M, K] de-interleaved by k % 8 (exact E4M3 values), scales fp32 [M]."""
@@ -62,6 +63,7 @@ def quantize_activation_fp8_split(x: torch.Tensor, codes: torch.Tensor, scales: 
     _act_quant_split_kernel[(m,)](x, codes, scales, k, x.stride(0), BLOCK_K=block, num_warps=4 if block <= 1024 else 8)
 
 
+@on_input_device
 def quantize_activation_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x [M, K] (fp16/bf16/fp32) -> (codes torch.float8_e4m3fn [M, K], scales float32 [M], fp16-exact).
 

@@ -7,7 +7,9 @@ every backend, including the Triton CPU interpreter (whose fp32->fp8 cast mis-ro
 
 from __future__ import annotations
 
+import functools
 import os
+from typing import Callable, TypeVar
 
 import torch
 import triton
@@ -23,6 +25,27 @@ _RNE_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23: x + M - M rounds |x| < 2**
 def interpreting() -> bool:
     """True when Triton runs in its CPU interpreter (tests), where CPU tensors are allowed."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+_F = TypeVar("_F", bound=Callable)
+
+
+def on_input_device(fn: _F) -> _F:
+    """Run a kernel wrapper with its first tensor argument's GPU as the current device.
+
+    Triton launches on the current CUDA device, so a tensor on cuda:1 (a model split by accelerate's
+    device_map) would otherwise be read by a kernel running on cuda:0.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        first = next((a for a in args if isinstance(a, torch.Tensor)), None)
+        if first is not None and first.is_cuda and first.device.index != torch.cuda.current_device():
+            with torch.cuda.device(first.device):
+                return fn(*args, **kwargs)
+        return fn(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
 
 
 def require_device(what: str, *tensors: torch.Tensor | None) -> None:

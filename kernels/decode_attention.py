@@ -27,7 +27,7 @@ import triton.language as tl
 from p3quant.attention_math import QuantizedKV
 from p3quant.formats import Int4Tensor
 
-from .common import FP8_MAX, FP16_TINY, fp16_scale, interpreting, require_device, round_minifloat
+from .common import fp16_scale, FP16_TINY, FP8_MAX, interpreting, on_input_device, require_device, round_minifloat
 
 UE4M4_MAX = tl.constexpr(1.9375)
 _BLOCK_R = 16
@@ -219,6 +219,7 @@ def _check_int4(what: str, name: str, t: Int4Tensor, batch: int, kv_heads: int, 
         raise ValueError(f"{what}: {name}.packed must be contiguous along head_dim")
 
 
+@on_input_device
 def p3_decode_attention(
     query: torch.Tensor,
     kv: QuantizedKV,

@@ -24,7 +24,7 @@ import triton.language as tl
 from p3quant.formats import BitMoDTensor, Int4Tensor
 
 from .act_quant import quantize_activation_fp8, quantize_activation_fp8_split
-from .common import bitmod_special2, decode_w4, dot16, fp8_dot_supported, interpreting, require_device
+from .common import bitmod_special2, decode_w4, dot16, fp8_dot_supported, interpreting, on_input_device, require_device
 
 SUPPORTED_GROUPS = (32, 64, 128)
 
@@ -435,6 +435,7 @@ def _prepared(weight: BitMoDTensor | Int4Tensor, what: str) -> _Prepared:
     return prep
 
 
+@on_input_device
 def w4_matmul(
     x: torch.Tensor, weight: BitMoDTensor | Int4Tensor, bias: torch.Tensor | None = None, activation_format: str = "fp8_e4m3",
     out_dtype: torch.dtype | None = None, out: torch.Tensor | None = None,

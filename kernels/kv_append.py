@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import fp16_scale, require_device, rne
+from .common import fp16_scale, on_input_device, require_device, rne
 
 
 @triton.jit
@@ -88,6 +88,7 @@ def _check_rows(what: str, x: torch.Tensor, packed: torch.Tensor, scales: torch.
         raise ValueError(f"{what}: input and packed storage must be contiguous along head_dim")
 
 
+@on_input_device
 def quantize_int4_rows_into(
     x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, divisor: torch.Tensor | None = None
 ) -> None:
@@ -113,6 +114,7 @@ def quantize_int4_rows_into(
     )
 
 
+@on_input_device
 def key_smoothing_factor_gpu(prompt_keys: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """s [B, H_kv, 1, D] float32 = max over the prompt's real tokens of |K| (mask [B, T] bool), 1 where 0.
 
@@ -136,6 +138,7 @@ def key_smoothing_factor_gpu(prompt_keys: torch.Tensor, mask: torch.Tensor | Non
     return out
 
 
+@on_input_device
 def append_kv(
     keys: torch.Tensor, values: torch.Tensor, smoothing: torch.Tensor | None,
     key_packed: torch.Tensor, key_scales: torch.Tensor, key_zeros: torch.Tensor,

@@ -47,8 +47,11 @@ def _is_p3_checkpoint(folder: Path) -> bool:
     return config.is_file() and json.loads(config.read_text()).get("quantization_config", {}).get("quant_method") == "p3"
 
 
-def load_quantized(pretrained: str, config: P3Config, awq: bool = False, dtype: str = "float32"):
-    """(model, tokenizer): a saved P3 folder as saved, else a float model (folder or name) quantized with config."""
+def load_quantized(pretrained: str, config: P3Config, awq: bool = False, dtype: str = "float32", device: str | None = None):
+    """(model, tokenizer): a saved P3 folder as saved, else a float model (folder or name) quantized with config.
+
+    The float model is moved to `device` before quantizing, so a GPU does the quantization (seconds, where a
+    CPU shared by several data-parallel processes takes minutes)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -58,8 +61,8 @@ def load_quantized(pretrained: str, config: P3Config, awq: bool = False, dtype: 
     folder = Path(pretrained).expanduser()
     if folder.is_dir() and _is_p3_checkpoint(folder):
         model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True).eval()
-        return model, AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    model, tokenizer = load(pretrained, dtype=getattr(torch, dtype))
+        return (model if device is None else model.to(device)), AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    model, tokenizer = load(pretrained, dtype=getattr(torch, dtype), device=device)
     calibration = None
     if awq:
         from ..calibration.texts import calibration_texts
@@ -78,11 +81,9 @@ class P3LM(HFLM):
         if isinstance(pretrained, str):
             config = p3_config_from_args(preset, p3_args)
             dtype = str(kwargs.pop("dtype", "float32"))
-            model, tokenizer = load_quantized(pretrained, config, awq=_coerce("key_smoothing", awq), dtype=dtype)
             accelerator = _data_parallel_accelerator()
             device = accelerator.device if accelerator is not None else _usable(kwargs.get("device"))
-            if device is not None:
-                model = model.to(device)
+            model, tokenizer = load_quantized(pretrained, config, awq=_coerce("key_smoothing", awq), dtype=dtype, device=device)
             kwargs.setdefault("tokenizer", tokenizer)
             pretrained = model
         elif p3_args:
