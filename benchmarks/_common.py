@@ -40,6 +40,21 @@ def bench_rotating(calls: Sequence[Callable[[], object]], rep_ms: int = 60) -> f
     return triton.testing.do_bench(lambda: next(cycle)(), warmup=10, rep=rep_ms, return_mode="median") * 1e3
 
 
+def graph_rotating_us(calls: Sequence[Callable[[], object]], reps: int = 50) -> float:
+    """Median us per call of a CUDA graph cycling through `calls` (distinct weight copies: L2 misses)."""
+    for c in calls:
+        c()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            for c in calls:
+                c()
+    torch.cuda.synchronize()
+    return triton.testing.do_bench(graph.replay, warmup=5, rep=reps, return_mode="median") * 1e3 / len(calls)
+
+
 def copy_bandwidth_tbs() -> float:
     """Device-to-device copy bandwidth (bytes read + written), 4 GiB buffers."""
     src = torch.randn(2**29, device="cuda")

@@ -16,28 +16,13 @@ import triton
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import gpu_check  # noqa: E402
-from _common import bench_rotating, copies_for, copy_bandwidth_tbs, environment, table  # noqa: E402
+from _common import bench_rotating, copies_for, copy_bandwidth_tbs, environment, graph_rotating_us, table  # noqa: E402
 
 import p3quant.kernels.gemm_w4 as g  # noqa: E402
 from p3quant.formats import BITMOD4, INT4  # noqa: E402
 from p3quant.kernels.act_quant import quantize_activation_fp8, quantize_activation_fp8_split  # noqa: E402
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336), "sq8192": (8192, 8192)}
-
-
-def graph_rotating_us(calls, reps: int = 50) -> float:
-    """Median us per call of a CUDA graph cycling through `calls` (distinct weight copies: L2 misses)."""
-    for c in calls:
-        c()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=stream):
-            for c in calls:
-                c()
-    torch.cuda.synchronize()
-    return triton.testing.do_bench(graph.replay, warmup=5, rep=reps, return_mode="median") * 1e3 / len(calls)
 
 
 def weights(n, k, copies):

@@ -2,8 +2,9 @@
 vs p3quant W4A8KV4P8 on the triton backend, batch {1, 8}, 4K-token prompts.
 
 Per-token latency = (time of generate(new=1+N) - time of generate(new=1)) / N, so prefill cancels out.
-Both run eagerly with transformers' default (dynamic) cache: static cache + torch.compile were not used
-(see RESULTS.md). Run: python benchmarks/bench_e2e.py [--layers L] [--new-tokens N].
+bf16 runs twice: eagerly with transformers' default (dynamic) cache, and with its best setting, a StaticCache
+(generate then compiles the decode step with torch.compile, CUDA graphs included). p3quant runs eagerly with
+its P3 cache. Run: python benchmarks/bench_e2e.py [--layers L] [--new-tokens N].
 """
 
 from __future__ import annotations
@@ -33,29 +34,56 @@ def build_model(layers: int):
     return model.eval()
 
 
-def _timed_generate(model, ids: torch.Tensor, new: int) -> float:
+def _timed_generate(model, ids: torch.Tensor, new: int, cache=None) -> float:
+    extra = {}
+    if cache is not None:
+        cache.reset()
+        extra["past_key_values"] = cache
     torch.cuda.synchronize()
     start = time.perf_counter()
-    model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
+    model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                   pad_token_id=0, **extra)
     torch.cuda.synchronize()
     return time.perf_counter() - start
 
 
-def decode_latency(model, batch: int, context: int, new_tokens: int) -> float:
-    """Seconds per decoded token (median of 2 differences), prefill excluded."""
+def decode_latency(model, batch: int, context: int, new_tokens: int, static: bool = False) -> float:
+    """Seconds per decoded token (the better of 2 differences), prefill excluded."""
     ids = torch.randint(0, 128000, (batch, context), device="cuda")
-    _timed_generate(model, ids, 2)  # warm-up (Triton autotuning, allocator)
-    diffs = [(_timed_generate(model, ids, 1 + new_tokens) - _timed_generate(model, ids, 1)) / new_tokens for _ in range(2)]
+    cache = None
+    if static:  # one cache size for every call, so the compiled decode step is reused
+        from transformers import StaticCache
+
+        cache = StaticCache(config=model.config, max_cache_len=context + new_tokens + 8)
+    for _ in range(2 if static else 1):  # warm-up (Triton autotuning, allocator; compilation and graph capture)
+        _timed_generate(model, ids, 3, cache)
+    diffs = [(_timed_generate(model, ids, 1 + new_tokens, cache) - _timed_generate(model, ids, 1, cache)) / new_tokens for _ in range(2)]
     return sorted(diffs)[0]
 
 
-def run(layers: int = 32, context: int = 4096, new_tokens: int = 32, batches=(1, 8)) -> str:
+def host_profile(model, context: int, tokens: int = 8, top: int = 30) -> str:
+    """cProfile of a batch-1 generate (prefill + `tokens` decode steps): where the host time goes."""
+    import cProfile
+    import io
+    import pstats
+
+    ids = torch.randint(0, 128000, (1, context), device="cuda")
+    profiler = cProfile.Profile()
+    profiler.enable()
+    _timed_generate(model, ids, tokens)
+    profiler.disable()
+    out = io.StringIO()
+    pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(top)
+    return out.getvalue()
+
+
+def run(layers: int = 32, context: int = 4096, new_tokens: int = 32, batches=(1, 8), profile: bool = False) -> str:
     import p3quant
 
     model = build_model(layers)
     rows = []
     results: dict[tuple[str, int], tuple[float, float]] = {}
-    for label in ("bf16 transformers", "p3quant W4A8KV4P8 triton"):
+    for label in ("bf16 transformers", "bf16 transformers static+compile", "p3quant W4A8KV4P8 triton"):
         if label.startswith("p3quant"):
             start = time.perf_counter()
             p3quant.quantize(model, p3quant.P3Config.preset("w4a8kv4p8", backend="triton"))
@@ -66,19 +94,27 @@ def run(layers: int = 32, context: int = 4096, new_tokens: int = 32, batches=(1,
         for batch in batches:
             torch.cuda.reset_peak_memory_stats()
             try:
-                latency = decode_latency(model, batch, context, new_tokens)
+                latency = decode_latency(model, batch, context, new_tokens, static=label.endswith("compile"))
             except torch.OutOfMemoryError as err:
                 rows.append((label, batch, "OOM", "", "", f"{weights:.1f}", str(err)[:60]))
+                continue
+            except Exception as err:  # a baseline that cannot run here is reported, not fatal
+                rows.append((label, batch, "error", "", "", f"{weights:.1f}", f"{type(err).__name__}: {str(err)[:80]}"))
                 continue
             peak = torch.cuda.max_memory_allocated() / 2**30
             results[(label, batch)] = (latency, peak)
             rows.append((label, batch, latency * 1e3, batch / latency, peak, f"{weights:.1f}", ""))
     for batch in batches:
-        base, p3 = results.get(("bf16 transformers", batch)), results.get(("p3quant W4A8KV4P8 triton", batch))
-        if base and p3:
-            rows.append(("speedup p3/bf16", batch, base[0] / p3[0], "", "", "", ""))
+        p3 = results.get(("p3quant W4A8KV4P8 triton", batch))
+        for base_label in ("bf16 transformers", "bf16 transformers static+compile"):
+            base = results.get((base_label, batch))
+            if base and p3:
+                rows.append((f"speedup p3 / {base_label}", batch, base[0] / p3[0], "", "", "", ""))
     headers = ["model", "batch", "ms / token", "tokens / s", "peak GiB", "weights+buffers GiB", "note"]
-    return f"Llama-3.1-8B shape, {layers} layers, context {context}, {new_tokens} timed decode tokens\n" + table(headers, rows)
+    text = f"Llama-3.1-8B shape, {layers} layers, context {context}, {new_tokens} timed decode tokens\n" + table(headers, rows)
+    if profile:
+        text += "\n\nHost profile of p3quant (batch 1, 8 new tokens):\n" + host_profile(model, context)
+    return text
 
 
 def main() -> None:
@@ -86,9 +122,11 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--context", type=int, default=4096)
     parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--profile", action="store_true", help="append a cProfile of the p3quant decode (host time)")
     args = parser.parse_args()
     print(environment())
-    print(run(args.layers, args.context, args.new_tokens))
+    print(run(args.layers, args.context, args.new_tokens, tuple(args.batches), args.profile))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,9 @@
 """GEMM benchmark: p3quant's fused W4A8 / W4A16 BitMoD dequant-GEMM vs bf16 cuBLAS, torch's int4 tinygemm
 and FP8 torch._scaled_mm, on Llama-3.1-8B decoder shapes (and 8192x8192) over M = 1..4096.
 
+W4A8 at M >= gemm_w4.DEQUANT_MIN_M dequantizes the weight once and multiplies with cuBLAS; the "fused" and
+"dequant" columns time both W4A8 paths at every M > 1 so the threshold can be read off the table.
+
 Run: python benchmarks/bench_gemm.py [--quick]. Prints a markdown table last.
 """
 
@@ -11,6 +14,7 @@ import argparse
 import torch
 
 from p3quant.formats import BITMOD4
+from p3quant.kernels import gemm_w4
 from p3quant.kernels.gemm_w4 import w4_matmul
 
 try:
@@ -43,11 +47,23 @@ def _tinygemm(n: int, k: int, copies: int):
         return None
 
 
+def _forced(path: str, fn):
+    """Time fn with the W4A8 path for M > 1 forced to "fused" or "dequant"."""
+    def call():
+        saved = gemm_w4.DEQUANT_MIN_M
+        gemm_w4.DEQUANT_MIN_M = 2 if path == "dequant" else 1 << 30
+        try:
+            return fn()
+        finally:
+            gemm_w4.DEQUANT_MIN_M = saved
+    return call
+
+
 def run(quick: bool = False) -> tuple[str, list[dict]]:
     """Benchmark every shape and M; returns the markdown table and the raw rows."""
     copy_bw = copy_bandwidth_tbs()
     rows, raw = [], []
-    ms = (1, 16, 64, 1024) if quick else MS
+    ms = (1, 16, 64, 256, 1024, 4096) if quick else MS
     for name, (n, k) in SHAPES.items():
         wbytes = n * k // 2 + n * (k // GROUP) * 3
         ncopy = copies_for(wbytes)
@@ -59,6 +75,10 @@ def run(quick: bool = False) -> tuple[str, list[dict]]:
         for m in ms:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             p3 = bench_rotating([lambda w=w: w4_matmul(x, w, None, "fp8_e4m3") for w in weights])
+            fused = dq = float("nan")
+            if m > 1:
+                fused = bench_rotating([_forced("fused", lambda w=w: w4_matmul(x, w, None, "fp8_e4m3")) for w in weights])
+                dq = bench_rotating([_forced("dequant", lambda w=w: w4_matmul(x, w, None, "fp8_e4m3")) for w in weights])
             a16 = bench_rotating([lambda w=w: w4_matmul(x, w, None, "none") for w in weights]) if m in (1, 16, 64) or not quick else float("nan")
             bf16 = bench_rotating([lambda d=d: x @ d.t() for d in dense])
             tg = float("nan")
@@ -71,12 +91,13 @@ def run(quick: bool = False) -> tuple[str, list[dict]]:
                 f8 = bench_rotating([lambda d=d: torch._scaled_mm(xa, d.t(), scale_a, scale_b, out_dtype=torch.bfloat16) for d in fp8w])
             moved = wbytes + m * k * 4 + m * n * 2
             tbs = moved / p3 / 1e6
-            raw.append(dict(shape=name, n=n, k=k, m=m, p3_us=p3, a16_us=a16, bf16_us=bf16, tinygemm_us=tg, fp8_us=f8, tbs=tbs))
-            rows.append((f"{name} {n}x{k}", m, p3, tbs, 100 * tbs / copy_bw, bf16, bf16 / p3, a16, bf16 / a16, tg, bf16 / tg, f8))
-    headers = ["shape NxK", "M", "P3 W4A8 us", "TB/s", "% copy BW", "bf16 us", "W4A8 x bf16", "W4A16 us", "W4A16 x bf16",
-               "tinygemm us", "tinygemm x bf16", "fp8 scaled_mm us"]
-    summary = [f"measured copy bandwidth: {copy_bw:.2f} TB/s (read + write)"]
-    for m in (1, 16, 64, 1024, 4096):
+            raw.append(dict(shape=name, n=n, k=k, m=m, p3_us=p3, fused_us=fused, dequant_us=dq, a16_us=a16, bf16_us=bf16,
+                            tinygemm_us=tg, fp8_us=f8, tbs=tbs))
+            rows.append((f"{name} {n}x{k}", m, p3, tbs, 100 * tbs / copy_bw, bf16, bf16 / p3, fused, dq, a16, bf16 / a16, tg, bf16 / tg, f8))
+    headers = ["shape NxK", "M", "P3 W4A8 us", "TB/s", "% copy BW", "bf16 us", "W4A8 x bf16", "W4A8 fused us", "W4A8 dequant+cuBLAS us",
+               "W4A16 us", "W4A16 x bf16", "tinygemm us", "tinygemm x bf16", "fp8 scaled_mm us"]
+    summary = [f"measured copy bandwidth: {copy_bw:.2f} TB/s (read + write); W4A8 dequant path from M = {gemm_w4.DEQUANT_MIN_M}"]
+    for m in (1, 16, 64, 256, 1024, 4096):
         sel = [r for r in raw if r["m"] == m and r["shape"] != "sq8192"]
         if sel:
             mean = sum(r["bf16_us"] / r["p3_us"] for r in sel) / len(sel)

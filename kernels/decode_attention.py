@@ -12,7 +12,7 @@ query head and token, about a quarter of what re-reading the packed keys would c
    the [B, T] mask, writes the scores and per-split (max, sum exp) and max S_V. The last split handles the
    16-bit residual window (keys divided by the smoothing factor, fp32 dot).
 2. _pv_kernel, same grid: combines the per-split statistics into the global max, sum and M, codes
-   P' in UE4M4 (nearest-even or half-up, as fmt.prob_rounding), multiplies it with the centered value codes
+   P' = P * (S_V / M) in UE4M4 (one division per token; P = exp(s - max) * (1 / sum)) (nearest-even or half-up, as fmt.prob_rounding), multiplies it with the centered value codes
    on tensor cores (fp16, exact) and scales by M; the residual split multiplies E4M4(P) with the 16-bit values.
 The split outputs are summed (they share one normaliser).
 """
@@ -83,6 +83,7 @@ def _scores_kernel(
     if split < NUM_SPLITS:
         q8_even = q_even.to(tl.float16)  # FP8 values: exact in fp16
         q8_odd = q_odd.to(tl.float16)
+        row_scale = q_scale * scaling
         t_start = split * chunk
         t_end = tl.minimum(t_start + chunk, n_quant)
         for t0 in range(t_start, t_end, BLOCK_T):
@@ -95,7 +96,7 @@ def _scores_kernel(
             k_lo = ((kp & 15) - kz[:, None]).to(tl.float16)
             k_hi = ((kp >> 4) - kz[:, None]).to(tl.float16)
             s = tl.dot(q8_even, tl.trans(k_lo)) + tl.dot(q8_odd, tl.trans(k_hi))  # [GP, BLOCK_T]
-            s = s * q_scale[:, None] * ks[None, :] * scaling
+            s = s * row_scale[:, None] * ks[None, :]
             if HAS_SOFTCAP:
                 s = _tanh_softcap(s, softcap)
             vis = t_mask
@@ -164,7 +165,7 @@ def _pv_kernel(
     m = tl.max(m_all, axis=1)
     m_safe = tl.where(m == float("-inf"), 0.0, m)
     l = tl.sum(l_all * tl.exp(m_all - m_safe[:, None]), axis=1)
-    l_safe = tl.where(l > 0, l, 1.0)  # fully masked rows: every p is 0
+    inv_l = tl.math.div_rn(1.0, tl.where(l > 0, l, 1.0))  # fully masked rows: every p is 0
     v_max = tl.max(tl.load(vmax_ptr + pid * s1 + offs_s, mask=offs_s < s1, other=0.0), axis=0)
     v_max = tl.maximum(v_max, FP16_TINY)
     acc_even = tl.zeros([GP, DH], tl.float32)
@@ -176,9 +177,10 @@ def _pv_kernel(
             offs_t = t0 + tl.arange(0, BLOCK_T)
             t_mask = offs_t < t_end
             s = tl.load(sc_ptr + b * s_scb + heads[:, None] * s_sch + offs_t[None, :], mask=g_mask[:, None] & t_mask[None, :], other=float("-inf"))
-            p = tl.math.div_rn(tl.exp(s - m_safe[:, None]), l_safe[:, None])
+            p = tl.exp(s - m_safe[:, None]) * inv_l[:, None]
             vs = tl.load(vs_ptr + b * s_vsb + kvh * s_vsh + offs_t * s_vst, mask=t_mask, other=0.0).to(tl.float32)
-            folded = tl.minimum(tl.maximum(tl.math.div_rn(p * vs[None, :], v_max), 0.0), 1.0)
+            ratio = tl.math.div_rn(vs, v_max)  # per token, as fold_value_scales
+            folded = tl.minimum(tl.maximum(p * ratio[None, :], 0.0), 1.0)
             p8 = round_minifloat(folded, 4, -14, UE4M4_MAX, HALF_UP).to(tl.float16)  # exact in fp16
             vp = tl.load(vp_ptr + b * s_vpb + kvh * s_vph + offs_t[:, None] * s_vpt + offs_d[None, :],
                          mask=t_mask[:, None] & d_mask[None, :], other=0).to(tl.int32)
@@ -192,7 +194,7 @@ def _pv_kernel(
             offs_r = r0 + tl.arange(0, BLOCK_R)
             r_mask = offs_r < n_res
             s = tl.load(sc_ptr + b * s_scb + heads[:, None] * s_sch + n_quant + offs_r[None, :], mask=g_mask[:, None] & r_mask[None, :], other=float("-inf"))
-            p = tl.math.div_rn(tl.exp(s - m_safe[:, None]), l_safe[:, None])
+            p = tl.exp(s - m_safe[:, None]) * inv_l[:, None]
             p8 = round_minifloat(p, 4, -14, UE4M4_MAX, HALF_UP)
             rv_base = rv_ptr + b * s_rvb + kvh * s_rvh + offs_r[:, None] * s_rvt + 2 * offs_d[None, :]
             rmask2 = r_mask[:, None] & d_mask[None, :]

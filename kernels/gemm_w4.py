@@ -25,6 +25,7 @@ from p3quant.formats import BitMoDTensor, Int4Tensor
 
 from .act_quant import quantize_activation_fp8, quantize_activation_fp8_split
 from .common import bitmod_special2, decode_w4, dot16, fp8_dot_supported, interpreting, on_input_device, require_device
+from .dequant_w4 import dequantize_w4
 
 SUPPORTED_GROUPS = (32, 64, 128)
 
@@ -356,6 +357,9 @@ def _gemv_config(n: int) -> tuple[int, int, int, int]:
     return (4, 1024, 2, 3)
 
 
+# W4A8 with at least this many rows: dequantize the weight once to fp16 and let cuBLAS multiply (prefill);
+# benchmarks/bench_gemm.py measures both paths around it.
+DEQUANT_MIN_M = 128
 GEMV_A16_CONFIG = (8, 1024, 4, 3)  # W4A16 GEMV (the previous kernel and its sweep's best)
 _MM_CONFIGS = {
     "small": [  # M <= 16: weight-streaming, many programs
@@ -435,6 +439,27 @@ def _prepared(weight: BitMoDTensor | Int4Tensor, what: str) -> _Prepared:
     return prep
 
 
+def _dequant_matmul(x: torch.Tensor, weight: BitMoDTensor | Int4Tensor, bias: torch.Tensor | None, y: torch.Tensor) -> None:
+    """y = (FP8 codes of x) @ fp16(dequantized W)^T * row scales + bias, accumulated in fp32 by cuBLAS.
+
+    The FP8 values are exact in fp16; the only rounding beyond fp32 summation is the weight's to fp16.
+    """
+    codes, scales = quantize_activation_fp8(x)
+    w16 = dequantize_w4(weight, torch.float16)
+    a16 = codes.to(torch.float16)
+    if a16.is_cuda and _MM_OUT_DTYPE:
+        acc = torch.mm(a16, w16.t(), out_dtype=torch.float32)
+    else:
+        acc = a16.float() @ w16.float().t()
+    acc.mul_(scales[:, None])
+    if bias is not None:
+        acc.add_(bias)
+    y.copy_(acc)
+
+
+_MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype")  # fp16 x fp16 -> fp32 output in one cuBLAS call
+
+
 @on_input_device
 def w4_matmul(
     x: torch.Tensor, weight: BitMoDTensor | Int4Tensor, bias: torch.Tensor | None = None, activation_format: str = "fp8_e4m3",
@@ -501,6 +526,9 @@ def w4_matmul(
                 n, k, a.stride(0), prep.words.stride(0), scales.stride(0), aux.stride(0), y.stride(0),
                 GROUP=prep.group, BLOCK_N=block_n, BLOCK_K=block_k, IS_BITMOD=is_bitmod, A_FP8=False,
                 HAS_BIAS=bias is not None, num_warps=warps, num_stages=stages)
+        return y.reshape(*lead, n)
+    if a_fp8 and m >= DEQUANT_MIN_M:
+        _dequant_matmul(x2, weight, bias, y)
         return y.reshape(*lead, n)
     if a_fp8:
         a, xs = quantize_activation_fp8(x2)

@@ -70,7 +70,7 @@ def fold_value_scales(p: torch.Tensor, values: Int4Tensor, visible: torch.Tensor
     sv = expand_kv_heads(values.scales.float().squeeze(-1), p.shape[1]).unsqueeze(2)  # [B, H, 1, T]
     sv_max = torch.where(visible, sv, torch.zeros_like(sv)).amax(dim=-1, keepdim=True)
     sv_max = sv_max.clamp(min=torch.finfo(torch.float16).tiny)
-    return (p * sv / sv_max).clamp(0, 1), sv_max
+    return (p * (sv / sv_max)).clamp(0, 1), sv_max  # one ratio per token, shared by the heads (and kernels)
 
 
 def masked_softmax(scores: torch.Tensor, attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:

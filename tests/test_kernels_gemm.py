@@ -5,6 +5,8 @@ import torch
 
 from p3quant.formats import BITMOD4, INT4, quantize_scaled_fp8
 from p3quant.kernels.act_quant import quantize_activation_fp8
+from p3quant.kernels import gemm_w4
+from p3quant.kernels.dequant_w4 import dequantize_w4
 from p3quant.kernels.gemm_w4 import w4_matmul
 from p3quant.nn.backends import TorchBackend, get_backend
 
@@ -12,6 +14,8 @@ from p3quant.nn.backends import TorchBackend, get_backend
 # fp32->bf16 cast truncates: 2**-8), and the reference also rounds FP8 activations to bf16 (2**-9).
 BF16_TOL = 2.0**-7
 FP32_TOL = 1e-5  # fp32 accumulation over K <= 512 against float64 of the same quantized operands
+# W4A8 at M >= DEQUANT_MIN_M multiplies an fp16 copy of the weight: one rounding per weight (<= 2**-11 relative)
+DEQUANT_TOL = 2.0**-10
 
 
 def _weight(fmt, n, k, group, gen):
@@ -33,6 +37,8 @@ CASES = [  # M, N, K, group, weight format, activation format
     (16, 17, 128, 64, "bitmod", "fp8_e4m3"),
     (37, 24, 128, 128, "bitmod", "fp8_e4m3"),
     (130, 19, 64, 32, "int4", "none"),
+    (130, 19, 64, 32, "bitmod", "fp8_e4m3"),  # M >= DEQUANT_MIN_M: dequantize once + matmul
+    (200, 40, 384, 128, "int4", "fp8_e4m3"),
 ]
 
 
@@ -47,10 +53,26 @@ def test_w4_matmul_matches_exact_quantized_product(m, n, k, group, wfmt, afmt):
     xq = quantize_scaled_fp8(x).dequantize().double() if afmt == "fp8_e4m3" else x.double()
     exact = xq @ weight.dequantize().double().t() + bias.double()
     assert torch.isfinite(y).all()
-    assert _rel(y, exact) < FP32_TOL
+    assert _rel(y, exact) < (DEQUANT_TOL if afmt == "fp8_e4m3" and m >= gemm_w4.DEQUANT_MIN_M else FP32_TOL)
     y16 = w4_matmul(x, weight, bias, afmt)
     assert y16.dtype == torch.bfloat16 and torch.isfinite(y16).all()
     assert _rel(y16, TorchBackend().linear(x, weight, bias, afmt)) < BF16_TOL
+
+
+@pytest.mark.parametrize("wfmt", ["bitmod", "int4"])
+@pytest.mark.parametrize("n,k,group", [(37, 256, 128), (5, 96, 32), (16, 1408, 64)])
+def test_dequantize_w4_is_bit_exact(wfmt, n, k, group):
+    weight = _weight(wfmt, n, k, group, torch.Generator().manual_seed(n * k + group))
+    for dtype in (torch.float16, torch.float32):
+        assert torch.equal(dequantize_w4(weight, dtype), weight.dequantize().to(dtype))
+
+
+def test_dequantize_w4_rejects_bad_input():
+    weight = _weight("int4", 4, 64, 32, torch.Generator().manual_seed(0))
+    with pytest.raises(TypeError, match="dtype"):
+        dequantize_w4(weight, torch.bfloat16)
+    with pytest.raises(TypeError, match="BitMoDTensor or Int4Tensor"):
+        dequantize_w4(torch.zeros(4, 64))
 
 
 def test_backend_linear_3d_fp16_and_int8_fallback():
