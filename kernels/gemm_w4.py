@@ -359,7 +359,7 @@ def _gemv_config(n: int) -> tuple[int, int, int, int]:
 
 # W4A8 with at least this many rows: dequantize the weight once to fp16 and let cuBLAS multiply (prefill);
 # benchmarks/bench_gemm.py measures both paths around it.
-DEQUANT_MIN_M = 128
+DEQUANT_MIN_M = 1024
 GEMV_A16_CONFIG = (8, 1024, 4, 3)  # W4A16 GEMV (the previous kernel and its sweep's best)
 _MM_CONFIGS = {
     "small": [  # M <= 16: weight-streaming, many programs

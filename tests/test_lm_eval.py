@@ -14,7 +14,7 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 import p3quant
 from p3quant.eval.lm_eval_cli import TASKS_DIR
-from p3quant.eval.lm_eval_model import P3LM, p3_config_from_args
+from p3quant.eval.lm_eval_model import P3LM, p3_config_from_args, right_padding_mask
 from p3quant.models import MODELS, ensure_converted
 
 TASKS = ["p3_wikitext", "p3_piqa", "p3_arc_easy", "p3_arc_challenge", "p3_hellaswag", "p3_lambada_openai"]
@@ -95,3 +95,24 @@ def test_command_line_model_p3(tmp_path, tokenizer, require_data) -> None:
     results = json.loads(next(out.rglob("results_*.json")).read_text())
     assert results["config"]["model"] == "p3"
     assert "p3_piqa" in results["results"]
+
+
+def test_right_padding_mask() -> None:
+    inps = torch.tensor([[0, 5, 7, 0, 0], [3, 0, 4, 9, 2], [0, 0, 0, 0, 0]])
+    expected = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [0, 0, 0, 0, 0]], dtype=torch.bool)
+    assert torch.equal(right_padding_mask(inps), expected)
+
+
+def test_scores_do_not_depend_on_batch_composition(tokenizer) -> None:
+    """Padding must not enter P3's per-sequence key-smoothing factor: batched scores equal one-at-a-time ones."""
+    # float64, so that the GEMMs' batch-shape-dependent summation order cannot flip an FP8 rounding
+    model = p3quant.quantize(_tiny(len(tokenizer)).double(), p3quant.P3Config.preset("w4a8kv4p8", backend="torch", weight_group_size=32))
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, (1,))))
+    requests = []
+    for length in (5, 23, 11, 17):  # different lengths: the shorter rows of a batch get padding
+        tokens = torch.randint(1, len(tokenizer), (length,), generator=gen).tolist()
+        requests.append((("", ""), tokens[:-3], tokens[-3:]))
+    single = P3LM(pretrained=model, tokenizer=tokenizer, batch_size=1)._loglikelihood_tokens(requests, disable_tqdm=True)
+    batched = P3LM(pretrained=model, tokenizer=tokenizer, batch_size=4)._loglikelihood_tokens(requests, disable_tqdm=True)
+    for (ll1, _), (ll4, _) in zip(single, batched):
+        assert abs(ll1 - ll4) < 1e-6, (single, batched)  # float32 attention arithmetic; padding leaks gave 3e-4

@@ -15,6 +15,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+import torch
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
@@ -52,7 +53,6 @@ def load_quantized(pretrained: str, config: P3Config, awq: bool = False, dtype: 
 
     The float model is moved to `device` before quantizing, so a GPU does the quantization (seconds, where a
     CPU shared by several data-parallel processes takes minutes)."""
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .. import quantize
@@ -95,11 +95,41 @@ class P3LM(HFLM):
             self._rank = accelerator.process_index
             self._world_size = accelerator.num_processes
 
+    def _model_call(self, inps, attn_mask=None, labels=None):
+        """As HFLM, but a right-padded causal batch runs left-padded with its mask (logits mapped back).
+
+        HFLM right-pads and passes no mask. P3 keeps each sequence's newest token in 16 bits and computes its
+        key-smoothing factor over the prompt, so the padding must be masked and sit before the real tokens;
+        otherwise a request's score would depend on which requests share its batch.
+        """
+        if attn_mask is not None or labels is not None or inps.shape[0] == 1:
+            return super()._model_call(inps, attn_mask, labels)
+        real = right_padding_mask(inps)
+        positions = torch.arange(inps.shape[1], device=inps.device)
+        shift = (~real).sum(dim=1, keepdim=True)
+        to_left = (positions - shift) % inps.shape[1]  # left-padded position j holds original token j - shift
+        left_mask = positions >= shift
+        with torch.no_grad(), torch.autocast(device_type=self.device.type, dtype=self.mixed_precision_dtype,
+                                             enabled=self.mixed_precision_dtype is not None):
+            logits = self.model(input_ids=inps.gather(1, to_left), attention_mask=left_mask.long(),
+                                position_ids=(left_mask.cumsum(dim=1) - 1).clamp(min=0)).logits
+        back = ((positions + shift) % inps.shape[1]).unsqueeze(-1).expand(-1, -1, logits.shape[-1])
+        return logits.gather(1, back)
+
+
+def right_padding_mask(inps: torch.Tensor) -> torch.Tensor:
+    """[B, T] bool: True up to each row's last nonzero token (lm-eval right-pads causal batches with token 0).
+
+    A leading 0 (some tokenizers' end-of-text, used by lm-eval as the prefix of empty contexts) stays visible;
+    only the trailing run of zeros counts as padding.
+    """
+    positions = torch.arange(1, inps.shape[1] + 1, device=inps.device)
+    last = torch.where(inps != 0, positions, 0).amax(dim=1, keepdim=True)
+    return positions.unsqueeze(0) <= last
+
 
 def _usable(device: str | None) -> str | None:
     """The requested device, or None when it is a CUDA device on a machine without CUDA (HFLM falls back too)."""
-    import torch
-
     if device is None or (str(device).startswith("cuda") and not torch.cuda.is_available()):
         return None
     return device
