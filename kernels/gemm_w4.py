@@ -359,7 +359,7 @@ def _gemv_config(n: int) -> tuple[int, int, int, int]:
 
 # W4A8 with at least this many rows: dequantize the weight once to fp16 and let cuBLAS multiply (prefill);
 # benchmarks/bench_gemm.py measures both paths around it.
-DEQUANT_MIN_M = 1024
+DEQUANT_MIN_M = 256
 GEMV_A16_CONFIG = (8, 1024, 4, 3)  # W4A16 GEMV (the previous kernel and its sweep's best)
 _MM_CONFIGS = {
     "small": [  # M <= 16: weight-streaming, many programs
@@ -440,27 +440,24 @@ def _prepared(weight: BitMoDTensor | Int4Tensor, what: str) -> _Prepared:
 
 
 def _dequant_matmul(x: torch.Tensor, weight: BitMoDTensor | Int4Tensor, bias: torch.Tensor | None, y: torch.Tensor) -> None:
-    """y = fp16(FP8 value x row scale) @ fp16(dequantized W)^T + bias, by cuBLAS with fp32 accumulation.
+    """y = (FP8 codes of x) @ fp16(dequantized W)^T * row scales + bias, accumulated in fp32 by cuBLAS.
 
-    Each operand is rounded once to fp16 (<= 2**-11 relative). The fp16 product is checked for overflow
-    (|y| > 65504, possible in bf16 models); then the row is recomputed with fp32 output.
+    The FP8 values are exact in fp16; the only rounding beyond fp32 summation is the weight's to fp16.
     """
     codes, scales = quantize_activation_fp8(x)
     w16 = dequantize_w4(weight, torch.float16)
-    a = codes.to(torch.float32).mul_(scales[:, None])
-    if not a.is_cuda:  # the interpreter (tests): fp32 product of the same fp16 operands
-        y.copy_(a.to(torch.float16).float() @ w16.float().t() + (0 if bias is None else bias.float()))
-        return
-    a16 = a.to(torch.float16)
-    y16 = torch.mm(a16, w16.t()) if bias is None else torch.addmm(bias.to(torch.float16), a16, w16.t())
-    overflow = torch.isinf(y16).any(dim=1)
-    if bool(overflow.any()):
-        rows = overflow.nonzero().squeeze(1)
-        wide = a16[rows].float() @ w16.float().t() + (0 if bias is None else bias.float())
-        y.copy_(y16)
-        y[rows] = wide.to(y.dtype)
-        return
-    y.copy_(y16)
+    a16 = codes.to(torch.float16)
+    if a16.is_cuda and _MM_OUT_DTYPE:
+        acc = torch.mm(a16, w16.t(), out_dtype=torch.float32)
+    else:
+        acc = a16.float() @ w16.float().t()
+    acc.mul_(scales[:, None])
+    if bias is not None:
+        acc.add_(bias)
+    y.copy_(acc)
+
+
+_MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype")  # fp16 x fp16 -> fp32 output in one cuBLAS call
 
 
 @on_input_device
