@@ -41,16 +41,18 @@ def _tanh_softcap(s, softcap):
 
 @triton.jit
 def _scores_kernel(
-    q_ptr, sm_ptr, kp_ptr, ks_ptr, kz_ptr, vs_ptr, rk_ptr, mask_ptr, sc_ptr, mst_ptr, lst_ptr, vmax_ptr,
+    q_ptr, sm_ptr, kp_ptr, ks_ptr, kz_ptr, vs_ptr, rk_ptr, mask_ptr, sc_ptr, mst_ptr, lst_ptr, vmax_ptr, len_ptr,
     n_quant, n_res, chunk, scaling, softcap, HKV, NUM_SPLITS,
     s_qb, s_qh, s_smb, s_smh, s_kpb, s_kph, s_kpt, s_ksb, s_ksh, s_kst, s_kzb, s_kzh, s_kzt,
     s_vsb, s_vsh, s_vst, s_rkb, s_rkh, s_rkt, s_mb, s_scb, s_sch,
     G: tl.constexpr, GP: tl.constexpr, HALF_D: tl.constexpr, DH: tl.constexpr, BLOCK_T: tl.constexpr,
     BLOCK_R: tl.constexpr, HAS_SMOOTH: tl.constexpr, QUANT_Q: tl.constexpr, HAS_MASK: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, DEVICE_LEN: tl.constexpr,
 ):
     pid = tl.program_id(0)
     split = tl.program_id(1)
+    if DEVICE_LEN:  # static cache: the token count lives on the device; the window is a ring of n_res slots
+        n_quant = tl.load(len_ptr).to(tl.int32) - n_res
     b = pid // HKV
     kvh = pid % HKV
     s1 = NUM_SPLITS + 1
@@ -126,7 +128,10 @@ def _scores_kernel(
                 s = _tanh_softcap(s, softcap)
             vis = r_mask
             if HAS_MASK:
-                vis = vis & (tl.load(mask_ptr + b * s_mb + n_quant + offs_r, mask=r_mask, other=0) != 0)
+                pos_r = n_quant + offs_r
+                if DEVICE_LEN:  # ring slot r holds the window's position q with q % n_res == r
+                    pos_r = n_quant + ((offs_r - n_quant) % n_res + n_res) % n_res
+                vis = vis & (tl.load(mask_ptr + b * s_mb + pos_r, mask=r_mask, other=0) != 0)
             s = tl.where(vis[None, :], s, float("-inf"))
             tl.store(sc_ptr + b * s_scb + heads[:, None] * s_sch + n_quant + offs_r[None, :], s, mask=g_mask[:, None] & r_mask[None, :])
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -141,14 +146,16 @@ def _scores_kernel(
 
 @triton.jit
 def _pv_kernel(
-    vp_ptr, vs_ptr, vz_ptr, rv_ptr, sc_ptr, mst_ptr, lst_ptr, vmax_ptr, out_ptr,
+    vp_ptr, vs_ptr, vz_ptr, rv_ptr, sc_ptr, mst_ptr, lst_ptr, vmax_ptr, out_ptr, len_ptr,
     n_quant, n_res, chunk, HKV, NUM_SPLITS,
     s_vpb, s_vph, s_vpt, s_vsb, s_vsh, s_vst, s_vzb, s_vzh, s_vzt, s_rvb, s_rvh, s_rvt, s_scb, s_sch,
     G: tl.constexpr, GP: tl.constexpr, HALF_D: tl.constexpr, DH: tl.constexpr, BLOCK_T: tl.constexpr,
-    BLOCK_R: tl.constexpr, SP: tl.constexpr, HALF_UP: tl.constexpr,
+    BLOCK_R: tl.constexpr, SP: tl.constexpr, HALF_UP: tl.constexpr, DEVICE_LEN: tl.constexpr,
 ):
     pid = tl.program_id(0)
     split = tl.program_id(1)
+    if DEVICE_LEN:
+        n_quant = tl.load(len_ptr).to(tl.int32) - n_res
     b = pid // HKV
     kvh = pid % HKV
     s1 = NUM_SPLITS + 1
@@ -237,6 +244,9 @@ def p3_decode_attention(
     query [B, H, 1, D]; kv: INT4 keys/values per (token, kv-head) (strided views allowed), smoothing
     [B, H_kv, 1, D] float32 or None, residual_keys/values [B, H_kv, R, D]; mask [B, n + R] bool (True =
     attend) or None. Queries are FP8-quantized when the cache holds quantized keys (as the reference does).
+    With kv.length (a static cache, see p3quant.nn.static_cache) keys/values span the storage, the kernels
+    read the token count from the device, the window is a ring, and the mask is [B, capacity] by position:
+    no launch argument depends on the count, so the call can be captured in a CUDA graph.
     """
     what = "p3_decode_attention"
     if query.dim() != 4 or query.shape[2] != 1:
@@ -264,17 +274,23 @@ def p3_decode_attention(
         n_quant = kv.keys.packed.shape[2]
         if kv.values.packed.shape[2] != n_quant:
             raise ValueError(f"{what}: {n_quant} quantized keys but {kv.values.packed.shape[2]} values")
+    device_len = kv.length is not None
+    if device_len:  # static cache: n_quant is the storage capacity here; the kernels read the live count
+        if not quantized or kv.length.shape != (1,) or kv.length.dtype != torch.int64:
+            raise ValueError(f"{what}: a device-side length needs quantized keys/values and a [1] int64 tensor")
+        if rk.shape[2] < 1:
+            raise ValueError(f"{what}: a static cache needs a residual ring of at least one slot")
     sm = kv.smoothing
     if sm is not None:
         if sm.shape != (bsz, kv_heads, 1, d) or sm.dtype != torch.float32 or sm.stride(-1) != 1:
             raise ValueError(f"{what}: smoothing must be float32 [B, H_kv, 1, D] contiguous along D, got {tuple(sm.shape)} {sm.dtype}")
     n_res = rk.shape[2]
-    total = n_quant + n_res
+    total = n_quant if device_len else n_quant + n_res  # a static cache's mask spans its storage positions
     if mask is not None:
         if mask.dtype != torch.bool or mask.shape != (bsz, total):
             raise ValueError(f"{what}: mask must be bool [B, {total}], got {tuple(mask.shape)} {mask.dtype}")
         mask = mask.contiguous().view(torch.uint8)
-    require_device(what, query, rk, rv, sm, mask, kv.keys.packed if quantized else None)
+    require_device(what, query, rk, rv, sm, mask, kv.keys.packed if quantized else None, kv.length)
     q = query[:, :, 0, :]
     if q.stride(-1) != 1:
         q = q.contiguous()
@@ -304,23 +320,24 @@ def p3_decode_attention(
     mask_arg = mask if mask is not None else rk
     grid = (bsz * kv_heads, s1)
     shape = dict(G=group, GP=gp, HALF_D=d // 2, DH=triton.next_power_of_2(d // 2), BLOCK_T=block_t, BLOCK_R=_BLOCK_R)
+    len_arg = kv.length if device_len else m_stat
     _scores_kernel[grid](
-        q, sm_arg, kp, ks, kz, vs, rk, mask_arg, scores, m_stat, l_stat, v_max,
+        q, sm_arg, kp, ks, kz, vs, rk, mask_arg, scores, m_stat, l_stat, v_max, len_arg,
         n_quant, n_res, chunk, float(scaling), float(softcap or 1.0), kv_heads, num_splits,
         q.stride(0), q.stride(1), sm_arg.stride(0), sm_arg.stride(1),
         kp.stride(0), kp.stride(1), kp.stride(2), ks.stride(0), ks.stride(1), ks.stride(2),
         kz.stride(0), kz.stride(1), kz.stride(2), vs.stride(0), vs.stride(1), vs.stride(2),
         rk.stride(0), rk.stride(1), rk.stride(2), mask_arg.stride(0), scores.stride(0), scores.stride(1),
         HAS_SMOOTH=sm is not None, QUANT_Q=quantized, HAS_MASK=mask is not None, HAS_SOFTCAP=softcap is not None,
-        num_warps=4, **shape,
+        DEVICE_LEN=device_len, num_warps=4, **shape,
     )
     _pv_kernel[grid](
-        vp, vs, vz, rv, scores, m_stat, l_stat, v_max, partial,
+        vp, vs, vz, rv, scores, m_stat, l_stat, v_max, partial, len_arg,
         n_quant, n_res, chunk, kv_heads, num_splits,
         vp.stride(0), vp.stride(1), vp.stride(2), vs.stride(0), vs.stride(1), vs.stride(2),
         vz.stride(0), vz.stride(1), vz.stride(2), rv.stride(0), rv.stride(1), rv.stride(2),
         scores.stride(0), scores.stride(1),
-        SP=triton.next_power_of_2(s1), HALF_UP=prob_rounding == "half_up", num_warps=4, **shape,
+        SP=triton.next_power_of_2(s1), HALF_UP=prob_rounding == "half_up", DEVICE_LEN=device_len, num_warps=4, **shape,
     )
     return partial.sum(dim=1).view(bsz, heads, 1, d)
 

@@ -30,6 +30,9 @@ class QuantizedKV:
     residual_values: torch.Tensor
     dense_keys: torch.Tensor | None = None
     dense_values: torch.Tensor | None = None
+    # Static caches (CUDA-graph decode): keys/values span the whole storage, the residual window is a ring
+    # (position q in slot q % R) and `length` ([1] int64, on the device) counts the stored tokens.
+    length: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -121,6 +124,9 @@ def p3_attention_reference(
 
     attention_mask: additive float mask or boolean (True = attend) broadcastable to [B, H, Tq, T_total].
     """
+    if kv.length is not None:
+        raise ValueError("p3_attention_reference takes the sliced cache form: call the static cache layer's "
+                         "quantized_kv() without device_length")
     rows = query.shape[-2]
     chunk = max(1, MAX_SCORES_PER_CHUNK // max(1, query.shape[0] * query.shape[1] * (stored_tokens(kv) + kv.residual_keys.shape[-2])))
     if rows <= chunk:

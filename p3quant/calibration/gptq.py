@@ -1,4 +1,4 @@
-"""GPTQ (Frantar et al., 2022) for grouped INT4 asymmetric weights, on the library's own INT4 grid.
+"""GPTQ (Frantar et al., 2022) for grouped INT4 asymmetric or BitMoD weights, on the library's own grids.
 
 Per linear layer, on the inputs X [tokens, in] that the calibration text produces at that layer:
 H = 2 X^T X / tokens, dampened by percdamp * mean(diag H), inverted through Cholesky (upper Cholesky factor of
@@ -15,6 +15,18 @@ the group's minimum (maximum) on entry is given code 0 (15) whenever the zero po
 element's own rounding error is then compensated like any other; this is the one place where the codes can differ
 from plain nearest rounding inside GPTQ.
 
+BitMoD grid (weight_format="bitmod"). When GPTQ enters a group, BITMOD4.quantize (p3quant.formats.bitmod, the
+quantizer P3Linear uses) applied to the group's current weights picks the group's variant (special-value
+selector, lowest MSE, ties to the lower selector) and scale; every column of the group is then rounded on that
+fixed grid with the format's own rounding (bitmod._fit_family: nearest value, ties to the smaller magnitude, the
+special value on its side when strictly closer). Re-quantizing GPTQ's output with BITMOD4.quantize gives back the
+same scales, codes and values provided the group keeps the element that sets its scale: for the +-5 variants the
+largest-|w| element on entry is given magnitude 6 (with its entry sign), for the +-8 variants the largest element
+on the special value's side is given the special value (one always takes it on entry when such a variant wins),
+unless the scale sits at the fp16 floor. The chosen variant then reproduces the group exactly (MSE 0) and every
+lower selector cannot (tested), except that a group whose special value went unused is equally well described by
+selector 0, which BITMOD4.quantize then reports (same codes and values); GPTQResult.selectors already says so.
+
 apply_gptq drives it over a decoder like AWQ's driver (calibration batch, layer capture): layer by layer, and
 inside a layer "true sequential" (q/k/v, then o, then gate/up, then down), so every linear sees inputs produced
 by the already-quantized linears and layers before it.
@@ -30,6 +42,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..config import P3Config
+from ..formats.bitmod import BITMOD4, GRID_MAX, SPECIAL_CODE, SPECIAL_VALUES, _fit_family
 from ..formats.integer import INT4, INT4_MAX_CODE
 from .awq import _capture_layer_calls, _run_layer, calibration_batch, decoder_layers
 
@@ -56,10 +69,70 @@ class GPTQSettings:
 
 @dataclass
 class GPTQResult:
-    """Dequantized weight on the INT4 grid (float32, [out, in]) and GPTQ's loss sum((w - q)^2 / d^2) / 2."""
+    """Dequantized weight on the INT4 / BitMoD grid (float32, [out, in]) and GPTQ's loss sum((w - q)^2 / d^2) / 2.
+
+    For BitMoD also the grid GPTQ used, [out, in // group_size]: fp16 scales and uint8 selectors (canonical: 0 for
+    a group whose special value went unused), which BITMOD4.quantize(weight) reproduces.
+    """
 
     weight: torch.Tensor
     loss: float
+    scales: torch.Tensor | None = None
+    selectors: torch.Tensor | None = None
+
+GPTQ_FORMATS = ("int4", "bitmod")
+
+
+class _OneThread:
+    """torch.bucketize (inside BitMoD's rounding) on a few thousand elements runs ~50x slower on 2 threads than on
+    one (measured on the 2-core CPU: 15 ms vs 0.24 ms per column); the rounding runs single-threaded."""
+
+    def __enter__(self) -> None:
+        self.threads = torch.get_num_threads()
+        if self.threads != 1:
+            torch.set_num_threads(1)
+
+    def __exit__(self, *exc) -> None:
+        if self.threads != 1:
+            torch.set_num_threads(self.threads)
+
+
+def _bitmod_enter(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Grid of groups g [rows, group] as BITMOD4.quantize picks it: (scale fp16, selector long, anchor, anchor code).
+
+    anchor: the column (in g) whose code is pinned so that the group's max |value| stays grid_max * scale; -1 when
+    no anchor is needed (scale at the fp16 floor). The anchor code is magnitude 6 with the element's sign for the
+    +-5 variants, the special value for the +-8 variants.
+    """
+    grid = BITMOD4.quantize(g, g.shape[1], check=False)
+    scale = grid.scales.reshape(-1)
+    sel = grid.selectors.reshape(-1).long()
+    wide = sel >= 2
+    side_positive = sel % 2 == 1
+    # +-5: largest |w|; +-8: largest element on the special value's side (argmax of w or of -w).
+    anchor = torch.where(wide, torch.where(side_positive, g.argmax(1), g.argmin(1)), g.abs().argmax(1))
+    at = g.gather(1, anchor.unsqueeze(1)).squeeze(1)
+    six = torch.where(at < 0, 0b1111, 0b0111)  # magnitude index 7 (= 6) with the sign bit
+    code = torch.where(wide, torch.full_like(six, SPECIAL_CODE), six)
+    anchor = torch.where(scale > _SCALE_FLOOR, anchor, torch.full_like(anchor, -1))
+    return scale, sel, anchor, code
+
+
+def _bitmod_round(col: torch.Tensor, scale: torch.Tensor, sel: torch.Tensor) -> torch.Tensor:
+    """uint8 codes of col [rows] on the fixed BitMoD grid (scale [rows] fp16, selector [rows]), the library's rounding."""
+    mag = col.abs().unsqueeze(1)
+    negative, positive = (col < 0).unsqueeze(1), (col > 0).unsqueeze(1)
+    fits = []
+    for family in (0, 1):  # selectors 2 * family + side, as in bitmod._quantize_groups
+        top = GRID_MAX[2 * family]
+        # _fit_family derives the scale as store_scale(amax / grid_max): amax = scale * grid_max gives it back exactly
+        amax = scale.float() * top
+        fits.append(_fit_family(mag, negative, amax, abs(SPECIAL_VALUES[2 * family]), top, scale.dtype))
+    wide = (sel >= 2).unsqueeze(1)
+    on_side = torch.where((sel % 2 == 1).unsqueeze(1), positive, negative)
+    take_sv = torch.where(wide, fits[1].take_sv, fits[0].take_sv) & on_side
+    codes = torch.where(take_sv, SPECIAL_CODE, torch.where(wide, fits[1].base_codes, fits[0].base_codes))
+    return codes.squeeze(1)
 
 
 def check_group_size(in_features: int, group_size: int) -> None:
@@ -85,12 +158,18 @@ def _inverse_hessian_factor(h: torch.Tensor, percdamp: float) -> torch.Tensor:
 
 
 @torch.no_grad()
-def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, group_size: int, settings: GPTQSettings | None = None) -> GPTQResult:
-    """GPTQ of weight [out, in] to INT4 asymmetric in groups of group_size along in, given H [in, in].
+def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, group_size: int, settings: GPTQSettings | None = None,
+                  weight_format: str = "int4") -> GPTQResult:
+    """GPTQ of weight [out, in] to INT4 asymmetric ("int4") or BitMoD ("bitmod") in groups of group_size along in,
+    given H [in, in].
 
-    The result lies on INT4.quantize's grid: INT4.quantize(result.weight, group_size) reproduces its codes.
+    The result lies on the library quantizer's grid: INT4.quantize(result.weight, group_size) (or BITMOD4.quantize)
+    reproduces its codes (and for BitMoD result.scales and result.selectors).
     """
     settings = settings or GPTQSettings()
+    if weight_format not in GPTQ_FORMATS:
+        raise ValueError(f"GPTQ: weight_format must be one of {list(GPTQ_FORMATS)}, got {weight_format!r}")
+    bitmod = weight_format == "bitmod"
     if weight.dim() != 2:
         raise ValueError(f"GPTQ: expected a 2-d weight [out, in], got shape {tuple(weight.shape)}")
     rows, cols = weight.shape
@@ -116,6 +195,11 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, group_size: int, 
 
     out = torch.zeros_like(w)
     losses = torch.zeros(rows, dtype=torch.float64, device=w.device)
+    if bitmod:
+        n_groups = cols // group_size
+        scales = torch.empty(rows, n_groups, dtype=_SCALE_DTYPE, device=w.device)
+        selectors = torch.empty(rows, n_groups, dtype=torch.uint8, device=w.device)
+        used_sv = torch.zeros(rows, dtype=torch.bool, device=w.device)
     block = -(-settings.blocksize // group_size) * group_size
     for i1 in range(0, cols, block):
         i2 = min(i1 + block, cols)
@@ -124,6 +208,29 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, group_size: int, 
         err1 = torch.zeros_like(w1)
         hinv1 = hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
+            if bitmod:
+                if i % group_size == 0:  # entering a group: BitMoD's variant and scale from the current weights
+                    with _OneThread():
+                        bm_scale, bm_sel, bm_anchor, bm_code = _bitmod_enter(w1[:, i:i + group_size])
+                    bm_anchor = torch.where(bm_anchor >= 0, bm_anchor + i, bm_anchor)
+                    used_sv.zero_()
+                col = w1[:, i]
+                d = hinv1[i, i]
+                with _OneThread():
+                    codes = _bitmod_round(col, bm_scale, bm_sel)
+                codes = torch.where(bm_anchor == i, bm_code.to(codes.dtype), codes)
+                used_sv |= codes == SPECIAL_CODE
+                deq = BITMOD4.decode(codes, bm_sel) * bm_scale.float()
+                q1[:, i] = deq
+                losses += ((col - deq) ** 2 / d**2).double() / 2
+                err = (col - deq) / d
+                w1[:, i:] -= err.unsqueeze(1) * hinv1[i, i:].unsqueeze(0)
+                err1[:, i] = err
+                if (i + 1) % group_size == 0:  # group done: canonical selector 0 if the special value went unused
+                    group = (i1 + i) // group_size
+                    scales[:, group] = bm_scale
+                    selectors[:, group] = torch.where(used_sv, bm_sel, torch.zeros_like(bm_sel)).to(torch.uint8)
+                continue
             if i % group_size == 0:  # entering a group: grid from the current (updated) weights
                 g = w1[:, i:i + group_size]
                 grid = INT4.quantize(g, group_size, check=False)
@@ -148,6 +255,14 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, group_size: int, 
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
     if perm is not None:
         out = out[:, torch.argsort(perm)]
+    if bitmod:  # one group per row with act_order, so the permutation does not move groups
+        check = BITMOD4.quantize(out, group_size, check=False)
+        bad = ~(check.dequantize() == out).reshape(rows, -1, group_size).all(-1)
+        bad |= (check.scales != scales) | (check.selectors != selectors)
+        if bad.any():  # never seen (tested on random and edge-case groups); would mean packing changes GPTQ's values
+            warnings.warn(f"GPTQ: {int(bad.sum())} BitMoD groups do not re-quantize to GPTQ's grid; P3Linear's "
+                          "packing will round them again", stacklevel=2)
+        return GPTQResult(out, losses.sum().item(), scales, selectors)
     return GPTQResult(out, losses.sum().item())
 
 
@@ -224,15 +339,16 @@ def _collect_stage(layer: nn.Module, pending: dict[str, nn.Linear], chunks: list
 def apply_gptq(model: nn.Module, config: P3Config, calibration, tokenizer=None, settings: GPTQSettings | None = None) -> dict[str, float]:
     """Run GPTQ in place on the float weights of `model`'s decoder linears (before P3Linear packing).
 
-    config.weight_format must be "int4" (asymmetric); config.weight_group_size is the group. Uses
+    config.weight_format must be "int4" (asymmetric) or "bitmod"; config.weight_group_size is the group. Uses
     config.calibration_samples windows of config.calibration_seqlen tokens of `calibration` (texts with
     `tokenizer`, or token ids). Linears in config.skip_modules are left alone. Returns GPTQ's loss per linear.
     """
     from ..nn.patching import quantizable_linears
 
     settings = settings or GPTQSettings()
-    if config.weight_format != "int4":
-        raise ValueError(f"GPTQ here quantizes to INT4 asymmetric (weight_format='int4'), not {config.weight_format!r}")
+    if config.weight_format not in GPTQ_FORMATS:
+        raise ValueError(f"GPTQ here quantizes to INT4 asymmetric (weight_format='int4') or BitMoD ('bitmod'), "
+                         f"not {config.weight_format!r}")
     gs = config.weight_group_size
     wanted = {id(m): name for name, m in quantizable_linears(model, config)}
     if not wanted:
@@ -257,7 +373,7 @@ def apply_gptq(model: nn.Module, config: P3Config, calibration, tokenizer=None, 
                 raise RuntimeError(f"GPTQ: layer {index}'s linears {sorted(pending)} were never called in its forward")
             for name, hess in stage.items():
                 linear = pending.pop(name)
-                result = gptq_quantize(linear.weight, hess.value(), gs, settings)
+                result = gptq_quantize(linear.weight, hess.value(), gs, settings, config.weight_format)
                 linear.weight.copy_(result.weight.to(linear.weight.dtype))
                 losses[wanted[id(linear)]] = result.loss
                 del hess

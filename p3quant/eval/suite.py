@@ -5,7 +5,8 @@
 Methods are P3Config presets, "quarot-w4a8kv4" (QuaRot-style rotation + preset int4-w4a8kv4, RTN weights),
 "quarot-gptq-w4a8kv4" (the same with GPTQ weights, calibrated on 32 x 512 tokens of the offline C4 subset),
 "quarot-actgain-w4a8kv4" / "quarot-gptq-actgain-w4a8kv4" (norm gains kept on the activation side instead of fused
-into the weights: the Gemma-3 fix, see docs/baselines.md), or presets with "+awq" (AWQ calibration on the offline C4 subset). "wikitext" is perplexity with the standard protocol
+into the weights: the Gemma-3 fix, see docs/baselines.md), or presets with "+awq" (AWQ calibration on the offline C4 subset)
+or "+gptq" (GPTQ with the preset's own weight quantizer, e.g. BitMoD, in the loop; 32 x 512 C4 tokens as for QuaRot). "wikitext" is perplexity with the standard protocol
 (context --seqlen, at most --windows windows, --path prefill or decode); other task names run the packaged
 p3_<task> lm-eval tasks (0-shot, --limit items each). One table is printed (markdown).
 """
@@ -28,7 +29,8 @@ QUAROT_METHODS = {
     "quarot-actgain-w4a8kv4": ("rtn", "online"),
     "quarot-gptq-actgain-w4a8kv4": ("gptq", "online"),
 }
-GPTQ_SAMPLES = 32  # calibration windows of 512 tokens for quarot-gptq (GPTQ paper: 128 x 2048)
+GPTQ_SAMPLES = 32  # calibration windows of 512 tokens for quarot-gptq and "+gptq" (GPTQ paper: 128 x 2048)
+SUFFIXES = ("", "awq", "gptq")
 
 
 @dataclass
@@ -55,14 +57,14 @@ def build(model_name: str, method: str, group_size: int | None = None):
 
     model, tokenizer = load(model_name)
     base, _, extra = method.partition("+")
-    if extra not in ("", "awq"):
-        raise ValueError(f"unknown method suffix {extra!r} in {method!r}; only '+awq' is supported")
+    if extra not in SUFFIXES:
+        raise ValueError(f"unknown method suffix {extra!r} in {method!r}; only '+awq' and '+gptq' are supported")
     group = group_size or default_group_size(model)
     if base in QUAROT_METHODS:
         from ..baselines import quarot_quantize
 
         if extra:
-            raise ValueError(f"{method!r}: the QuaRot baselines take no '+awq' suffix")
+            raise ValueError(f"{method!r}: the QuaRot baselines take no '+awq' / '+gptq' suffix (use quarot-gptq-*)")
         weights, norm_gains = QUAROT_METHODS[base]
         config = P3Config.preset("int4-w4a8kv4", weight_group_size=group)
         calibration = None
@@ -74,6 +76,17 @@ def build(model_name: str, method: str, group_size: int | None = None):
                                norm_gains=norm_gains), tokenizer
     config = P3Config.preset(base, weight_group_size=group)
     calibration = None
+    if extra == "gptq":
+        from ..calibration.gptq import apply_gptq
+        from ..calibration.texts import calibration_texts
+
+        if not config.quantizes_weights:
+            raise ValueError(f"{method!r}: preset {base!r} has no quantized weights for GPTQ")
+        # GPTQ instead of AWQ (calibration="none": quantize() must not run AWQ on top; GPTQ's weights lie on the
+        # preset's grid, so packing keeps them).
+        config = config.replace(calibration_samples=GPTQ_SAMPLES, calibration="none")
+        apply_gptq(model, config, calibration_texts(), tokenizer)
+        return quantize(model, config), tokenizer
     if extra == "awq":
         from ..calibration.texts import calibration_texts
 
@@ -139,7 +152,7 @@ def format_table(rows: list[Row], reference: str | None = None) -> str:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="p3quant eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m", help="p3quant.models name or HF folder")
-    p.add_argument("--presets", nargs="+", default=["fp16", "w4a8kv4p8"], help="methods: presets, quarot[-gptq][-actgain]-w4a8kv4, NAME+awq")
+    p.add_argument("--presets", nargs="+", default=["fp16", "w4a8kv4p8"], help="methods: presets, quarot[-gptq][-actgain]-w4a8kv4, NAME+awq, NAME+gptq")
     p.add_argument("--tasks", nargs="+", default=["wikitext", "piqa", "arc_easy"], choices=TASKS)
     p.add_argument("--limit", type=int, default=200, help="items per lm-eval task (0: all)")
     p.add_argument("--seqlen", type=int, default=2048, help="WikiText-2 context")

@@ -16,6 +16,7 @@ from ..attention_math import AttentionFormats
 from ..config import P3Config
 from .backends import get_backend
 from .kv_cache import P3CacheLayer
+from .static_cache import P3StaticCacheLayer
 
 ATTENTION_NAME = "p3"
 
@@ -73,14 +74,19 @@ def p3_attention_forward(
         layer.update(key, value)
     new_tokens = layer.pending[0].shape[-2] if layer.pending is not None else 0
     total = layer.committed_tokens() + new_tokens
-    mask = _bool_mask(attention_mask, query.shape[-2], total, query.device)
+    backend = get_backend(state.backend, query.device)
+    # A static cache's decode step on a backend that reads the token count from the device: nothing below may
+    # depend on the host-side count, so that the step can be captured in a CUDA graph.
+    device_length = (isinstance(layer, P3StaticCacheLayer) and query.shape[-2] == 1 and layer.committed_tokens() > 0
+                     and backend.device_length_decode)
+    mask = _bool_mask(attention_mask, query.shape[-2], layer.max_cache_len if device_length else total, query.device)
     token_mask = None
     if layer.smoothing is None and new_tokens and mask.shape[0] == query.shape[0]:
         token_mask = mask[:, 0].any(dim=-2)[:, -new_tokens:]
     layer.commit(rope=state.rope, token_mask=token_mask)
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
-    backend = get_backend(state.backend, query.device)
-    out = backend.attention(query, layer.quantized_kv(), mask, scaling, state.formats, softcap)
+    kv = layer.quantized_kv(device_length=True) if device_length else layer.quantized_kv()
+    out = backend.attention(query, kv, mask, scaling, state.formats, softcap)
     return out.to(query.dtype).transpose(1, 2).contiguous(), None
 
 

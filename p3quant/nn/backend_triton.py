@@ -4,7 +4,8 @@
   activations (W4A8) or 16-bit activations (W4A16). INT8 activations (a baseline format) are fake-quantized
   by the torch quantizer and then run through the W4A16 kernel, which is exact for them.
 - attention, decode (one query token): the two-pass flash-decoding kernel (kernels.decode_attention) over the
-  packed INT4 cache, with the reference's exact semantics.
+  packed INT4 cache, with the reference's exact semantics; for a static cache (P3StaticCache) in the
+  device-length form that a CUDA graph can capture.
 - attention, prefill (Tq > 1) and configurations the kernel does not cover (dense 16-bit non-residual keys,
   KIVI per-channel keys, probability formats other than UE4M4 with the value-scale fold, unquantized queries
   over quantized keys): p3_attention_reference. Prefill is one compute-bound pass per prompt whose cost is
@@ -41,6 +42,7 @@ class TritonBackend(Backend):
     """Fused Triton kernels on CUDA tensors (see the module docstring for what falls back to the reference)."""
 
     name = "triton"
+    device_length_decode = True
 
     def linear(self, x, weight, bias, activation_format):
         if activation_format == "int8":
@@ -49,8 +51,12 @@ class TritonBackend(Backend):
 
     def attention(self, query, kv, attention_mask, scaling, fmt, softcap=None):
         if not _decode_kernel_applies(query, kv, fmt):
+            if kv.length is not None:
+                raise ValueError("the static P3 cache's decode step needs the decode kernel's formats (FP8 query, "
+                                 "UE4M4 P with the value-scale fold); use the dynamic P3Cache for other formats")
             return p3_attention_reference(query, kv, attention_mask, scaling, fmt, softcap)
-        total = (kv.keys.packed.shape[2] if kv.keys is not None else 0) + kv.residual_keys.shape[2]
+        total = kv.keys.packed.shape[2] if kv.length is not None else (
+            (kv.keys.packed.shape[2] if kv.keys is not None else 0) + kv.residual_keys.shape[2])
         mask = decode_mask(attention_mask, query.shape[0], total)
         return p3_decode_attention(query, kv, mask, scaling, softcap, fmt.prob_rounding)
 

@@ -24,6 +24,8 @@ class Backend(ABC):
     """How a quantized linear layer and attention over the P3 cache are computed."""
 
     name: str = "abstract"
+    # True when attention() accepts a static cache's device-length form (QuantizedKV.length) for decode
+    device_length_decode: bool = False
 
     @abstractmethod
     def linear(

@@ -64,10 +64,12 @@ class _Int4Store:
             self.zeros[:, :, sl] = q.zeros
         self.length = needed
 
-    def view(self, head_dim: int) -> Int4Tensor:
+    def view(self, head_dim: int, length: int | None = None) -> Int4Tensor:
+        """The first `length` (default: all stored) tokens, as views."""
+        length = self.length if length is None else length
         b, h = self.packed.shape[:2]
-        sl = slice(0, self.length)
-        return Int4Tensor(self.packed[:, :, sl], self.scales[:, :, sl], self.zeros[:, :, sl], (b, h, self.length, head_dim), head_dim)
+        sl = slice(0, length)
+        return Int4Tensor(self.packed[:, :, sl], self.scales[:, :, sl], self.zeros[:, :, sl], (b, h, length, head_dim), head_dim)
 
     def nbytes(self) -> int:
         per_token = sum(t[:, :, :1].numel() * t.element_size() for t in (self.packed, self.scales, self.zeros))

@@ -1,0 +1,94 @@
+"""P3StaticCache and p3quant.generate: same tokens as the dynamic cache; the device-length decode kernel path."""
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import p3quant
+from p3quant.attention_math import AttentionFormats, p3_attention_reference
+from p3quant.kernels.decode_attention import p3_decode_attention
+from p3quant.nn.patching import attention_modules
+from p3quant.nn.static_cache import P3StaticCache, P3StaticCacheLayer
+
+
+def _model(backend: str, residual_window: int = 1, preset: str = "w4a8kv4p8") -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=300, max_position_embeddings=256, head_dim=16)
+    model = LlamaForCausalLM(config).eval()
+    for p in model.parameters():  # larger than HF's init so that greedy decoding does not repeat one token
+        p.data.normal_(0, 0.2)
+    return p3quant.quantize(model, p3quant.P3Config.preset(preset, backend=backend, weight_group_size=32,
+                                                           residual_window=residual_window))
+
+
+def _prompt(gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.randint(0, 300, (2, 12), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0  # left padding
+    return ids, mask
+
+
+@pytest.mark.parametrize("preset,residual_window", [("w4a8kv4p8", 1), ("int4-w4a8kv4", 3)])
+def test_generate_matches_dynamic_cache(preset, residual_window):
+    ids, mask = _prompt(torch.Generator().manual_seed(int(torch.randint(0, 2**31, (1,)))))
+    model = _model("torch", residual_window, preset)
+    expected = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)[:, 12:]
+    assert torch.equal(p3quant.generate(model, ids, 8, attention_mask=mask), expected)
+
+
+def test_triton_device_length_attention_in_a_model(residual_window=3):
+    """Attention on the triton backend (decode steps in the device-length form), linears on torch (fast here)."""
+    ids, mask = _prompt(torch.Generator().manual_seed(int(torch.randint(0, 2**31, (1,)))))
+    expected = p3quant.generate(_model("torch", residual_window), ids, 4, attention_mask=mask)
+    model = _model("torch", residual_window)
+    for module in attention_modules(model):
+        module.p3_attention.backend = "triton"
+    assert torch.equal(p3quant.generate(model, ids, 4, attention_mask=mask), expected)
+
+
+@pytest.mark.parametrize("residual_window", [1, 4])
+def test_decode_kernel_reads_length_and_ring(residual_window):
+    """The kernel on the whole storage with the device-side count equals the reference on the sliced cache."""
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, (1,))))
+    b, hkv, heads, d, prompt, steps, capacity = 2, 2, 4, 32, 9, 6, 40
+    layer = P3StaticCacheLayer(p3quant.P3Config(residual_window=residual_window), capacity)
+    keys = torch.randn(b, hkv, prompt + steps, d, generator=gen) * (0.5 + 3 * torch.rand(d, generator=gen))
+    values = torch.randn(b, hkv, prompt + steps, d, generator=gen)
+    layer.update(keys[:, :, :prompt], values[:, :, :prompt])
+    layer.commit()
+    for t in range(prompt, prompt + steps):
+        layer.update(keys[:, :, t : t + 1], values[:, :, t : t + 1])
+        layer.commit()
+    n = prompt + steps
+    visible = torch.rand(b, n, generator=gen) > 0.2
+    visible[:, -1] = True
+    full_mask = torch.zeros(b, capacity, dtype=torch.bool)
+    full_mask[:, :n] = visible
+    q = torch.randn(b, heads, 1, d, generator=gen)
+    got = p3_decode_attention(q, layer.quantized_kv(device_length=True), full_mask, d**-0.5, num_splits=3)
+    ref = p3_attention_reference(q, layer.quantized_kv(), visible[:, None, None, :], d**-0.5, AttentionFormats())
+    assert ((got - ref).norm() / ref.norm()).item() < 1e-5
+
+
+def test_static_cache_errors():
+    with pytest.raises(ValueError, match="dynamic P3Cache"):
+        P3StaticCache(p3quant.P3Config.preset("kivi-kv4"), 2, 16)
+    with pytest.raises(ValueError, match="dynamic P3Cache"):
+        P3StaticCache(p3quant.P3Config(key_position="pre_rope", key_smoothing=False, query_format="none"), 2, 16)
+    layer = P3StaticCacheLayer(p3quant.P3Config(residual_window=4), 8)
+    layer.update(torch.randn(1, 1, 2, 8), torch.randn(1, 1, 2, 8))
+    with pytest.raises(ValueError, match="at least residual_window"):
+        layer.commit()
+    layer = P3StaticCacheLayer(p3quant.P3Config(), 8)
+    layer.update(torch.randn(1, 1, 6, 8), torch.randn(1, 1, 6, 8))
+    layer.commit()
+    with pytest.raises(ValueError, match="larger max_cache_len"):
+        layer.update(torch.randn(1, 1, 3, 8), torch.randn(1, 1, 3, 8))
+    with pytest.raises(ValueError, match="sliced cache form"):
+        p3_attention_reference(torch.randn(1, 1, 1, 8), layer.quantized_kv(device_length=True), None, 0.3, AttentionFormats())
+    model = _model("torch")
+    with pytest.raises(ValueError, match="CUDA"):
+        p3quant.generate(model, torch.zeros(1, 4, dtype=torch.long), 2, cuda_graph=True)
+    with pytest.raises(ValueError, match="quantized by p3quant.quantize"):
+        p3quant.generate(torch.nn.Linear(2, 2), torch.zeros(1, 4, dtype=torch.long), 2)
