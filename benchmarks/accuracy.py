@@ -19,7 +19,7 @@ from p3quant.eval.suite import TASKS, Row, format_table, run
 SUITES = {
     "ablation": ["fp16", "ablation-kv4-prerope", "ablation-kv4-postrope", "ablation-kv4-smooth", "ablation-w4int",
                  "ablation-w4bitmod", "ablation-p-fp8", "ablation-p-ue4m4", "ablation-a-int8", "ablation-a-fp8"],
-    "compare": ["fp16", "kv4", "kivi-kv4", "int4-w4a8kv4", "quarot-w4a8kv4", "quarot-gptq-w4a8kv4", "quarot-gptq-actgain-w4a8kv4", "w4a8kv4p8", "w4a8kv4p8+awq"],
+    "compare": ["fp16", "kv4", "kivi-kv4", "int4-w4a8kv4", "quarot-w4a8kv4", "quarot-gptq-w4a8kv4", "quarot-gptq-actgain-w4a8kv4", "w4a8kv4p8", "w4a8kv4p8+awq", "w4a8kv4p8+gptq"],
 }
 
 

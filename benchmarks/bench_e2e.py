@@ -3,8 +3,9 @@ vs p3quant W4A8KV4P8 on the triton backend, batch {1, 8}, 4K-token prompts.
 
 Per-token latency = (time of generate(new=1+N) - time of generate(new=1)) / N, so prefill cancels out.
 bf16 runs twice: eagerly with transformers' default (dynamic) cache, and with its best setting, a StaticCache
-(generate then compiles the decode step with torch.compile, CUDA graphs included). p3quant runs eagerly with
-its P3 cache. Run: python benchmarks/bench_e2e.py [--layers L] [--new-tokens N].
+(generate then compiles the decode step with torch.compile, CUDA graphs included). p3quant runs twice: eagerly
+with its P3 cache through transformers' generate, and with p3quant.generate over a P3StaticCache, the decode
+step replayed as a CUDA graph. Run: python benchmarks/bench_e2e.py [--layers L] [--new-tokens N].
 """
 
 from __future__ import annotations
@@ -61,6 +62,28 @@ def decode_latency(model, batch: int, context: int, new_tokens: int, static: boo
     return sorted(diffs)[0]
 
 
+def static_graph_latency(model, batch: int, context: int, new_tokens: int) -> float:
+    """Seconds per decoded token of p3quant.generate with a P3StaticCache and CUDA-graph replay.
+
+    Each generate call captures its own graph, so the per-token time is the slope between two lengths
+    (t(1 + 5N) - t(1 + N)) / 4N: prefill and capture cancel out.
+    """
+    import p3quant
+
+    ids = torch.randint(0, 128000, (batch, context), device="cuda")
+
+    def timed(new: int) -> float:
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        p3quant.generate(model, ids, new, cuda_graph=True)
+        torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    timed(4)  # warm-up: kernels for the static shapes, allocator
+    slopes = [(timed(1 + 5 * new_tokens) - timed(1 + new_tokens)) / (4 * new_tokens) for _ in range(2)]
+    return min(slopes)
+
+
 def host_profile(model, context: int, tokens: int = 8, top: int = 30) -> str:
     """cProfile of a batch-1 generate (prefill + `tokens` decode steps): where the host time goes."""
     import cProfile
@@ -83,8 +106,9 @@ def run(layers: int = 32, context: int = 4096, new_tokens: int = 32, batches=(1,
     model = build_model(layers)
     rows = []
     results: dict[tuple[str, int], tuple[float, float]] = {}
-    for label in ("bf16 transformers", "bf16 transformers static+compile", "p3quant W4A8KV4P8 triton"):
-        if label.startswith("p3quant"):
+    for label in ("bf16 transformers", "bf16 transformers static+compile", "p3quant W4A8KV4P8 triton",
+                  "p3quant W4A8KV4P8 triton static+graph"):
+        if label == "p3quant W4A8KV4P8 triton":
             start = time.perf_counter()
             p3quant.quantize(model, p3quant.P3Config.preset("w4a8kv4p8", backend="triton"))
             torch.cuda.synchronize()
@@ -94,7 +118,10 @@ def run(layers: int = 32, context: int = 4096, new_tokens: int = 32, batches=(1,
         for batch in batches:
             torch.cuda.reset_peak_memory_stats()
             try:
-                latency = decode_latency(model, batch, context, new_tokens, static=label.endswith("compile"))
+                if label.endswith("static+graph"):
+                    latency = static_graph_latency(model, batch, context, new_tokens)
+                else:
+                    latency = decode_latency(model, batch, context, new_tokens, static=label.endswith("compile"))
             except torch.OutOfMemoryError as err:
                 rows.append((label, batch, "OOM", "", "", f"{weights:.1f}", str(err)[:60]))
                 continue
@@ -105,11 +132,12 @@ def run(layers: int = 32, context: int = 4096, new_tokens: int = 32, batches=(1,
             results[(label, batch)] = (latency, peak)
             rows.append((label, batch, latency * 1e3, batch / latency, peak, f"{weights:.1f}", ""))
     for batch in batches:
-        p3 = results.get(("p3quant W4A8KV4P8 triton", batch))
-        for base_label in ("bf16 transformers", "bf16 transformers static+compile"):
-            base = results.get((base_label, batch))
-            if base and p3:
-                rows.append((f"speedup p3 / {base_label}", batch, base[0] / p3[0], "", "", "", ""))
+        for p3_label in ("p3quant W4A8KV4P8 triton", "p3quant W4A8KV4P8 triton static+graph"):
+            p3 = results.get((p3_label, batch))
+            for base_label in ("bf16 transformers", "bf16 transformers static+compile"):
+                base = results.get((base_label, batch))
+                if base and p3:
+                    rows.append((f"speedup {p3_label} / {base_label}", batch, base[0] / p3[0], "", "", "", ""))
     headers = ["model", "batch", "ms / token", "tokens / s", "peak GiB", "weights+buffers GiB", "note"]
     text = f"Llama-3.1-8B shape, {layers} layers, context {context}, {new_tokens} timed decode tokens\n" + table(headers, rows)
     if profile:
