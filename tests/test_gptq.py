@@ -127,6 +127,7 @@ def test_quarot_gptq_end_to_end_keeps_gptq_codes(monkeypatch) -> None:
 
 # ------------------------------------------------------------------------------------------- BitMoD
 def test_bitmod_gptq_reconstructs_outputs_better_than_rtn() -> None:
+    """GPTQ's output error is about 0.25-0.3x BitMoD RTN's on these inputs (8 seeds); 0.5 leaves a wide margin."""
     group = 32
     x = _correlated_inputs(1024, 256)
     w = torch.randn(96, 256) * (0.5 + torch.rand(96, 1))
@@ -135,7 +136,7 @@ def test_bitmod_gptq_reconstructs_outputs_better_than_rtn() -> None:
     ref = x @ w.T
     err_gptq = (x @ q.T - ref).norm().item()
     err_rtn = (x @ rtn.T - ref).norm().item()
-    assert err_gptq < 0.8 * err_rtn, (err_gptq, err_rtn)
+    assert err_gptq < 0.5 * err_rtn, (err_gptq, err_rtn)
 
 
 def test_bitmod_gptq_with_identity_hessian_is_the_library_rtn() -> None:
