@@ -154,18 +154,9 @@ class P3StaticCacheLayer(P3CacheLayer):
         return self.length
 
     def nbytes(self) -> int:
-        """Bytes of the committed tokens' packed data, the smoothing factors and the 16-bit window."""
-        total = sum(store.nbytes() for store in (self.key_store, self.value_store) if store is not None)
-        for t in (self.smoothing, self.ring_keys, self.ring_values):
-            if t is not None:
-                total += t.numel() * t.element_size()
-        return total
-
-    def fp16_nbytes(self) -> int:
-        if not self.is_initialized:
-            return 0
-        b, h, _, d = self.ring_keys.shape
-        return 2 * b * h * self.length * d * 2
+        """The dynamic layer's count (packed tokens, smoothing factors) plus the 16-bit ring."""
+        ring = sum(t.numel() * t.element_size() for t in (self.ring_keys, self.ring_values) if t is not None)
+        return super().nbytes() + ring
 
     def _map_batch(self, fn) -> None:
         raise NotImplementedError("P3StaticCache has a fixed batch: beam search and batch reordering need the dynamic P3Cache")
