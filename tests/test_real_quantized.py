@@ -52,6 +52,9 @@ def test_smollm2_w4a8kv4p8_generates_and_shrinks(smollm2) -> None:
     assert "Paris" in texts[0]
     alone = _generate(qmodel, tokenizer, ["Water boils at a temperature of 100 degrees"])
     assert alone[0] == texts[1]  # left padding does not change a row's greedy text
+    batch = tokenizer(["The capital of France is", "Water boils at a temperature of 100 degrees"], return_tensors="pt", padding=True)
+    static = p3quant.generate(qmodel, batch["input_ids"], 10, attention_mask=batch["attention_mask"])
+    assert tokenizer.batch_decode(static, skip_special_tokens=True) == texts  # static cache: the same greedy text
     cache = qmodel.p3_make_cache()
     ids = tokenizer("The quick brown fox jumps over the lazy dog. " * 30, return_tensors="pt")["input_ids"][:, :256]
     with torch.no_grad():
