@@ -64,8 +64,8 @@ def test_quarot_quantized_runs_and_rotates_keys() -> None:
     assert torch.isfinite(logits).all() and generated.shape == (1, 28)
 
 
-def test_gemma3_rotations_keep_float_logits() -> None:
-    torch.manual_seed(0)
+def _tiny_gemma3(norm_gain_noise: float) -> Gemma3ForCausalLM:
+    """A tiny Gemma3 (a sliding and a full layer) whose norm gains get random offsets of the given size."""
     model = Gemma3ForCausalLM(Gemma3TextConfig(
         hidden_size=80, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1,
         head_dim=16, vocab_size=VOCAB, query_pre_attn_scalar=16, sliding_window=8,
@@ -73,7 +73,14 @@ def test_gemma3_rotations_keep_float_logits() -> None:
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:
-                p.add_(0.3 * torch.randn_like(p))
+                p.add_(norm_gain_noise * torch.randn_like(p))
+    return model
+
+
+def test_gemma3_rotations_keep_float_logits() -> None:
+    torch.manual_seed(0)
+    model = _tiny_gemma3(norm_gain_noise=0.3)
+    with torch.no_grad():
         ids = torch.randint(0, VOCAB, (2, 20))
         ref = model(ids).logits
         rotate_model(model)
@@ -107,14 +114,7 @@ def test_online_norm_gains_keep_float_logits(arch: str) -> None:
     if arch == "llama":
         model = _tiny_llama()
     else:
-        model = Gemma3ForCausalLM(Gemma3TextConfig(
-            hidden_size=80, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1,
-            head_dim=16, vocab_size=VOCAB, query_pre_attn_scalar=16, sliding_window=8,
-            layer_types=["sliding_attention", "full_attention"])).eval()
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if "norm" in name:
-                    p.add_(3.0 * torch.randn_like(p))  # large gains, as in the real Gemma-3
+        model = _tiny_gemma3(norm_gain_noise=3.0)  # large gains, as in the real Gemma-3
     q_before = model.model.layers[0].self_attn.q_proj.weight.detach().clone()
     ids = torch.randint(0, VOCAB, (2, 20))
     with torch.no_grad():

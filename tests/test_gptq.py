@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from p3quant import P3Config, P3Linear
 from p3quant.baselines import quarot_quantize
@@ -13,8 +12,8 @@ from p3quant.calibration.gptq import GPTQSettings, apply_gptq, gptq_quantize
 from p3quant.formats.bitmod import BITMOD4
 from p3quant.formats.integer import INT4
 from p3quant.quantizers import quantize_weight
+from test_baselines import VOCAB, _tiny_llama  # the shared tiny-model builder
 
-VOCAB = 96
 
 
 def _correlated_inputs(tokens: int, features: int) -> torch.Tensor:
@@ -72,7 +71,7 @@ def test_gptq_clear_errors() -> None:
         gptq_quantize(w, h, 32, GPTQSettings(act_order=True))
     with pytest.raises(ValueError, match="Hessian shape"):
         gptq_quantize(w, torch.eye(64), 32)
-    model = _tiny_llama()
+    model = _tiny_llama(tied=False)
     with pytest.raises(ValueError, match="BitMoD"):
         apply_gptq(model, P3Config.preset("w4a8kv4p8", weight_group_size=32, weight_format="int4_sym"),
                    [torch.randint(0, VOCAB, (64,))])
@@ -81,26 +80,15 @@ def test_gptq_clear_errors() -> None:
     with pytest.raises(ValueError, match="does not divide"):
         apply_gptq(model, P3Config.preset("int4-w4a8kv4", weight_group_size=64), [torch.randint(0, VOCAB, (64,))])
     with pytest.raises(ValueError, match="calibration"):
-        quarot_quantize(_tiny_llama(), P3Config.preset("int4-w4a8kv4", weight_group_size=32), weights="gptq")
+        quarot_quantize(_tiny_llama(tied=False), P3Config.preset("int4-w4a8kv4", weight_group_size=32), weights="gptq")
     with pytest.raises(ValueError, match="weights="):
-        quarot_quantize(_tiny_llama(), P3Config.preset("int4-w4a8kv4", weight_group_size=32), weights="awq")
-
-
-def _tiny_llama() -> LlamaForCausalLM:
-    config = LlamaConfig(hidden_size=96, intermediate_size=192, num_hidden_layers=2, num_attention_heads=6,
-                         num_key_value_heads=2, head_dim=16, vocab_size=VOCAB, max_position_embeddings=256)
-    model = LlamaForCausalLM(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.add_(0.3 * torch.randn_like(p))
-    return model
+        quarot_quantize(_tiny_llama(tied=False), P3Config.preset("int4-w4a8kv4", weight_group_size=32), weights="awq")
 
 
 def test_quarot_gptq_end_to_end_keeps_gptq_codes(monkeypatch) -> None:
     config = P3Config.preset("int4-w4a8kv4", weight_group_size=32, calibration_samples=4, calibration_seqlen=48)
     calibration = [torch.randint(0, VOCAB, (4 * 48,))]
-    model = _tiny_llama()
+    model = _tiny_llama(tied=False)
     captured = {}
     from p3quant.calibration import gptq
 
@@ -195,7 +183,7 @@ def test_p3_gptq_method_end_to_end_keeps_gptq_codes(monkeypatch) -> None:
     from p3quant.calibration import gptq
     from p3quant.eval import suite
 
-    model = _tiny_llama()
+    model = _tiny_llama(tied=False)
     monkeypatch.setattr(models, "load", lambda name: (model, None))
     monkeypatch.setattr(texts, "calibration_texts", lambda: [torch.randint(0, VOCAB, (512,))])
     monkeypatch.setattr(suite, "GPTQ_SAMPLES", 1)
