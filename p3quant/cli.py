@@ -82,6 +82,17 @@ def _greedy(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
     return tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
+def _greedy_static(model, tokenizer, prompt: str, max_new_tokens: int, cuda_graph: bool) -> str:
+    """p3quant.generate over a P3StaticCache (optionally CUDA-graph replay), cut at the first end-of-text token."""
+    from .generation import generate
+
+    ids = tokenizer(prompt, return_tensors="pt").to(next(model.parameters()).device)
+    tokens = generate(model, ids["input_ids"], max_new_tokens, attention_mask=ids["attention_mask"], cuda_graph=cuda_graph)[0].tolist()
+    if tokenizer.eos_token_id in tokens:
+        tokens = tokens[: tokens.index(tokenizer.eos_token_id) + 1]
+    return tokenizer.decode(tokens, skip_special_tokens=True)
+
+
 def _mib(n: int) -> str:
     return f"{n / 2**20:.1f} MiB"
 
@@ -162,7 +173,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     ledger = get_backend("pim").ledger if args.backend == "pim" else None
     if ledger is not None:
         ledger.reset()
-    print(_greedy(model, tokenizer, args.prompt, args.max_new_tokens))
+    if args.static_cache or args.cuda_graph:
+        print(_greedy_static(model, tokenizer, args.prompt, args.max_new_tokens, args.cuda_graph))
+    else:
+        print(_greedy(model, tokenizer, args.prompt, args.max_new_tokens))
     if ledger is not None:
         print(ledger.summary())
     return 0
@@ -201,6 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(gen)
     gen.add_argument("--prompt", default=DEFAULT_PROMPT)
     gen.add_argument("--max-new-tokens", type=int, default=32)
+    gen.add_argument("--static-cache", action="store_true", help="decode with p3quant.generate over a P3StaticCache")
+    gen.add_argument("--cuda-graph", action="store_true", help="as --static-cache, replaying the decode step as a CUDA graph (CUDA only)")
     gen.set_defaults(func=cmd_generate)
 
     sub.add_parser("eval", help="run an evaluation suite (lm-eval tasks, perplexity) side by side; see `p3quant eval --help`",

@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib.metadata
 
 import pytest
-import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from p3quant import P3Linear, models
@@ -43,7 +42,11 @@ def test_quantize_then_generate_and_ppl_from_the_saved_folder(tiny_folder, tmp_p
                  "--out", str(out_dir)]) == 0
     loaded = AutoModelForCausalLM.from_pretrained(out_dir)
     assert isinstance(loaded.model.layers[0].self_attn.q_proj, P3Linear)
+    capsys.readouterr()
     assert main(["generate", "--model", str(out_dir), "--max-new-tokens", "4"]) == 0
+    dynamic = capsys.readouterr().out
+    assert main(["generate", "--model", str(out_dir), "--max-new-tokens", "4", "--static-cache"]) == 0
+    assert capsys.readouterr().out == dynamic
     try:
         code = main(["ppl", "--model", str(out_dir), "--seqlen", "64", "--windows", "1"])
     except FileNotFoundError as err:
