@@ -7,7 +7,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import p3quant
 from p3quant.attention_math import AttentionFormats, p3_attention_reference
 from p3quant.kernels.decode_attention import p3_decode_attention
-from p3quant.nn.patching import attention_modules
+from p3quant.nn.patching import attention_modules, cache_argument
 from p3quant.nn.static_cache import P3StaticCache, P3StaticCacheLayer
 
 
@@ -35,6 +35,11 @@ def test_generate_matches_dynamic_cache(preset, residual_window):
     model = _model("torch", residual_window, preset)
     expected = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)[:, 12:]
     assert torch.equal(p3quant.generate(model, ids, 8, attention_mask=mask), expected)
+    # the static cache also serves transformers' own generate loop (eagerly)
+    static = P3StaticCache(model.p3_config, len(attention_modules(model)), 20)
+    via_hf = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0,
+                            **{cache_argument(model): static})[:, 12:]
+    assert torch.equal(via_hf, expected)
 
 
 def test_triton_device_length_attention_in_a_model(residual_window=3):
