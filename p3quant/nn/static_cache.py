@@ -182,8 +182,12 @@ class P3StaticCache(P3Cache):
 
     def __init__(self, config: P3Config, num_layers: int, max_cache_len: int) -> None:
         self.p3 = config
-        self.max_cache_len = max_cache_len
         Cache.__init__(self, layers=[P3StaticCacheLayer(config, max_cache_len) for _ in range(num_layers)])
+
+    @property
+    def max_cache_len(self) -> int:
+        """Tokens per sequence the storage holds (prompt + generated)."""
+        return self.layers[0].max_cache_len
 
     def get_query_offset(self, layer_idx: int = 0):
         """The position of the first new query token, as a device tensor (read without a host sync)."""
