@@ -61,6 +61,25 @@ cvt.f32.f16 $3, l;
 cvt.f32.f16 $7, h;
 }""")
 
+def _bitmod_half(word: str, negated: str, out: int) -> str:
+    """PTX for 4 codes (bytes of `word` select the table entries) into fp32 outputs $out..$out+3."""
+    return f"""prmt.b32 P, tp0, tp1, {word};
+prmt.b32 N, $9, $10, {negated};
+prmt.b32 S, s80, s80, {word};
+lop3.b32 R, S, N, P, 0xCA;
+prmt.b32 q0, R, m64, 0x5140;
+prmt.b32 q1, R, m64, 0x7362;
+sub.rn.f16x2 q0, q0, bias;
+sub.rn.f16x2 q1, q1, bias;
+mov.b32 {{l, h}}, q0;
+cvt.f32.f16 ${out}, l;
+cvt.f32.f16 ${out + 1}, h;
+mov.b32 {{l, h}}, q1;
+cvt.f32.f16 ${out + 2}, l;
+cvt.f32.f16 ${out + 3}, h;
+"""
+
+
 _ASM_BITMOD = tl.constexpr("""{
 .reg .b32 tp0, tp1, s80, m64, bias, wn, wh, wnh, P, N, S, R, q0, q1;
 .reg .b16 l, h;
@@ -72,35 +91,7 @@ mov.b32 bias, 0x64106410;
 xor.b32 wn, $8, 0x88888888;
 shr.u32 wh, $8, 16;
 shr.u32 wnh, wn, 16;
-prmt.b32 P, tp0, tp1, $8;
-prmt.b32 N, $9, $10, wn;
-prmt.b32 S, s80, s80, $8;
-lop3.b32 R, S, N, P, 0xCA;
-prmt.b32 q0, R, m64, 0x5140;
-prmt.b32 q1, R, m64, 0x7362;
-sub.rn.f16x2 q0, q0, bias;
-sub.rn.f16x2 q1, q1, bias;
-mov.b32 {l, h}, q0;
-cvt.f32.f16 $0, l;
-cvt.f32.f16 $1, h;
-mov.b32 {l, h}, q1;
-cvt.f32.f16 $2, l;
-cvt.f32.f16 $3, h;
-prmt.b32 P, tp0, tp1, wh;
-prmt.b32 N, $9, $10, wnh;
-prmt.b32 S, s80, s80, wh;
-lop3.b32 R, S, N, P, 0xCA;
-prmt.b32 q0, R, m64, 0x5140;
-prmt.b32 q1, R, m64, 0x7362;
-sub.rn.f16x2 q0, q0, bias;
-sub.rn.f16x2 q1, q1, bias;
-mov.b32 {l, h}, q0;
-cvt.f32.f16 $4, l;
-cvt.f32.f16 $5, h;
-mov.b32 {l, h}, q1;
-cvt.f32.f16 $6, l;
-cvt.f32.f16 $7, h;
-}""")
+""" + _bitmod_half("$8", "wn", 0) + _bitmod_half("wh", "wnh", 4) + "}")
 
 
 @triton.jit
@@ -139,6 +130,16 @@ def _decode_word(words, aux, IS_BITMOD: tl.constexpr, USE_ASM: tl.constexpr):
         return (_nibble(words, 0, a, IS_BITMOD), _nibble(words, 1, a, IS_BITMOD), _nibble(words, 2, a, IS_BITMOD),
                 _nibble(words, 3, a, IS_BITMOD), _nibble(words, 4, a, IS_BITMOD), _nibble(words, 5, a, IS_BITMOD),
                 _nibble(words, 6, a, IS_BITMOD), _nibble(words, 7, a, IS_BITMOD))
+
+
+@triton.jit
+def _gemv_epilogue(out, xs_ptr, b_ptr, y_ptr, m, stride_ym, offs_n, n_mask, ROW_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """Row m's activation scale and the bias applied to one block of GEMV outputs, then the store."""
+    if ROW_SCALE:
+        out = out * tl.load(xs_ptr + m)
+    if HAS_BIAS:
+        out += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + m * stride_ym + offs_n, out.to(y_ptr.dtype.element_ty), mask=n_mask)
 
 
 @triton.jit
@@ -210,10 +211,7 @@ def _w4_gemv_kernel(
     out = tl.sum(tl.sum(acc, axis=2), axis=1)
     if IS_BITMOD:
         out = out * 0.5
-    out = out * tl.load(xs_ptr + m)
-    if HAS_BIAS:
-        out += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-    tl.store(y_ptr + m * stride_ym + offs_n, out.to(y_ptr.dtype.element_ty), mask=n_mask)
+    _gemv_epilogue(out, xs_ptr, b_ptr, y_ptr, m, stride_ym, offs_n, n_mask, True, HAS_BIAS)
 
 
 @triton.jit
@@ -273,11 +271,7 @@ def _w4_gemv_a16_kernel(
     out = tl.sum(acc, axis=1)
     if IS_BITMOD:
         out = out * 16384.0
-    if A_FP8:
-        out = out * tl.load(xs_ptr + m)
-    if HAS_BIAS:
-        out += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-    tl.store(y_ptr + m * stride_ym + offs_n, out.to(y_ptr.dtype.element_ty), mask=n_mask)
+    _gemv_epilogue(out, xs_ptr, b_ptr, y_ptr, m, stride_ym, offs_n, n_mask, A_FP8, HAS_BIAS)
 
 
 @triton.jit

@@ -58,11 +58,17 @@ class _Int4Store:
 
             quantize_int4_rows_into(x, self.packed[:, :, sl], self.scales[:, :, sl], self.zeros[:, :, sl], divisor)
         else:
-            q = INT4.quantize(x if divisor is None else x.float() / divisor, x.shape[-1])
-            self.packed[:, :, sl] = q.packed
-            self.scales[:, :, sl] = q.scales.to(torch.float16)
-            self.zeros[:, :, sl] = q.zeros
+            self.packed[:, :, sl], self.scales[:, :, sl], self.zeros[:, :, sl] = quantize_rows(x, divisor)
         self.length = needed
+
+    def write_at(self, position: torch.Tensor, x: torch.Tensor, divisor: torch.Tensor | None = None) -> None:
+        """Quantize one token per row, x [B, H, 1, D], into the slot at `position` ([1] int64 on x's device).
+
+        The index stays on the device, so the write can be captured in a CUDA graph.
+        """
+        for storage, rows in zip((self.packed, self.scales, self.zeros), quantize_rows(x, divisor)):
+            storage.index_copy_(2, position, rows)
+        self.length += 1
 
     def view(self, head_dim: int, length: int | None = None) -> Int4Tensor:
         """The first `length` (default: all stored) tokens, as views."""
@@ -77,6 +83,30 @@ class _Int4Store:
 
     def map_batch(self, fn) -> None:
         self.packed, self.scales, self.zeros = fn(self.packed), fn(self.scales), fn(self.zeros)
+
+
+def quantize_rows(x: torch.Tensor, divisor: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """INT4 asymmetric per (b, h, t) row of x / divisor, as new (packed uint8, fp16 scales, uint8 zero points)."""
+    b, h, t, d = x.shape
+    if _use_append_kernel(x):
+        from ..kernels.kv_append import quantize_int4_rows_into
+
+        packed = torch.empty(b, h, t, d // 2, dtype=torch.uint8, device=x.device)
+        scales = torch.empty(b, h, t, 1, dtype=torch.float16, device=x.device)
+        zeros = torch.empty(b, h, t, 1, dtype=torch.uint8, device=x.device)
+        quantize_int4_rows_into(x, packed, scales, zeros, divisor)
+        return packed, scales, zeros
+    q = INT4.quantize(x if divisor is None else x.float() / divisor, d)
+    return q.packed, q.scales.to(torch.float16), q.zeros
+
+
+def prompt_smoothing(keys: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
+    """The per-channel key smoothing factor of the prompt's keys (the GPU kernel where it applies)."""
+    if _use_append_kernel(keys):
+        from ..kernels.kv_append import key_smoothing_factor_gpu
+
+        return key_smoothing_factor_gpu(keys, token_mask)
+    return key_smoothing_factor(keys, token_mask)
 
 
 def _use_append_kernel(x: torch.Tensor) -> bool:
@@ -197,12 +227,7 @@ class P3CacheLayer(DynamicLayer):
             self.rope_cos = _cat_tokens(self.rope_cos, cos.unsqueeze(1).to(keys.dtype), dim=2)
             self.rope_sin = _cat_tokens(self.rope_sin, sin.unsqueeze(1).to(keys.dtype), dim=2)
         if self.smoothing is None and self.p3.key_smoothing:
-            if _use_append_kernel(keys):
-                from ..kernels.kv_append import key_smoothing_factor_gpu
-
-                self.smoothing = key_smoothing_factor_gpu(keys, token_mask)
-            else:
-                self.smoothing = key_smoothing_factor(keys, token_mask)
+            self.smoothing = prompt_smoothing(keys, token_mask)
         self.residual_keys = torch.cat([self.residual_keys, keys], dim=-2)
         self.residual_values = torch.cat([self.residual_values, values], dim=-2)
         self._flush()

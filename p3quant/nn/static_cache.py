@@ -20,8 +20,7 @@ from transformers.cache_utils import Cache
 
 from ..attention_math import QuantizedKV
 from ..config import P3Config
-from ..formats import INT4
-from .kv_cache import P3Cache, P3CacheLayer, _Int4Store, _use_append_kernel
+from .kv_cache import P3Cache, P3CacheLayer, _Int4Store, prompt_smoothing
 
 
 def check_static_config(config: P3Config) -> None:
@@ -87,7 +86,7 @@ class P3StaticCacheLayer(P3CacheLayer):
         self.pending = None
         new = keys.shape[-2]
         if self.smoothing is None and self.p3.key_smoothing:
-            self.smoothing = self._prompt_smoothing(keys, token_mask)
+            self.smoothing = prompt_smoothing(keys, token_mask)
         if self.length == 0 and new < self.p3.residual_window:
             raise ValueError(f"P3StaticCache needs a prompt of at least residual_window={self.p3.residual_window} tokens, got {new}")
         if self.length > 0 and new == 1:
@@ -95,15 +94,6 @@ class P3StaticCacheLayer(P3CacheLayer):
         else:
             self._commit_many(keys, values)
         self.length += new
-
-    def _prompt_smoothing(self, keys: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
-        if _use_append_kernel(keys):
-            from ..kernels.kv_append import key_smoothing_factor_gpu
-
-            return key_smoothing_factor_gpu(keys, token_mask)
-        from ..quantizers import key_smoothing_factor
-
-        return key_smoothing_factor(keys, token_mask)
 
     def _commit_many(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Prefill (or several tokens at once): host-side positions, not capturable."""
@@ -119,12 +109,8 @@ class P3StaticCacheLayer(P3CacheLayer):
     def _commit_one(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         """One decode token at the device-side position: capturable in a CUDA graph."""
         position = self.length_t
-        for store, rows, divisor in ((self.key_store, keys, self.smoothing), (self.value_store, values, None)):
-            packed, scales, zeros = _quantize_rows(rows, divisor)
-            store.packed.index_copy_(2, position, packed)
-            store.scales.index_copy_(2, position, scales)
-            store.zeros.index_copy_(2, position, zeros)
-            store.length += 1
+        self.key_store.write_at(position, keys, self.smoothing)
+        self.value_store.write_at(position, values)
         slot = position % self.p3.residual_window
         self.ring_keys.index_copy_(2, slot, keys)
         self.ring_values.index_copy_(2, slot, values)
@@ -160,21 +146,6 @@ class P3StaticCacheLayer(P3CacheLayer):
 
     def _map_batch(self, fn) -> None:
         raise NotImplementedError("P3StaticCache has a fixed batch: beam search and batch reordering need the dynamic P3Cache")
-
-
-def _quantize_rows(rows: torch.Tensor, divisor: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """INT4 asymmetric per (b, h, t) row, as (packed uint8, fp16 scales, uint8 zero points)."""
-    b, h, t, d = rows.shape
-    if _use_append_kernel(rows):
-        from ..kernels.kv_append import quantize_int4_rows_into
-
-        packed = torch.empty(b, h, t, d // 2, dtype=torch.uint8, device=rows.device)
-        scales = torch.empty(b, h, t, 1, dtype=torch.float16, device=rows.device)
-        zeros = torch.empty(b, h, t, 1, dtype=torch.uint8, device=rows.device)
-        quantize_int4_rows_into(rows, packed, scales, zeros, divisor)
-        return packed, scales, zeros
-    q = INT4.quantize(rows if divisor is None else rows.float() / divisor, d)
-    return q.packed, q.scales.to(torch.float16), q.zeros
 
 
 class P3StaticCache(P3Cache):
