@@ -18,6 +18,7 @@ def _model(backend: str, residual_window: int = 1, preset: str = "w4a8kv4p8") ->
     model = LlamaForCausalLM(config).eval()
     for p in model.parameters():  # larger than HF's init so that greedy decoding does not repeat one token
         p.data.normal_(0, 0.2)
+    model.generation_config.eos_token_id = None  # p3quant.generate never stops early: neither may the reference
     return p3quant.quantize(model, p3quant.P3Config.preset(preset, backend=backend, weight_group_size=32,
                                                            residual_window=residual_window))
 
