@@ -100,15 +100,20 @@ def host_profile(model, context: int, tokens: int = 8, top: int = 30) -> str:
     return out.getvalue()
 
 
-def run(layers: int = 32, context: int = 4096, new_tokens: int = 32, batches=(1, 8), profile: bool = False) -> str:
+LABELS = ("bf16 transformers", "bf16 transformers static+compile", "p3quant W4A8KV4P8 triton", "p3quant W4A8KV4P8 triton static+graph")
+
+
+def run(layers: int = 32, context: int = 4096, new_tokens: int = 32, batches=(1, 8), profile: bool = False,
+        labels=LABELS) -> str:
     import p3quant
 
     model = build_model(layers)
     rows = []
     results: dict[tuple[str, int], tuple[float, float]] = {}
-    for label in ("bf16 transformers", "bf16 transformers static+compile", "p3quant W4A8KV4P8 triton",
-                  "p3quant W4A8KV4P8 triton static+graph"):
-        if label == "p3quant W4A8KV4P8 triton":
+    quantized = False
+    for label in labels:
+        if label.startswith("p3quant") and not quantized:
+            quantized = True
             start = time.perf_counter()
             p3quant.quantize(model, p3quant.P3Config.preset("w4a8kv4p8", backend="triton"))
             torch.cuda.synchronize()
@@ -152,9 +157,10 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--profile", action="store_true", help="append a cProfile of the p3quant decode (host time)")
+    parser.add_argument("--labels", nargs="+", choices=LABELS, default=list(LABELS), help="which rows to run")
     args = parser.parse_args()
     print(environment())
-    print(run(args.layers, args.context, args.new_tokens, tuple(args.batches), args.profile))
+    print(run(args.layers, args.context, args.new_tokens, tuple(args.batches), args.profile, tuple(args.labels)))
 
 
 if __name__ == "__main__":

@@ -54,6 +54,33 @@ def _act_quant_split_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, BLOCK_K: tl.const
         tl.store(q_ptr + row * K + (k % 8) * kw + k // 8, q, mask=mask)
 
 
+@triton.jit
+def _act_quant_halves_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, BLOCK_K: tl.constexpr):
+    """Same codes as _act_quant_kernel, stored as fp16 values (exact) in half-plane order: element k goes to
+    ((k // 4) % 2) * (K // 2) + (k // 8) * 4 + k % 4 (the lo / hi planes the tensor-core decode GEMM reads)."""
+    row = tl.program_id(0)
+    offs = tl.arange(0, BLOCK_K)
+    scale = _row_scale(x_ptr, row, K, stride_xm, BLOCK_K)
+    tl.store(s_ptr + row, scale)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + offs
+        mask = k < K
+        x = tl.load(x_ptr + row * stride_xm + k, mask=mask, other=0.0).to(tl.float32)
+        q = round_minifloat(tl.math.div_rn(x, scale), 3, -6, FP8_MAX, False)
+        pos = ((k // 4) % 2) * (K // 2) + (k // 8) * 4 + k % 4
+        tl.store(q_ptr + row * stride_qm + pos, q.to(tl.float16), mask=mask)
+
+
+@on_input_device
+def quantize_activation_fp8_halves(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> None:
+    """Hot-path variant for the tensor-core decode GEMM (no checks; callers validate): x [M, K] (K % 8 == 0,
+    unit stride) -> codes fp16 [M, K] in half-plane order (exact E4M3 values), scales fp32 [M]."""
+    m, k = x.shape
+    block = min(triton.next_power_of_2(k), 4096)
+    _act_quant_halves_kernel[(m,)](x, codes, scales, k, x.stride(0), codes.stride(0), BLOCK_K=block,
+                                   num_warps=4 if block <= 1024 else 8)
+
+
 @on_input_device
 def quantize_activation_fp8_split(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> None:
     """Hot-path variant for the decode GEMV (no checks; callers validate): x [M, K] (K % 8 == 0, unit stride)

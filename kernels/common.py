@@ -127,6 +127,73 @@ def decode_w4(codes, aux, IS_BITMOD: tl.constexpr):
         return codes - aux
 
 
+def _decode_half_ptx(word: str, negated: str, outs: tuple[str, str], tables: tuple[str, ...], s80: str, m64: str,
+                     bias: str) -> str:
+    """PTX: codes 0..3 of `word` (its low 16 bits) into the fp16 pairs outs[0] = (c0, c1), outs[1] = (c2, c3)."""
+    tp0, tp1, tn0, tn1 = tables
+    return f"""prmt.b32 P, {tp0}, {tp1}, {word};
+prmt.b32 N, {tn0}, {tn1}, {negated};
+prmt.b32 S, {s80}, {s80}, {word};
+lop3.b32 R, S, N, P, 0xCA;
+prmt.b32 {outs[0]}, R, {m64}, 0x5140;
+prmt.b32 {outs[1]}, R, {m64}, 0x7362;
+sub.rn.f16x2 {outs[0]}, {outs[0]}, {bias};
+sub.rn.f16x2 {outs[1]}, {outs[1]}, {bias};
+"""
+
+
+def decode_word_ptx(outs: tuple[str, str, str, str], word: str, tables: tuple[str, ...], s80: str, m64: str, bias: str,
+                    scale: str | None = None) -> str:
+    """Inline PTX decoding one 32-bit word of 8 codes (code i = nibble i) into four fp16 pairs in code order.
+
+    prmt looks each code up in byte tables of (value + 16) in [0, 32] (decode_tables: codes 0..7 in tp0/tp1, codes
+    8..15 in tn0/tn1, picked by the code's sign bit through prmt's sign-replicate mode: s80 = 0x80808080 gives a
+    byte mask of 0x80 or 0xFF for lop3, and every table byte is < 0x80), places each byte under 0x64 (m64 =
+    0x64646464: fp16 1024 + byte) and subtracts bias = fp16x2 (1040, 1040): exact for integers of magnitude
+    <= 16. With `scale` (an fp32 register), each pair is widened, multiplied by it in fp32 and rounded to fp16
+    once (the dequantized weight, as formats' dequantize() then .half()).
+    """
+    body = """{
+.reg .b32 wn, wh, wnh, P, N, S, R;
+.reg .b16 l, h;
+.reg .f32 f0, f1;
+xor.b32 wn, WORD, 0x88888888;
+shr.u32 wh, WORD, 16;
+shr.u32 wnh, wn, 16;
+""".replace("WORD", word)
+    body += _decode_half_ptx(word, "wn", outs[:2], tables, s80, m64, bias)
+    body += _decode_half_ptx("wh", "wnh", outs[2:], tables, s80, m64, bias)
+    if scale is not None:
+        for out in outs:
+            body += f"""mov.b32 {{l, h}}, {out};
+cvt.f32.f16 f0, l;
+cvt.f32.f16 f1, h;
+mul.rn.f32 f0, f0, {scale};
+mul.rn.f32 f1, f1, {scale};
+cvt.rn.f16x2.f32 {out}, f1, f0;
+"""
+    return body + "}"
+
+
+@triton.jit
+def decode_tables(aux, IS_BITMOD: tl.constexpr):
+    """Byte tables (value + 16) of codes 0..7 (tp0, tp1) and 8..15 (tn0, tn1) for decode_word_ptx, per group:
+    BitMoD's grid x 2 with the group's special value in the slot of code 8 (aux = selector), INT4's code - zp
+    (aux = zero point)."""
+    if IS_BITMOD:
+        tp0 = tl.full(aux.shape, 0x13121110, tl.int32)  # 0, 1, 2, 3
+        tp1 = tl.full(aux.shape, 0x1C181614, tl.int32)  # 4, 6, 8, 12
+        tn0 = 0x0D0E0F00 | (16 + bitmod_special2(aux))  # special, -1, -2, -3
+        tn1 = tl.full(aux.shape, 0x04080A0C, tl.int32)  # -4, -6, -8, -12
+    else:
+        zp = aux.to(tl.int32) * 0x01010101  # every byte 16 + c - zp stays in [1, 31]: no borrow between bytes
+        tp0 = 0x13121110 - zp
+        tp1 = 0x17161514 - zp
+        tn0 = 0x1B1A1918 - zp
+        tn1 = 0x1F1E1D1C - zp
+    return tp0, tp1, tn0, tn1
+
+
 @triton.jit
 def dot16(a, b, NATIVE_BF16: tl.constexpr):
     """tl.dot with fp32 accumulation; NATIVE_BF16=False (interpreter) runs bf16 operands as exact fp32,

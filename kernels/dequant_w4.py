@@ -4,6 +4,10 @@ At M in the hundreds and above, a GEMM is compute-bound: decoding every weight t
 rows (as the fused kernel does) costs more than decoding the weight once into a temporary fp16 matrix and
 handing it to cuBLAS. The temporary lives for one call only; the model keeps only the packed weight.
 Each value is fp16(grid x scale): one rounding of the exact dequantized weight (relative error <= 2**-11).
+
+On the GPU (fp16 output) each int32 word of 8 codes is decoded by inline PTX (common.decode_word_ptx) into four
+fp16 pairs in code order, scaled in fp32 and rounded once; the four pairs of a word are stored as one 16-byte
+vector. The interpreter and fp32 output decode with decode_w4.
 """
 
 from __future__ import annotations
@@ -14,29 +18,67 @@ import triton.language as tl
 
 from p3quant.formats import BitMoDTensor, Int4Tensor
 
-from .common import bitmod_special2, decode_w4, interpreting, on_input_device, require_device
+from .common import bitmod_special2, decode_tables, decode_w4, decode_word_ptx, interpreting, on_input_device, require_device
+
+# Operands (pack=1): $0..$3 the pairs, $4 the word, $5..$8 tables, $9 s80, $10 m64, $11 bias, $12 the fp32 scale.
+_ASM_DEQUANT = tl.constexpr(decode_word_ptx(("$0", "$1", "$2", "$3"), "$4", ("$5", "$6", "$7", "$8"), "$9", "$10", "$11", "$12"))
 
 
 @triton.jit
-def _dequant_kernel(packed_ptr, scales_ptr, aux_ptr, out_ptr, N, K, s_p, s_s, s_a, s_o,
-                    GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IS_BITMOD: tl.constexpr):
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    pairs = pid_k * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)  # byte index: codes 2j (low) and 2j+1 (high)
-    mask = (rows < N)[:, None] & (pairs < K // 2)[None, :]
-    codes = tl.load(packed_ptr + rows[:, None] * s_p + pairs[None, :], mask=mask, other=0).to(tl.int32)
-    group = (2 * pairs) // GROUP
+def _join8(c0, c1, c2, c3, c4, c5, c6, c7):
+    """[..., W] x 8 -> [..., W * 8] with c_i at column 8w + i."""
+    lo = tl.join(tl.join(c0, c4), tl.join(c2, c6))
+    hi = tl.join(tl.join(c1, c5), tl.join(c3, c7))
+    joined = tl.join(lo, hi)
+    return tl.reshape(joined, [c0.shape[0], c0.shape[1] * 8])
+
+
+@triton.jit
+def _dequant_kernel(words_ptr, scales_ptr, aux_ptr, out_ptr, N, KW, s_w, s_s, s_a, s_o,
+                    GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, IS_BITMOD: tl.constexpr,
+                    USE_ASM: tl.constexpr):
+    """Program: BLOCK_N rows x BLOCK_W words (8 codes each, code i of word w = column 8w + i)."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    wi = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
+    mask = (rows < N)[:, None] & (wi < KW)[None, :]
+    words = tl.load(words_ptr + rows[:, None] * s_w + wi[None, :], mask=mask, other=0)
+    group = (8 * wi) // GROUP  # a word never straddles a group (GROUP % 8 == 0)
     scale = tl.load(scales_ptr + rows[:, None] * s_s + group[None, :], mask=mask, other=0.0).to(tl.float32)
     aux = tl.load(aux_ptr + rows[:, None] * s_a + group[None, :], mask=mask, other=0).to(tl.int32)
     if IS_BITMOD:
-        aux = bitmod_special2(aux)
-        scale = scale * 0.5  # decode_w4 gives the grid x 2
-    lo = decode_w4(codes & 15, aux, IS_BITMOD).to(tl.float32) * scale
-    hi = decode_w4(codes >> 4, aux, IS_BITMOD).to(tl.float32) * scale
-    values = tl.interleave(lo, hi).to(out_ptr.dtype.element_ty)  # [BLOCK_N, BLOCK_K]: k = 2j, 2j+1
-    cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    tl.store(out_ptr + rows[:, None] * s_o + cols[None, :], values, mask=(rows < N)[:, None] & (cols < K)[None, :])
+        scale = scale * 0.5  # the decode gives the grid x 2
+    cols = tl.arange(0, BLOCK_W * 8)
+    out_cols = tl.program_id(1) * BLOCK_W * 8 + cols
+    out_mask = (rows < N)[:, None] & (out_cols < KW * 8)[None, :]
+    if USE_ASM:  # fp16 output: 4 fp16 pairs per word, stored through an int32 view of the output
+        tp0, tp1, tn0, tn1 = decode_tables(aux, IS_BITMOD)
+        p0, p1, p2, p3 = tl.inline_asm_elementwise(
+            _ASM_DEQUANT, "=r,=r,=r,=r," + ",".join(["r"] * 9),
+            [words, tp0, tp1, tn0, tn1, tl.full(words.shape, 0x80808080, tl.int32),
+             tl.full(words.shape, 0x64646464, tl.int32), tl.full(words.shape, 0x64106410, tl.int32), scale],
+            dtype=(tl.int32,) * 4, is_pure=True, pack=1)
+        pairs = tl.reshape(tl.join(tl.join(p0, p2), tl.join(p1, p3)), [BLOCK_N, BLOCK_W * 4])
+        pcols = tl.program_id(1) * BLOCK_W * 4 + tl.arange(0, BLOCK_W * 4)
+        out32 = out_ptr.to(tl.pointer_type(tl.int32))
+        tl.store(out32 + rows[:, None] * (s_o // 2) + pcols[None, :], pairs,
+                 mask=(rows < N)[:, None] & (pcols < KW * 4)[None, :])
+    else:
+        if IS_BITMOD:
+            aux = bitmod_special2(aux)
+        ty = out_ptr.dtype.element_ty
+        c0 = (decode_w4(words & 15, aux, IS_BITMOD).to(tl.float32) * scale).to(ty)
+        c1 = (decode_w4((words >> 4) & 15, aux, IS_BITMOD).to(tl.float32) * scale).to(ty)
+        c2 = (decode_w4((words >> 8) & 15, aux, IS_BITMOD).to(tl.float32) * scale).to(ty)
+        c3 = (decode_w4((words >> 12) & 15, aux, IS_BITMOD).to(tl.float32) * scale).to(ty)
+        c4 = (decode_w4((words >> 16) & 15, aux, IS_BITMOD).to(tl.float32) * scale).to(ty)
+        c5 = (decode_w4((words >> 20) & 15, aux, IS_BITMOD).to(tl.float32) * scale).to(ty)
+        c6 = (decode_w4((words >> 24) & 15, aux, IS_BITMOD).to(tl.float32) * scale).to(ty)
+        c7 = (decode_w4((words >> 28) & 15, aux, IS_BITMOD).to(tl.float32) * scale).to(ty)
+        values = _join8(c0, c1, c2, c3, c4, c5, c6, c7)
+        tl.store(out_ptr + rows[:, None] * s_o + out_cols[None, :], values, mask=out_mask)
+
+
+DEQUANT_USE_ASM = True  # benchmarks / gpu checks may switch it off to compare against the pure-Triton decode
 
 
 @on_input_device
@@ -58,12 +100,17 @@ def dequantize_w4(weight: BitMoDTensor | Int4Tensor, dtype: torch.dtype = torch.
     if packed.stride(-1) != 1 or scales.stride(-1) != 1 or aux.stride(-1) != 1:
         raise ValueError(f"{what}: weight tensors must be contiguous along K")
     n, k = weight.shape
+    if k % 8:
+        raise ValueError(f"{what}: K = {k} must be a multiple of 8 (whole int32 words of codes)")
+    words = packed.view(torch.int32) if packed.is_contiguous() and packed.data_ptr() % 4 == 0 else packed.contiguous().view(torch.int32)
     out = torch.empty((n, k), dtype=dtype, device=packed.device)
-    block_n, block_k = (16, 128) if interpreting() else (32, 256)
-    block_k = min(block_k, max(2, triton.next_power_of_2(k)))
-    grid = (triton.cdiv(n, block_n), triton.cdiv(k, block_k))
-    _dequant_kernel[grid](packed, scales, aux, out, n, k, packed.stride(0), scales.stride(0), aux.stride(0), out.stride(0),
-                          GROUP=weight.group_size, BLOCK_N=block_n, BLOCK_K=block_k, IS_BITMOD=is_bitmod, num_warps=4)
+    block_n, block_w = (16, 16) if interpreting() else (16, 64)
+    block_w = min(block_w, triton.next_power_of_2(k // 8))
+    grid = (triton.cdiv(n, block_n), triton.cdiv(k // 8, block_w))
+    use_asm = DEQUANT_USE_ASM and not interpreting() and dtype == torch.float16
+    _dequant_kernel[grid](words, scales, aux, out, n, k // 8, words.stride(0), scales.stride(0), aux.stride(0), out.stride(0),
+                          GROUP=weight.group_size, BLOCK_N=block_n, BLOCK_W=block_w, IS_BITMOD=is_bitmod, USE_ASM=use_asm,
+                          num_warps=4)
     return out
 
 

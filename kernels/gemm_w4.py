@@ -23,9 +23,10 @@ import triton.language as tl
 
 from p3quant.formats import BitMoDTensor, Int4Tensor
 
-from .act_quant import quantize_activation_fp8, quantize_activation_fp8_split
+from .act_quant import quantize_activation_fp8, quantize_activation_fp8_halves, quantize_activation_fp8_split
 from .common import bitmod_special2, decode_w4, dot16, fp8_dot_supported, interpreting, on_input_device, require_device
 from .dequant_w4 import dequantize_w4
+from .w4_mma import rows_epilogue, w4_mma_matmul
 
 SUPPORTED_GROUPS = (32, 64, 128)
 
@@ -351,6 +352,10 @@ def _gemv_config(n: int) -> tuple[int, int, int, int]:
     return (4, 1024, 2, 3)
 
 
+# W4A8 with MMA_MIN_M <= M <= MMA_MAX_M runs the tensor-core decode GEMM (w4_mma.py); benchmarks/bench_gemm.py
+# measures it against the CUDA-core GEMV (M = 1) and the tiled kernel around these bounds.
+MMA_MIN_M = 2
+MMA_MAX_M = 64
 # W4A8 with at least this many rows: dequantize the weight once to fp16 and let cuBLAS multiply (prefill);
 # benchmarks/bench_gemm.py measures both paths around it.
 DEQUANT_MIN_M = 256
@@ -436,7 +441,8 @@ def _prepared(weight: BitMoDTensor | Int4Tensor, what: str) -> _Prepared:
 def _dequant_matmul(x: torch.Tensor, weight: BitMoDTensor | Int4Tensor, bias: torch.Tensor | None, y: torch.Tensor) -> None:
     """y = (FP8 codes of x) @ fp16(dequantized W)^T * row scales + bias, accumulated in fp32 by cuBLAS.
 
-    The FP8 values are exact in fp16; the only rounding beyond fp32 summation is the weight's to fp16.
+    The FP8 values are exact in fp16; the only rounding beyond fp32 summation is the weight's to fp16. Row
+    scales, bias and the output cast are one fused pass over the fp32 product.
     """
     codes, scales = quantize_activation_fp8(x)
     w16 = dequantize_w4(weight, torch.float16)
@@ -445,10 +451,7 @@ def _dequant_matmul(x: torch.Tensor, weight: BitMoDTensor | Int4Tensor, bias: to
         acc = torch.mm(a16, w16.t(), out_dtype=torch.float32)
     else:
         acc = a16.float() @ w16.float().t()
-    acc.mul_(scales[:, None])
-    if bias is not None:
-        acc.add_(bias)
-    y.copy_(acc)
+    rows_epilogue(acc[None], scales, bias, y)
 
 
 _MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype")  # fp16 x fp16 -> fp32 output in one cuBLAS call
@@ -500,6 +503,12 @@ def w4_matmul(
     a_fp8 = activation_format == "fp8_e4m3"
     is_bitmod, packed, scales, aux = prep.is_bitmod, prep.packed, prep.scales, prep.aux
     bias_arg = bias if bias is not None else scales
+    if a_fp8 and MMA_MIN_M <= m <= MMA_MAX_M:
+        a = torch.empty((m, k), dtype=torch.float16, device=x.device)
+        xs = torch.empty((m,), dtype=torch.float32, device=x.device)
+        quantize_activation_fp8_halves(x2, a, xs)
+        w4_mma_matmul(a, xs, packed, prep.words, scales, aux, bias, y, prep.group, is_bitmod, GEMV_USE_ASM and not interp)
+        return y.reshape(*lead, n)
     if m == 1:  # decode GEMV: fixed launch parameters, no autotuner
         if a_fp8:
             a = torch.empty((1, k), dtype=torch.float32, device=x.device)

@@ -1,0 +1,190 @@
+"""W4A8 GEMM for small M (decode, M = 1..64) on tensor cores: y = Q_act(x) @ W^T + bias.
+
+The weight is the left MMA operand ("swap AB": output features fill the MMA's M dimension, the few tokens its N
+dimension, padded to 16), so a GEMV uses the tensor cores instead of one fp32 FMA per weight on CUDA cores.
+Each K-step is one quantization group: the packed codes are decoded in registers to fp16 integers (BitMoD grid
+x 2 in [-16, 16], or INT4 code - zero point), the MMA accumulates their products with the FP8 activation codes
+(exact in fp16) in fp32, and the group scale multiplies that partial sum once per output. The token scale, the
+BitMoD 1/2, bias and the output cast are applied once per output at the end.
+
+Decode on the GPU: common.decode_word_ptx (inline PTX, 8 codes per 32-bit word, pack=4 bytes per invocation)
+gives a word's codes 0..3 as the fp16 pairs (c0, c1), (c2, c3) and codes 4..7 as (c4, c5), (c6, c7), so the
+kernel multiplies two half-planes, "lo" (k % 8 < 4) and "hi" (k % 8 >= 4), against activations stored in the same
+order (act_quant.quantize_activation_fp8_halves). Under the interpreter the same values come from decode_w4.
+
+Split-K: when the output has too few tiles to fill the GPU, programs split the groups and write fp32 partials
+that a second kernel sums in a fixed order (deterministic) before the epilogue.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import bitmod_special2, decode_tables, decode_w4, decode_word_ptx
+
+# Operands (pack=4): $0..$3 outputs (lo pair 01, lo pair 23, hi pair 45, hi pair 67); $4 the word (4 packed
+# bytes); then each 32-bit input 4 times: tables tp0 $5, tp1 $9, tn0 $13, tn1 $17; constants s80 $21, m64 $25,
+# bias $29 (passed in so that they are loop-invariant registers, not per-call movs). ~2.4 instructions per weight.
+_ASM_DECODE = tl.constexpr(decode_word_ptx(("$0", "$1", "$2", "$3"), "$4", ("$5", "$9", "$13", "$17"), "$21", "$25", "$29"))
+
+
+@triton.jit
+def _decode_group(w_ptr, words_ptr, rows, stride_wn, stride_ww, g, aux, GROUP: tl.constexpr, IS_BITMOD: tl.constexpr,
+                  USE_ASM: tl.constexpr):
+    """fp16 [BLOCK_N, GROUP / 2] half-planes (lo: k % 8 < 4, hi: k % 8 >= 4) of group g of each row."""
+    HG: tl.constexpr = GROUP // 2
+    if USE_ASM:
+        offs = tl.arange(0, HG)
+        packed = tl.load(w_ptr + rows[:, None] * stride_wn + g * HG + offs[None, :])  # uint8, 2 codes per byte
+        tp0, tp1, tn0, tn1 = decode_tables(aux, IS_BITMOD)
+        shape = packed.shape
+        lo, hi = tl.inline_asm_elementwise(
+            _ASM_DECODE, "=r,=r,=r,=r," + ",".join(["r"] * 29),
+            [packed, tl.broadcast_to(tp0[:, None], shape), tl.broadcast_to(tp1[:, None], shape),
+             tl.broadcast_to(tn0[:, None], shape), tl.broadcast_to(tn1[:, None], shape),
+             tl.full(shape, 0x80808080, tl.int32), tl.full(shape, 0x64646464, tl.int32),
+             tl.full(shape, 0x64106410, tl.int32)],
+            dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
+        return lo, hi
+    else:
+        GW: tl.constexpr = GROUP // 8
+        ow = tl.arange(0, GW)
+        words = tl.load(words_ptr + rows[:, None] * stride_ww + g * GW + ow[None, :])  # int32, 8 codes
+        a = aux.to(tl.int32)
+        if IS_BITMOD:
+            a = bitmod_special2(a)
+        a = a[:, None]
+        c0 = decode_w4(words & 15, a, IS_BITMOD).to(tl.float16)
+        c1 = decode_w4((words >> 4) & 15, a, IS_BITMOD).to(tl.float16)
+        c2 = decode_w4((words >> 8) & 15, a, IS_BITMOD).to(tl.float16)
+        c3 = decode_w4((words >> 12) & 15, a, IS_BITMOD).to(tl.float16)
+        c4 = decode_w4((words >> 16) & 15, a, IS_BITMOD).to(tl.float16)
+        c5 = decode_w4((words >> 20) & 15, a, IS_BITMOD).to(tl.float16)
+        c6 = decode_w4((words >> 24) & 15, a, IS_BITMOD).to(tl.float16)
+        c7 = decode_w4((words >> 28) & 15, a, IS_BITMOD).to(tl.float16)
+        # join(join(a, c), join(b, d)) lays out a, b, c, d along the new last axis
+        lo = tl.reshape(tl.join(tl.join(c0, c2), tl.join(c1, c3)), [rows.shape[0], HG])
+        hi = tl.reshape(tl.join(tl.join(c4, c6), tl.join(c5, c7)), [rows.shape[0], HG])
+        return lo, hi
+
+
+@triton.jit
+def _w4_mma_kernel(
+    x_ptr, xs_ptr, w_ptr, words_ptr, s_ptr, aux_ptr, b_ptr, y_ptr, part_ptr,
+    M, N, K, stride_xm, stride_wn, stride_ww, stride_sn, stride_an, stride_ym, groups_per_split,
+    GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, SPLIT_K: tl.constexpr,
+    IS_BITMOD: tl.constexpr, HAS_BIAS: tl.constexpr, USE_ASM: tl.constexpr,
+):
+    """x: fp16 FP8 codes in half-plane order (x[m, :K/2] = lo plane, x[m, K/2:] = hi plane); xs: token scales.
+    SPLIT_K > 1 writes unscaled fp32 partials part[pid_k, m, n] for _rows_epilogue_kernel."""
+    HG: tl.constexpr = GROUP // 2
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    rows = tl.where(n_mask, offs_n, 0)  # clamped rows: unmasked weight loads, results of the clamp not stored
+    offs_m = tl.arange(0, BLOCK_M)
+    m_mask = offs_m < M
+    offs_h = tl.arange(0, HG)
+    half = K // 2
+    g_start = pid_k * groups_per_split
+    g_end = tl.minimum(g_start + groups_per_split, K // GROUP)
+    acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+    x_rows = x_ptr + offs_m[:, None] * stride_xm
+    for g in range(g_start, g_end):
+        aux = tl.load(aux_ptr + rows * stride_an + g)
+        scale = tl.load(s_ptr + rows * stride_sn + g).to(tl.float32)
+        lo, hi = _decode_group(w_ptr, words_ptr, rows, stride_wn, stride_ww, g, aux, GROUP, IS_BITMOD, USE_ASM)
+        x_lo = tl.load(x_rows + g * HG + offs_h[None, :], mask=m_mask[:, None], other=0.0)
+        x_hi = tl.load(x_rows + half + g * HG + offs_h[None, :], mask=m_mask[:, None], other=0.0)
+        part = tl.dot(lo, tl.trans(x_lo))
+        part = tl.dot(hi, tl.trans(x_hi), part)
+        acc += part * scale[:, None]
+    out_mask = n_mask[:, None] & m_mask[None, :]
+    if SPLIT_K == 1:
+        acc = acc * tl.load(xs_ptr + offs_m, mask=m_mask, other=0.0)[None, :]
+        if IS_BITMOD:
+            acc = acc * 0.5
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
+        tl.store(y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None], acc.to(y_ptr.dtype.element_ty), mask=out_mask)
+    else:
+        tl.store(part_ptr + (pid_k * M + offs_m[None, :]) * N + offs_n[:, None], acc, mask=out_mask)
+
+
+@triton.jit
+def _rows_epilogue_kernel(part_ptr, xs_ptr, b_ptr, y_ptr, M, N, stride_ym, SPLIT_K: tl.constexpr,
+                            BLOCK: tl.constexpr, IS_BITMOD: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """y[m, n] = (sum of part[s, m, n] over s, in split order) * xs[m] (* 1/2 for BitMoD) + bias[n], cast to y's
+    dtype: the split-K reduction, and (SPLIT_K = 1) the epilogue of the prefill path's fp32 cuBLAS product."""
+    m = tl.program_id(1)
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < N
+    total = tl.load(part_ptr + m * N + offs, mask=mask, other=0.0)
+    for s in tl.static_range(1, SPLIT_K):
+        total += tl.load(part_ptr + (s * M + m) * N + offs, mask=mask, other=0.0)
+    total = total * tl.load(xs_ptr + m)
+    if IS_BITMOD:
+        total = total * 0.5
+    if HAS_BIAS:
+        total += tl.load(b_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + m * stride_ym + offs, total.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+# Launch parameters (BLOCK_N, num_warps, num_stages) and the split-K target: fixed, not autotuned, so a decode
+# call costs no autotuner lookup. MMA_OVERRIDE (benchmarks only) replaces them.
+MMA_CONFIG = (64, 4, 4)
+MMA_OVERRIDE: tuple[int, int, int] | None = None
+MMA_PROGRAMS_PER_SM = 4  # split K until the grid has about this many programs per SM
+_SM_COUNT: dict[int, int] = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 8  # the interpreter: a small "GPU", so that tests exercise split-K
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SM_COUNT:
+        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SM_COUNT[index]
+
+
+def w4_mma_matmul(x_halves: torch.Tensor, x_scales: torch.Tensor, packed: torch.Tensor, words: torch.Tensor,
+                  scales: torch.Tensor, aux: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor, group: int,
+                  is_bitmod: bool, use_asm: bool, split_k: int | None = None) -> None:
+    """y [M, N] = x @ W^T for M <= 64 (callers validate: gemm_w4.w4_matmul).
+
+    x_halves: fp16 [M, K] FP8 codes in half-plane order, x_scales fp32 [M]; packed uint8 [N, K/2] and its int32
+    view `words`; split_k=None picks the split from the grid size."""
+    m, k = x_halves.shape
+    n = packed.shape[0]
+    block_n, warps, stages = MMA_OVERRIDE or MMA_CONFIG
+    block_m = max(16, triton.next_power_of_2(m))
+    n_groups = k // group
+    tiles = triton.cdiv(n, block_n)
+    if split_k is None:
+        split_k = max(1, min(n_groups, 16, (MMA_PROGRAMS_PER_SM * _sm_count(y.device)) // tiles))
+    per_split = triton.cdiv(n_groups, split_k)
+    split_k = triton.cdiv(n_groups, per_split)  # no empty splits
+    part = torch.empty((split_k, m, n), dtype=torch.float32, device=y.device) if split_k > 1 else y
+    bias_arg = bias if bias is not None else x_scales
+    _w4_mma_kernel[(tiles, split_k)](
+        x_halves, x_scales, packed, words, scales, aux, bias_arg, y, part,
+        m, n, k, x_halves.stride(0), packed.stride(0), words.stride(0), scales.stride(0), aux.stride(0), y.stride(0), per_split,
+        GROUP=group, BLOCK_N=block_n, BLOCK_M=block_m, SPLIT_K=split_k, IS_BITMOD=is_bitmod,
+        HAS_BIAS=bias is not None, USE_ASM=use_asm, num_warps=warps, num_stages=stages)
+    if split_k > 1:
+        rows_epilogue(part, x_scales, bias, y, is_bitmod)
+
+
+def rows_epilogue(part: torch.Tensor, x_scales: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor,
+                  is_bitmod: bool = False) -> None:
+    """y = part.sum(0) * x_scales[:, None] (* 1/2 for BitMoD) + bias in one pass; part fp32 [S, M, N] contiguous."""
+    split_k, m, n = part.shape
+    block = min(1024, triton.next_power_of_2(n))
+    for m0 in range(0, m, 65535):  # the grid's second dimension holds at most 65535 rows
+        rows = min(65535, m - m0)
+        _rows_epilogue_kernel[(triton.cdiv(n, block), rows)](
+            part[:, m0:], x_scales[m0:], bias if bias is not None else x_scales, y[m0:], m, n, y.stride(0),
+            SPLIT_K=split_k, BLOCK=block, IS_BITMOD=is_bitmod, HAS_BIAS=bias is not None, num_warps=4)

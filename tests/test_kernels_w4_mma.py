@@ -1,0 +1,203 @@
+"""Tensor-core small-M W4A8 GEMM (kernels/w4_mma.py): the interpreter path vs the exact quantized product, and
+the GPU's inline-PTX decode run through a small PTX emulator over every code, special value and zero point."""
+
+import numpy as np
+import pytest
+import torch
+import triton
+import triton.language as tl
+
+from p3quant.formats import BITMOD4, INT4, quantize_scaled_fp8
+from p3quant.kernels import gemm_w4, w4_mma
+from p3quant.kernels.act_quant import quantize_activation_fp8, quantize_activation_fp8_halves
+from p3quant.kernels.common import bitmod_special2, decode_tables, decode_w4
+
+FP32_TOL = 1e-5  # fp32 accumulation against float64 of the same quantized operands
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.mark.parametrize("m,n,k,group,fmt,split_k", [
+    (1, 40, 256, 64, "bitmod", None), (2, 19, 96, 32, "bitmod", None), (3, 33, 256, 32, "int4", None),
+    (16, 70, 512, 128, "bitmod", 3), (37, 24, 128, 128, "int4", 1), (64, 65, 256, 64, "int4", 2),
+])
+def test_mma_gemm_matches_exact_quantized_product(monkeypatch, m, n, k, group, fmt, split_k):
+    monkeypatch.setattr(gemm_w4, "MMA_MIN_M", 1)
+    if split_k is not None:
+        original = w4_mma.w4_mma_matmul
+        monkeypatch.setattr(gemm_w4, "w4_mma_matmul", lambda *a, **kw: original(*a, **kw, split_k=split_k))
+    weight = (BITMOD4 if fmt == "bitmod" else INT4).quantize(torch.randn(n, k) * (1 + torch.rand(n, 1)), group)
+    x = torch.randn(m, k).to(torch.bfloat16) * 3
+    bias = torch.randn(n).to(torch.bfloat16)
+    out = torch.full((m, n), float("nan"), dtype=torch.float32)
+    y = gemm_w4.w4_matmul(x, weight, bias, "fp8_e4m3", out_dtype=torch.float32, out=out)
+    exact = quantize_scaled_fp8(x).dequantize().double() @ weight.dequantize().double().t() + bias.double()
+    assert torch.isfinite(y).all() and _rel(y, exact) < FP32_TOL
+    y16 = gemm_w4.w4_matmul(x, weight, None, "fp8_e4m3")
+    assert y16.dtype == torch.bfloat16 and _rel(y16, exact - bias.double()) < 2.0**-7
+
+
+def test_halves_activation_layout_is_a_permutation_of_the_codes():
+    x = torch.randn(3, 96, dtype=torch.bfloat16) * 5
+    codes, scales = quantize_activation_fp8(x)
+    halves, hs = torch.empty(3, 96, dtype=torch.float16), torch.empty(3)
+    quantize_activation_fp8_halves(x, halves, hs)
+    k = torch.arange(96)
+    pos = ((k // 4) % 2) * 48 + (k // 8) * 4 + k % 4
+    assert torch.equal(hs, scales)
+    assert torch.equal(halves[:, pos].float(), codes.float())
+
+
+# --- the inline PTX, emulated -------------------------------------------------------------------------------
+
+def _prmt(a: int, b: int, c: int) -> int:
+    data = (b << 32) | a
+    out = 0
+    for i in range(4):
+        sel = (c >> (4 * i)) & 15
+        byte = (data >> (8 * (sel & 7))) & 0xFF
+        if sel & 8:
+            byte = 0xFF if byte & 0x80 else 0
+        out |= byte << (8 * i)
+    return out
+
+
+def _lop3(a: int, b: int, c: int, lut: int) -> int:
+    out = 0
+    for bit in range(32):
+        idx = (((a >> bit) & 1) << 2) | (((b >> bit) & 1) << 1) | ((c >> bit) & 1)
+        out |= ((lut >> idx) & 1) << bit
+    return out
+
+
+def _f16x2(a: int) -> np.ndarray:
+    return np.array([a & 0xFFFF, a >> 16], dtype=np.uint16).view(np.float16)
+
+
+def _pack_f16x2(lo, hi) -> int:
+    d = np.array([lo, hi], dtype=np.float16).view(np.uint16)
+    return int(d[0]) | (int(d[1]) << 16)
+
+
+def _f32(a: int) -> np.float32:
+    return np.array([a], dtype=np.uint32).view(np.float32)[0]
+
+
+def _run_ptx(asm: str, operands: dict[str, int]) -> dict[str, int]:
+    """Execute the straight-line PTX subset the decodes use (xor, shr, prmt, lop3, sub.rn.f16x2, and the fp32
+    scaling: mov.b32 {l, h}, cvt.f32.f16, mul.rn.f32, cvt.rn.f16x2.f32); numpy's fp16/fp32 ops round to nearest even."""
+    regs = dict(operands)
+
+    def val(token: str) -> int:
+        token = token.strip()
+        return regs[token] if token in regs else int(token, 0) & 0xFFFFFFFF
+
+    for line in asm.splitlines():
+        line = line.strip().rstrip(";")
+        if not line or line in "{}" or line.startswith(".reg"):
+            continue
+        op, args = line.split(None, 1)
+        if op == "mov.b32":  # mov.b32 {l, h}, src
+            pair, src = args.rsplit(",", 1)
+            lo, hi = (t.strip() for t in pair.strip("{} ").split(","))
+            regs[lo], regs[hi] = val(src) & 0xFFFF, val(src) >> 16
+            continue
+        dst, *src = [t.strip() for t in args.split(",")]
+        if op == "xor.b32":
+            regs[dst] = val(src[0]) ^ val(src[1])
+        elif op == "shr.u32":
+            regs[dst] = val(src[0]) >> val(src[1])
+        elif op == "prmt.b32":
+            regs[dst] = _prmt(val(src[0]), val(src[1]), val(src[2]))
+        elif op == "lop3.b32":
+            regs[dst] = _lop3(val(src[0]), val(src[1]), val(src[2]), val(src[3]))
+        elif op == "sub.rn.f16x2":
+            a, b = _f16x2(val(src[0])), _f16x2(val(src[1]))
+            regs[dst] = _pack_f16x2(a[0] - b[0], a[1] - b[1])
+        elif op == "cvt.f32.f16":
+            regs[dst] = int(np.array([np.array([val(src[0])], np.uint16).view(np.float16)[0]], np.float32).view(np.uint32)[0])
+        elif op == "mul.rn.f32":
+            regs[dst] = int(np.array([_f32(val(src[0])) * _f32(val(src[1]))], np.float32).view(np.uint32)[0])
+        elif op == "cvt.rn.f16x2.f32":  # d = {a -> upper half, b -> lower half}
+            regs[dst] = _pack_f16x2(np.float16(_f32(val(src[1]))), np.float16(_f32(val(src[0]))))
+        else:
+            raise AssertionError(f"unexpected PTX instruction {op}")
+    return regs
+
+
+@triton.jit
+def _tables_kernel(aux_ptr, out_ptr, IS_BITMOD: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    tp0, tp1, tn0, tn1 = decode_tables(tl.load(aux_ptr + offs), IS_BITMOD)
+    tl.store(out_ptr + offs, tp0)
+    tl.store(out_ptr + BLOCK + offs, tp1)
+    tl.store(out_ptr + 2 * BLOCK + offs, tn0)
+    tl.store(out_ptr + 3 * BLOCK + offs, tn1)
+
+
+def _tables(aux: torch.Tensor, is_bitmod: bool) -> list[tuple[int, int, int, int]]:
+    """decode_tables of each group parameter (run in the interpreter), as unsigned 32-bit values."""
+    count = aux.numel()
+    out = torch.empty(4 * count, dtype=torch.int32)
+    _tables_kernel[(1,)](aux.to(torch.int32), out, IS_BITMOD=is_bitmod, BLOCK=count)
+    return [tuple(int(out[i * count + g]) & 0xFFFFFFFF for i in range(4)) for g in range(count)]
+
+
+CONSTANTS = {"s80": 0x80808080, "m64": 0x64646464, "bias": 0x64106410}
+
+
+def _mma_decode(word: int, tables) -> list[float]:
+    """w4_mma's PTX on one word: the fp16 values of codes 0..7 (pairs (c0, c1), (c2, c3) | (c4, c5), (c6, c7))."""
+    ops = {"$4": word, "$21": CONSTANTS["s80"], "$25": CONSTANTS["m64"], "$29": CONSTANTS["bias"]}
+    ops.update(zip(("$5", "$9", "$13", "$17"), tables))
+    regs = _run_ptx(w4_mma._ASM_DECODE.value, ops)
+    return [float(v) for i in range(4) for v in _f16x2(regs[f"${i}"])]
+
+
+@triton.jit
+def _decode_ref_kernel(codes_ptr, aux_ptr, out_ptr, IS_BITMOD: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    aux = tl.load(aux_ptr + offs // 16)
+    if IS_BITMOD:
+        aux = bitmod_special2(aux)
+    tl.store(out_ptr + offs, decode_w4(tl.load(codes_ptr + offs), aux, IS_BITMOD))
+
+
+@pytest.mark.parametrize("fmt", ["bitmod", "int4"])
+def test_inline_ptx_decode_is_exact_for_every_code_and_group_parameter(fmt):
+    is_bitmod = fmt == "bitmod"
+    aux = torch.arange(16, dtype=torch.int32) % (4 if is_bitmod else 16)  # selectors 0..3 / zero points 0..15
+    tables = _tables(aux, is_bitmod)
+    codes = torch.arange(16, dtype=torch.int32).repeat(16)  # every code under every group parameter
+    expected = torch.empty(256, dtype=torch.int32)
+    _decode_ref_kernel[(1,)](codes, aux, expected, IS_BITMOD=is_bitmod, BLOCK=256)
+    for g in range(16):
+        for start in (0, 8):  # two words: codes 0..7 and 8..15 in nibble order
+            word = sum(c << (4 * i) for i, c in enumerate(range(start, start + 8)))
+            want = [float(expected[16 * g + start + i]) for i in range(8)]
+            assert _mma_decode(word, tables[g]) == want, (fmt, g, start)
+
+
+@pytest.mark.parametrize("fmt", ["bitmod", "int4"])
+def test_inline_ptx_dequant_equals_dequantize_in_fp16(fmt):
+    """dequant_w4's PTX (decode, fp32 scale, one fp16 rounding) on every word of a real quantized weight."""
+    from p3quant.kernels.dequant_w4 import _ASM_DEQUANT
+
+    group = 32
+    weight = (BITMOD4 if fmt == "bitmod" else INT4).quantize(torch.randn(8, 64) * torch.logspace(-3, 2, 8)[:, None], group)
+    aux = weight.selectors if fmt == "bitmod" else weight.zeros
+    tables = _tables(aux.flatten(), fmt == "bitmod")
+    words = weight.packed.contiguous().view(torch.int32)
+    expected = weight.dequantize().to(torch.float16)
+    for n in range(words.shape[0]):
+        for w in range(words.shape[1]):
+            g = 8 * w // group
+            scale = np.float32(weight.scales[n, g].float()) * np.float32(0.5 if fmt == "bitmod" else 1.0)
+            ops = {"$4": int(words[n, w]) & 0xFFFFFFFF, "$9": CONSTANTS["s80"], "$10": CONSTANTS["m64"],
+                   "$11": CONSTANTS["bias"], "$12": int(np.array([scale], np.float32).view(np.uint32)[0])}
+            ops.update(zip(("$5", "$6", "$7", "$8"), tables[n * aux.shape[1] + g]))
+            regs = _run_ptx(_ASM_DEQUANT.value, ops)
+            got = [float(v) for i in range(4) for v in _f16x2(regs[f"${i}"])]
+            assert got == expected[n, 8 * w: 8 * w + 8].tolist(), (fmt, n, w)
