@@ -142,7 +142,7 @@ sub.rn.f16x2 {outs[1]}, {outs[1]}, {bias};
 """
 
 
-def decode_word_ptx(outs: tuple[str, str, str, str], word: str, tables: tuple[str, ...], s80: str, m64: str, bias: str,
+def decode_word_ptx(outs: tuple[str, ...], word: str, tables: tuple[str, ...], s80: str, m64: str, bias: str,
                     scale: str | None = None) -> str:
     """Inline PTX decoding one 32-bit word of 8 codes (code i = nibble i) into four fp16 pairs in code order.
 
@@ -151,7 +151,8 @@ def decode_word_ptx(outs: tuple[str, str, str, str], word: str, tables: tuple[st
     byte mask of 0x80 or 0xFF for lop3, and every table byte is < 0x80), places each byte under 0x64 (m64 =
     0x64646464: fp16 1024 + byte) and subtracts bias = fp16x2 (1040, 1040): exact for integers of magnitude
     <= 16. With `scale` (an fp32 register), each pair is widened, multiplied by it in fp32 and rounded to fp16
-    once (the dequantized weight, as formats' dequantize() then .half()).
+    once (the dequantized weight, as formats' dequantize() then .half()). Four `outs` receive the pairs (32-bit);
+    eight receive the codes one by one (16-bit registers).
     """
     body = """{
 .reg .b32 wn, wh, wnh, P, N, S, R;
@@ -161,10 +162,16 @@ xor.b32 wn, WORD, 0x88888888;
 shr.u32 wh, WORD, 16;
 shr.u32 wnh, wn, 16;
 """.replace("WORD", word)
-    body += _decode_half_ptx(word, "wn", outs[:2], tables, s80, m64, bias)
-    body += _decode_half_ptx("wh", "wnh", outs[2:], tables, s80, m64, bias)
+    pairs = outs if len(outs) == 4 else ("q0", "q1", "q2", "q3")
+    if len(outs) == 8:
+        body += ".reg .b32 q0, q1, q2, q3;\n"
+    body += _decode_half_ptx(word, "wn", pairs[:2], tables, s80, m64, bias)
+    body += _decode_half_ptx("wh", "wnh", pairs[2:], tables, s80, m64, bias)
+    if len(outs) == 8:
+        for i, pair in enumerate(pairs):
+            body += f"mov.b32 {{{outs[2 * i]}, {outs[2 * i + 1]}}}, {pair};\n"
     if scale is not None:
-        for out in outs:
+        for out in pairs:
             body += f"""mov.b32 {{l, h}}, {out};
 cvt.f32.f16 f0, l;
 cvt.f32.f16 f1, h;

@@ -22,15 +22,16 @@ from .common import bitmod_special2, decode_tables, decode_w4, decode_word_ptx, 
 
 # Operands (pack=1): $0..$3 the pairs, $4 the word, $5..$8 tables, $9 s80, $10 m64, $11 bias, $12 the fp32 scale.
 _ASM_DEQUANT = tl.constexpr(decode_word_ptx(("$0", "$1", "$2", "$3"), "$4", ("$5", "$6", "$7", "$8"), "$9", "$10", "$11", "$12"))
+_ASM_DEQUANT_CONSTRAINTS = tl.constexpr("=r,=r,=r,=r," + ",".join(["r"] * 9))
 
 
 @triton.jit
-def _join8(c0, c1, c2, c3, c4, c5, c6, c7):
+def _join8(c0, c1, c2, c3, c4, c5, c6, c7, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr):
     """[..., W] x 8 -> [..., W * 8] with c_i at column 8w + i."""
     lo = tl.join(tl.join(c0, c4), tl.join(c2, c6))
     hi = tl.join(tl.join(c1, c5), tl.join(c3, c7))
     joined = tl.join(lo, hi)
-    return tl.reshape(joined, [c0.shape[0], c0.shape[1] * 8])
+    return tl.reshape(joined, [BLOCK_N, BLOCK_W * 8])
 
 
 @triton.jit
@@ -53,9 +54,9 @@ def _dequant_kernel(words_ptr, scales_ptr, aux_ptr, out_ptr, N, KW, s_w, s_s, s_
     if USE_ASM:  # fp16 output: 4 fp16 pairs per word, stored through an int32 view of the output
         tp0, tp1, tn0, tn1 = decode_tables(aux, IS_BITMOD)
         p0, p1, p2, p3 = tl.inline_asm_elementwise(
-            _ASM_DEQUANT, "=r,=r,=r,=r," + ",".join(["r"] * 9),
-            [words, tp0, tp1, tn0, tn1, tl.full(words.shape, 0x80808080, tl.int32),
-             tl.full(words.shape, 0x64646464, tl.int32), tl.full(words.shape, 0x64106410, tl.int32), scale],
+            _ASM_DEQUANT, _ASM_DEQUANT_CONSTRAINTS,
+            [words, tp0, tp1, tn0, tn1, tl.full((BLOCK_N, BLOCK_W), 0x80808080, tl.int32),
+             tl.full((BLOCK_N, BLOCK_W), 0x64646464, tl.int32), tl.full((BLOCK_N, BLOCK_W), 0x64106410, tl.int32), scale],
             dtype=(tl.int32,) * 4, is_pure=True, pack=1)
         pairs = tl.reshape(tl.join(tl.join(p0, p2), tl.join(p1, p3)), [BLOCK_N, BLOCK_W * 4])
         pcols = tl.program_id(1) * BLOCK_W * 4 + tl.arange(0, BLOCK_W * 4)
@@ -74,7 +75,7 @@ def _dequant_kernel(words_ptr, scales_ptr, aux_ptr, out_ptr, N, KW, s_w, s_s, s_
         c5 = (decode_w4((words >> 20) & 15, aux, IS_BITMOD).to(tl.float32) * scale).to(ty)
         c6 = (decode_w4((words >> 24) & 15, aux, IS_BITMOD).to(tl.float32) * scale).to(ty)
         c7 = (decode_w4((words >> 28) & 15, aux, IS_BITMOD).to(tl.float32) * scale).to(ty)
-        values = _join8(c0, c1, c2, c3, c4, c5, c6, c7)
+        values = _join8(c0, c1, c2, c3, c4, c5, c6, c7, BLOCK_N, BLOCK_W)
         tl.store(out_ptr + rows[:, None] * s_o + out_cols[None, :], values, mask=out_mask)
 
 

@@ -507,7 +507,7 @@ def w4_matmul(
         a = torch.empty((m, k), dtype=torch.float16, device=x.device)
         xs = torch.empty((m,), dtype=torch.float32, device=x.device)
         quantize_activation_fp8_halves(x2, a, xs)
-        w4_mma_matmul(a, xs, packed, prep.words, scales, aux, bias, y, prep.group, is_bitmod, GEMV_USE_ASM and not interp)
+        w4_mma_matmul(a, xs, prep.words, scales, aux, bias, y, prep.group, is_bitmod, GEMV_USE_ASM and not interp)
         return y.reshape(*lead, n)
     if m == 1:  # decode GEMV: fixed launch parameters, no autotuner
         if a_fp8:

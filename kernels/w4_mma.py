@@ -7,9 +7,8 @@ x 2 in [-16, 16], or INT4 code - zero point), the MMA accumulates their products
 (exact in fp16) in fp32, and the group scale multiplies that partial sum once per output. The token scale, the
 BitMoD 1/2, bias and the output cast are applied once per output at the end.
 
-Decode on the GPU: common.decode_word_ptx (inline PTX, 8 codes per 32-bit word, pack=4 bytes per invocation)
-gives a word's codes 0..3 as the fp16 pairs (c0, c1), (c2, c3) and codes 4..7 as (c4, c5), (c6, c7), so the
-kernel multiplies two half-planes, "lo" (k % 8 < 4) and "hi" (k % 8 >= 4), against activations stored in the same
+Decode on the GPU: common.decode_word_ptx (inline PTX, one 32-bit word of 8 codes per invocation). A word's
+codes 0..3 and 4..7 are joined into two half-planes, so the kernel multiplies two half-planes, "lo" (k % 8 < 4) and "hi" (k % 8 >= 4), against activations stored in the same
 order (act_quant.quantize_activation_fp8_halves). Under the interpreter the same values come from decode_w4.
 
 Split-K: when the output has too few tiles to fill the GPU, programs split the groups and write fp32 partials
@@ -24,34 +23,31 @@ import triton.language as tl
 
 from .common import bitmod_special2, decode_tables, decode_w4, decode_word_ptx
 
-# Operands (pack=4): $0..$3 outputs (lo pair 01, lo pair 23, hi pair 45, hi pair 67); $4 the word (4 packed
-# bytes); then each 32-bit input 4 times: tables tp0 $5, tp1 $9, tn0 $13, tn1 $17; constants s80 $21, m64 $25,
-# bias $29 (passed in so that they are loop-invariant registers, not per-call movs). ~2.4 instructions per weight.
-_ASM_DECODE = tl.constexpr(decode_word_ptx(("$0", "$1", "$2", "$3"), "$4", ("$5", "$9", "$13", "$17"), "$21", "$25", "$29"))
+# Operands (pack=1): $0..$7 the codes 0..7 of the word as fp16 (16-bit registers), $8 the word, $9..$12 the
+# tables, constants s80 $13, m64 $14, bias $15 (inputs, so that they are loop-invariant registers). One word per
+# invocation: a pack over bytes would let the compiler group bytes of different rows (seen in the PTX).
+_ASM_DECODE = tl.constexpr(decode_word_ptx(tuple(f"${i}" for i in range(8)), "$8", ("$9", "$10", "$11", "$12"), "$13", "$14", "$15"))
+_ASM_DECODE_CONSTRAINTS = tl.constexpr(",".join(["=h"] * 8 + ["r"] * 8))
 
 
 @triton.jit
-def _decode_group(w_ptr, words_ptr, rows, stride_wn, stride_ww, g, aux, GROUP: tl.constexpr, IS_BITMOD: tl.constexpr,
-                  USE_ASM: tl.constexpr):
+def _decode_group(words_ptr, rows, stride_ww, g, aux, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
+                  IS_BITMOD: tl.constexpr, USE_ASM: tl.constexpr):
     """fp16 [BLOCK_N, GROUP / 2] half-planes (lo: k % 8 < 4, hi: k % 8 >= 4) of group g of each row."""
     HG: tl.constexpr = GROUP // 2
+    GW: tl.constexpr = GROUP // 8
+    ow = tl.arange(0, GW)
+    words = tl.load(words_ptr + rows[:, None] * stride_ww + g * GW + ow[None, :])  # int32, 8 codes each
     if USE_ASM:
-        offs = tl.arange(0, HG)
-        packed = tl.load(w_ptr + rows[:, None] * stride_wn + g * HG + offs[None, :])  # uint8, 2 codes per byte
         tp0, tp1, tn0, tn1 = decode_tables(aux, IS_BITMOD)
-        shape = packed.shape
-        lo, hi = tl.inline_asm_elementwise(
-            _ASM_DECODE, "=r,=r,=r,=r," + ",".join(["r"] * 29),
-            [packed, tl.broadcast_to(tp0[:, None], shape), tl.broadcast_to(tp1[:, None], shape),
-             tl.broadcast_to(tn0[:, None], shape), tl.broadcast_to(tn1[:, None], shape),
-             tl.full(shape, 0x80808080, tl.int32), tl.full(shape, 0x64646464, tl.int32),
-             tl.full(shape, 0x64106410, tl.int32)],
-            dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
-        return lo, hi
+        c0, c1, c2, c3, c4, c5, c6, c7 = tl.inline_asm_elementwise(
+            _ASM_DECODE, _ASM_DECODE_CONSTRAINTS,
+            [words, tl.broadcast_to(tp0[:, None], (BLOCK_N, GW)), tl.broadcast_to(tp1[:, None], (BLOCK_N, GW)),
+             tl.broadcast_to(tn0[:, None], (BLOCK_N, GW)), tl.broadcast_to(tn1[:, None], (BLOCK_N, GW)),
+             tl.full((BLOCK_N, GW), 0x80808080, tl.int32), tl.full((BLOCK_N, GW), 0x64646464, tl.int32),
+             tl.full((BLOCK_N, GW), 0x64106410, tl.int32)],
+            dtype=(tl.float16,) * 8, is_pure=True, pack=1)
     else:
-        GW: tl.constexpr = GROUP // 8
-        ow = tl.arange(0, GW)
-        words = tl.load(words_ptr + rows[:, None] * stride_ww + g * GW + ow[None, :])  # int32, 8 codes
         a = aux.to(tl.int32)
         if IS_BITMOD:
             a = bitmod_special2(a)
@@ -64,16 +60,16 @@ def _decode_group(w_ptr, words_ptr, rows, stride_wn, stride_ww, g, aux, GROUP: t
         c5 = decode_w4((words >> 20) & 15, a, IS_BITMOD).to(tl.float16)
         c6 = decode_w4((words >> 24) & 15, a, IS_BITMOD).to(tl.float16)
         c7 = decode_w4((words >> 28) & 15, a, IS_BITMOD).to(tl.float16)
-        # join(join(a, c), join(b, d)) lays out a, b, c, d along the new last axis
-        lo = tl.reshape(tl.join(tl.join(c0, c2), tl.join(c1, c3)), [rows.shape[0], HG])
-        hi = tl.reshape(tl.join(tl.join(c4, c6), tl.join(c5, c7)), [rows.shape[0], HG])
-        return lo, hi
+    # join(join(a, c), join(b, d)) lays out a, b, c, d along the new last axis
+    lo = tl.reshape(tl.join(tl.join(c0, c2), tl.join(c1, c3)), [BLOCK_N, HG])
+    hi = tl.reshape(tl.join(tl.join(c4, c6), tl.join(c5, c7)), [BLOCK_N, HG])
+    return lo, hi
 
 
 @triton.jit
 def _w4_mma_kernel(
-    x_ptr, xs_ptr, w_ptr, words_ptr, s_ptr, aux_ptr, b_ptr, y_ptr, part_ptr,
-    M, N, K, stride_xm, stride_wn, stride_ww, stride_sn, stride_an, stride_ym, groups_per_split,
+    x_ptr, xs_ptr, words_ptr, s_ptr, aux_ptr, b_ptr, y_ptr, part_ptr,
+    M, N, K, stride_xm, stride_ww, stride_sn, stride_an, stride_ym, groups_per_split,
     GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, SPLIT_K: tl.constexpr,
     IS_BITMOD: tl.constexpr, HAS_BIAS: tl.constexpr, USE_ASM: tl.constexpr,
 ):
@@ -96,7 +92,7 @@ def _w4_mma_kernel(
     for g in range(g_start, g_end):
         aux = tl.load(aux_ptr + rows * stride_an + g)
         scale = tl.load(s_ptr + rows * stride_sn + g).to(tl.float32)
-        lo, hi = _decode_group(w_ptr, words_ptr, rows, stride_wn, stride_ww, g, aux, GROUP, IS_BITMOD, USE_ASM)
+        lo, hi = _decode_group(words_ptr, rows, stride_ww, g, aux, GROUP, BLOCK_N, IS_BITMOD, USE_ASM)
         x_lo = tl.load(x_rows + g * HG + offs_h[None, :], mask=m_mask[:, None], other=0.0)
         x_hi = tl.load(x_rows + half + g * HG + offs_h[None, :], mask=m_mask[:, None], other=0.0)
         part = tl.dot(lo, tl.trans(x_lo))
@@ -150,15 +146,15 @@ def _sm_count(device: torch.device) -> int:
     return _SM_COUNT[index]
 
 
-def w4_mma_matmul(x_halves: torch.Tensor, x_scales: torch.Tensor, packed: torch.Tensor, words: torch.Tensor,
+def w4_mma_matmul(x_halves: torch.Tensor, x_scales: torch.Tensor, words: torch.Tensor,
                   scales: torch.Tensor, aux: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor, group: int,
                   is_bitmod: bool, use_asm: bool, split_k: int | None = None) -> None:
     """y [M, N] = x @ W^T for M <= 64 (callers validate: gemm_w4.w4_matmul).
 
-    x_halves: fp16 [M, K] FP8 codes in half-plane order, x_scales fp32 [M]; packed uint8 [N, K/2] and its int32
-    view `words`; split_k=None picks the split from the grid size."""
+    x_halves: fp16 [M, K] FP8 codes in half-plane order, x_scales fp32 [M]; words: the packed weight as int32
+    [N, K/8] (8 codes each); split_k=None picks the split from the grid size."""
     m, k = x_halves.shape
-    n = packed.shape[0]
+    n = words.shape[0]
     block_n, warps, stages = MMA_OVERRIDE or MMA_CONFIG
     block_m = max(16, triton.next_power_of_2(m))
     n_groups = k // group
@@ -170,8 +166,8 @@ def w4_mma_matmul(x_halves: torch.Tensor, x_scales: torch.Tensor, packed: torch.
     part = torch.empty((split_k, m, n), dtype=torch.float32, device=y.device) if split_k > 1 else y
     bias_arg = bias if bias is not None else x_scales
     _w4_mma_kernel[(tiles, split_k)](
-        x_halves, x_scales, packed, words, scales, aux, bias_arg, y, part,
-        m, n, k, x_halves.stride(0), packed.stride(0), words.stride(0), scales.stride(0), aux.stride(0), y.stride(0), per_split,
+        x_halves, x_scales, words, scales, aux, bias_arg, y, part,
+        m, n, k, x_halves.stride(0), words.stride(0), scales.stride(0), aux.stride(0), y.stride(0), per_split,
         GROUP=group, BLOCK_N=block_n, BLOCK_M=block_m, SPLIT_K=split_k, IS_BITMOD=is_bitmod,
         HAS_BIAS=bias is not None, USE_ASM=use_asm, num_warps=warps, num_stages=stages)
     if split_k > 1:

@@ -149,11 +149,11 @@ CONSTANTS = {"s80": 0x80808080, "m64": 0x64646464, "bias": 0x64106410}
 
 
 def _mma_decode(word: int, tables) -> list[float]:
-    """w4_mma's PTX on one word: the fp16 values of codes 0..7 (pairs (c0, c1), (c2, c3) | (c4, c5), (c6, c7))."""
-    ops = {"$4": word, "$21": CONSTANTS["s80"], "$25": CONSTANTS["m64"], "$29": CONSTANTS["bias"]}
-    ops.update(zip(("$5", "$9", "$13", "$17"), tables))
+    """w4_mma's PTX on one word: the fp16 values of codes 0..7 (outputs $0..$7, 16-bit registers)."""
+    ops = {"$8": word, "$13": CONSTANTS["s80"], "$14": CONSTANTS["m64"], "$15": CONSTANTS["bias"]}
+    ops.update(zip(("$9", "$10", "$11", "$12"), tables))
     regs = _run_ptx(w4_mma._ASM_DECODE.value, ops)
-    return [float(v) for i in range(4) for v in _f16x2(regs[f"${i}"])]
+    return [float(np.array([regs[f"${i}"]], np.uint16).view(np.float16)[0]) for i in range(8)]
 
 
 @triton.jit
