@@ -1,0 +1,65 @@
+"""The GPU-only paths (inline PTX, wgmma layouts) compile for Hopper without a GPU: Triton's compiler and the
+ptxas shipped in its wheel build sm_90 code on the CPU. Catches what the interpreter cannot (constexpr misuse,
+inline-asm operand lists, PTX syntax) before a GPU run does. Runs in a subprocess: the test session's kernels
+are interpreter objects (TRITON_INTERPRET=1 is set before they are defined)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+_SCRIPT = r"""
+import json
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from p3quant.kernels import dequant_w4, w4_mma
+
+
+def compile_ptx(fn, types, constexprs, divisible=(), **options):
+    # pointers and the named integer arguments as Triton specializes them at run time (multiples of 16)
+    names = fn.arg_names
+    signature = dict(zip(names, types + ["constexpr"] * (len(names) - len(types))))
+    attrs = {(i,): [["tt.divisibility", 16]] for i, t in enumerate(types) if t.startswith("*") or names[i] in divisible}
+    source = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
+
+
+out = {}
+mma_types = ["*fp16", "*fp32", "*i32", "*fp16", "*u8", "*bf16", "*bf16", "*fp32"] + ["i32"] * 10
+for is_bitmod in (True, False):
+    out[f"mma_bitmod={is_bitmod}"] = compile_ptx(
+        w4_mma._w4_mma_kernel, mma_types, dict(GROUP=128, BLOCK_N=64, BLOCK_M=16, SPLIT_K=2, IS_BITMOD=is_bitmod,
+                                               HAS_BIAS=True, USE_ASM=True),
+        divisible=("K", "stride_xm", "stride_ww", "stride_ym"), num_warps=4, num_stages=4)
+out["dequant"] = compile_ptx(dequant_w4._dequant_kernel, ["*i32", "*fp16", "*u8", "*fp16"] + ["i32"] * 6,
+                             dict(GROUP=128, BLOCK_N=16, BLOCK_W=64, IS_BITMOD=True, USE_ASM=True),
+                             divisible=("KW", "s_w", "s_o"), num_warps=4)
+print(json.dumps(out))
+"""
+
+
+def _compile_all() -> dict[str, str]:
+    try:
+        import triton.backends.nvidia as nvidia
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+        from triton.compiler import ASTSource  # noqa: F401
+    except ImportError:
+        pytest.skip("needs Triton's NVIDIA backend and its AOT compiler API")
+    if not os.path.exists(os.path.join(os.path.dirname(nvidia.__file__), "bin", "ptxas")):
+        pytest.skip("needs the ptxas shipped in Linux Triton wheels")
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    done = subprocess.run([sys.executable, "-c", _SCRIPT], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_gpu_kernels_compile_for_hopper_with_their_inline_ptx():
+    ptx = _compile_all()
+    for fmt in ("mma_bitmod=True", "mma_bitmod=False"):
+        assert "xor.b32 wn" in ptx[fmt] and "prmt.b32" in ptx[fmt], fmt  # the decode is inlined
+        assert "wgmma" in ptx[fmt] or "mma.sync" in ptx[fmt], fmt  # tensor cores
+    assert "cvt.rn.f16x2.f32" in ptx["dequant"]  # one rounding per weight
+    assert "st.global.v4" in ptx["dequant"]  # four fp16 pairs per 16-byte store
