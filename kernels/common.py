@@ -105,6 +105,15 @@ def fp16_scale(x):
 
 
 @triton.jit
+def clamped_rows(pid, BLOCK: tl.constexpr, N):
+    """A program's block of output rows: offsets, their mask, and the rows clamped into range (so weight loads
+    need no mask; the results of clamped rows are never stored)."""
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < N
+    return offs, mask, tl.where(mask, offs, 0)
+
+
+@triton.jit
 def bitmod_special2(selectors):
     """Special value x2 of each group from its selector (0:-5, 1:+5, 2:-8, 3:+8), as int32."""
     sel = selectors.to(tl.int32)

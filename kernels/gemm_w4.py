@@ -24,7 +24,7 @@ import triton.language as tl
 from p3quant.formats import BitMoDTensor, Int4Tensor
 
 from .act_quant import quantize_activation_fp8, quantize_activation_fp8_halves, quantize_activation_fp8_split
-from .common import bitmod_special2, decode_w4, dot16, fp8_dot_supported, interpreting, on_input_device, require_device
+from .common import bitmod_special2, clamped_rows, decode_w4, dot16, fp8_dot_supported, interpreting, on_input_device, require_device
 from .dequant_w4 import dequantize_w4
 from .w4_mma import rows_epilogue, w4_mma_matmul
 
@@ -176,9 +176,7 @@ def _w4_gemv_kernel(
     NG: tl.constexpr = BLOCK_K // GROUP
     pid_n = tl.program_id(0)
     m = tl.program_id(1)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < N
-    rows = tl.where(n_mask, offs_n, 0)  # clamped rows: unmasked weight loads, results of the clamp not stored
+    offs_n, n_mask, rows = clamped_rows(pid_n, BLOCK_N, N)
     kw = KW  # K // 8, passed so the compiler sees its divisibility (16-byte activation loads)
     ng_total = K // GROUP
     og = tl.arange(0, NG)
@@ -236,9 +234,7 @@ def _w4_gemv_a16_kernel(
     GW: tl.constexpr = GROUP // 8
     pid_n = tl.program_id(0)
     m = tl.program_id(1)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < N
-    rows = tl.where(n_mask, offs_n, 0)  # clamped rows: unmasked weight loads, results of the clamp not stored
+    offs_n, n_mask, rows = clamped_rows(pid_n, BLOCK_N, N)
     kw = K // 8
     offs_w = tl.arange(0, BKW)
     acc = tl.zeros([BLOCK_N, BKW], tl.float32)

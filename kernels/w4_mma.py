@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import bitmod_special2, decode_tables, decode_w4, decode_word_ptx
+from .common import bitmod_special2, clamped_rows, decode_tables, decode_w4, decode_word_ptx
 
 # Operands (pack=1): $0..$7 the codes 0..7 of the word as fp16 (16-bit registers), $8 the word, $9..$12 the
 # tables, constants s80 $13, m64 $14, bias $15 (inputs, so that they are loop-invariant registers). One word per
@@ -78,9 +78,7 @@ def _w4_mma_kernel(
     HG: tl.constexpr = GROUP // 2
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < N
-    rows = tl.where(n_mask, offs_n, 0)  # clamped rows: unmasked weight loads, results of the clamp not stored
+    offs_n, n_mask, rows = clamped_rows(pid_n, BLOCK_N, N)
     offs_m = tl.arange(0, BLOCK_M)
     m_mask = offs_m < M
     offs_h = tl.arange(0, HG)

@@ -15,7 +15,7 @@ import json
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from p3quant.kernels import dequant_w4, w4_mma
+from p3quant.kernels import dequant_w4, gemm_w4, w4_mma
 
 
 def compile_ptx(fn, types, constexprs, divisible=(), **options):
@@ -37,6 +37,9 @@ for is_bitmod in (True, False):
 out["dequant"] = compile_ptx(dequant_w4._dequant_kernel, ["*i32", "*fp16", "*u8", "*fp16"] + ["i32"] * 6,
                              dict(GROUP=128, BLOCK_N=16, BLOCK_W=64, IS_BITMOD=True, USE_ASM=True),
                              divisible=("KW", "s_w", "s_o"), num_warps=4)
+out["gemv"] = compile_ptx(gemm_w4._w4_gemv_kernel, ["*fp32", "*fp32", "*i32", "*fp16", "*u8", "*bf16", "*bf16"] + ["i32"] * 9,
+                          dict(GROUP=128, BLOCK_N=4, BLOCK_K=1024, IS_BITMOD=True, HAS_BIAS=False, USE_ASM=True, EVEN_K=True),
+                          divisible=("K", "stride_xm", "stride_wn", "KW"), num_warps=2, num_stages=3)
 print(json.dumps(out))
 """
 
@@ -63,3 +66,4 @@ def test_gpu_kernels_compile_for_hopper_with_their_inline_ptx():
         assert "wgmma" in ptx[fmt] or "mma.sync" in ptx[fmt], fmt  # tensor cores
     assert "cvt.rn.f16x2.f32" in ptx["dequant"]  # one rounding per weight
     assert "st.global.v4" in ptx["dequant"]  # four fp16 pairs per 16-byte store
+    assert "prmt.b32" in ptx["gemv"] and "sub.rn.f16x2" in ptx["gemv"]  # the M = 1 GEMV's BitMoD decode
