@@ -1,8 +1,10 @@
 """GEMM benchmark: p3quant's fused W4A8 / W4A16 BitMoD dequant-GEMM vs bf16 cuBLAS, torch's int4 tinygemm
 and FP8 torch._scaled_mm, on Llama-3.1-8B decoder shapes (and 8192x8192) over M = 1..4096.
 
-W4A8 at M >= gemm_w4.DEQUANT_MIN_M dequantizes the weight once and multiplies with cuBLAS; the "fused" and
-"dequant" columns time both W4A8 paths at every M > 1 so the threshold can be read off the table.
+W4A8 runs the tensor-core small-M kernel at gemm_w4.MMA_MIN_M <= M <= MMA_MAX_M, dequantizes the weight once and
+multiplies with cuBLAS at M >= DEQUANT_MIN_M, and the tiled fused kernel in between; the "small-M", "fused" and
+"dequant" columns time each W4A8 path at every M > 1 (small-M up to MMA_MAX_M) so the thresholds can be read off
+the table.
 
 Run: python benchmarks/bench_gemm.py [--quick]. Prints a markdown table last.
 """
@@ -48,14 +50,15 @@ def _tinygemm(n: int, k: int, copies: int):
 
 
 def _forced(path: str, fn):
-    """Time fn with the W4A8 path for M > 1 forced to "fused" or "dequant"."""
+    """Time fn with the W4A8 path for M > 1 forced to "mma" (small-M), "fused" (tiled) or "dequant"."""
     def call():
-        saved = gemm_w4.DEQUANT_MIN_M
+        saved = gemm_w4.DEQUANT_MIN_M, gemm_w4.MMA_MIN_M, gemm_w4.MMA_MAX_M
         gemm_w4.DEQUANT_MIN_M = 2 if path == "dequant" else 1 << 30
+        gemm_w4.MMA_MIN_M, gemm_w4.MMA_MAX_M = (2, saved[2]) if path == "mma" else (1 << 30, 0)
         try:
             return fn()
         finally:
-            gemm_w4.DEQUANT_MIN_M = saved
+            gemm_w4.DEQUANT_MIN_M, gemm_w4.MMA_MIN_M, gemm_w4.MMA_MAX_M = saved
     return call
 
 
@@ -75,7 +78,9 @@ def run(quick: bool = False) -> tuple[str, list[dict]]:
         for m in ms:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             p3 = bench_rotating([lambda w=w: w4_matmul(x, w, None, "fp8_e4m3") for w in weights])
-            fused = dq = float("nan")
+            fused = dq = mma = float("nan")
+            if 1 < m <= gemm_w4.MMA_MAX_M:
+                mma = bench_rotating([_forced("mma", lambda w=w: w4_matmul(x, w, None, "fp8_e4m3")) for w in weights])
             if m > 1:
                 fused = bench_rotating([_forced("fused", lambda w=w: w4_matmul(x, w, None, "fp8_e4m3")) for w in weights])
                 dq = bench_rotating([_forced("dequant", lambda w=w: w4_matmul(x, w, None, "fp8_e4m3")) for w in weights])
@@ -91,12 +96,14 @@ def run(quick: bool = False) -> tuple[str, list[dict]]:
                 f8 = bench_rotating([lambda d=d: torch._scaled_mm(xa, d.t(), scale_a, scale_b, out_dtype=torch.bfloat16) for d in fp8w])
             moved = wbytes + m * k * 4 + m * n * 2
             tbs = moved / p3 / 1e6
-            raw.append(dict(shape=name, n=n, k=k, m=m, p3_us=p3, fused_us=fused, dequant_us=dq, a16_us=a16, bf16_us=bf16,
+            raw.append(dict(shape=name, n=n, k=k, m=m, p3_us=p3, mma_us=mma, fused_us=fused, dequant_us=dq, a16_us=a16, bf16_us=bf16,
                             tinygemm_us=tg, fp8_us=f8, tbs=tbs))
-            rows.append((f"{name} {n}x{k}", m, p3, tbs, 100 * tbs / copy_bw, bf16, bf16 / p3, fused, dq, a16, bf16 / a16, tg, bf16 / tg, f8))
-    headers = ["shape NxK", "M", "P3 W4A8 us", "TB/s", "% copy BW", "bf16 us", "W4A8 x bf16", "W4A8 fused us", "W4A8 dequant+cuBLAS us",
+            rows.append((f"{name} {n}x{k}", m, p3, tbs, 100 * tbs / copy_bw, bf16, bf16 / p3, mma, fused, dq, a16, bf16 / a16, tg, bf16 / tg, f8))
+    headers = ["shape NxK", "M", "P3 W4A8 us", "TB/s", "% copy BW", "bf16 us", "W4A8 x bf16", "W4A8 small-M us", "W4A8 fused us",
+               "W4A8 dequant+cuBLAS us",
                "W4A16 us", "W4A16 x bf16", "tinygemm us", "tinygemm x bf16", "fp8 scaled_mm us"]
-    summary = [f"measured copy bandwidth: {copy_bw:.2f} TB/s (read + write); W4A8 dequant path from M = {gemm_w4.DEQUANT_MIN_M}"]
+    summary = [f"measured copy bandwidth: {copy_bw:.2f} TB/s (read + write); W4A8 small-M kernel for M = {gemm_w4.MMA_MIN_M}.."
+               f"{gemm_w4.MMA_MAX_M}, dequant path from M = {gemm_w4.DEQUANT_MIN_M}"]
     for m in (1, 16, 64, 256, 1024, 4096):
         sel = [r for r in raw if r["m"] == m and r["shape"] != "sq8192"]
         if sel:
