@@ -32,7 +32,10 @@ GROUP = 128
 
 @contextlib.contextmanager
 def path(name: str):
-    """Route W4A8 to one path: "mma" (tensor-core decode GEMM at every M <= 64), "gemv" / "tiled" (the old ones)."""
+    """Route W4A8 to "mma" (the tensor-core small-M kernel at every M <= 64) or "old" (the CUDA-core GEMV at M = 1,
+    the tiled kernel above)."""
+    if name not in ("mma", "old"):
+        raise ValueError(f"unknown path {name!r}")
     saved = g.MMA_MIN_M, g.MMA_MAX_M
     g.MMA_MIN_M, g.MMA_MAX_M = (1, 64) if name == "mma" else (1 << 30, 0)
     try:
@@ -55,10 +58,12 @@ def correctness() -> list[str]:
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         ys = []
         with path("mma"):
-            for use_asm in (True, False):
-                g.GEMV_USE_ASM = use_asm
-                ys.append(g.w4_matmul(x, wq, None, "fp8_e4m3", out_dtype=torch.float32))
-        g.GEMV_USE_ASM = True
+            try:
+                for use_asm in (True, False):
+                    g.GEMV_USE_ASM = use_asm
+                    ys.append(g.w4_matmul(x, wq, None, "fp8_e4m3", out_dtype=torch.float32))
+            finally:
+                g.GEMV_USE_ASM = True
         exact = gpu_check.quantize_scaled_fp8(x).dequantize().double() @ wq.dequantize().double().t()
         err = gpu_check._rel(ys[0], exact)
         ok = torch.equal(ys[0], ys[1]) and err < 1e-5
@@ -78,10 +83,12 @@ def correctness() -> list[str]:
         wq = BITMOD4.quantize(w, group) if fmt == "bitmod" else INT4.quantize(w, group)
         ref = wq.dequantize().to(torch.float16)
         got = []
-        for use_asm in (True, False):
-            dequant_w4.DEQUANT_USE_ASM = use_asm
-            got.append(dequant_w4.dequantize_w4(wq, torch.float16))
-        dequant_w4.DEQUANT_USE_ASM = True
+        try:
+            for use_asm in (True, False):
+                dequant_w4.DEQUANT_USE_ASM = use_asm
+                got.append(dequant_w4.dequantize_w4(wq, torch.float16))
+        finally:
+            dequant_w4.DEQUANT_USE_ASM = True
         ok = torch.equal(got[0], ref) and torch.equal(got[1], ref)
         lines.append(f"{'PASS' if ok else 'FAIL'} dequant fp16 bit-exact {fmt} g{group} N={n} K={k} (asm and pure-Triton decode)")
     return lines
@@ -116,7 +123,15 @@ def sweep() -> tuple[str, tuple]:
 
 
 def timings(best: tuple) -> str:
+    saved = w4_mma.MMA_OVERRIDE, w4_mma.MMA_PROGRAMS_PER_SM
     w4_mma.MMA_OVERRIDE, w4_mma.MMA_PROGRAMS_PER_SM = best[:3], best[3]
+    try:
+        return _timings(best)
+    finally:
+        w4_mma.MMA_OVERRIDE, w4_mma.MMA_PROGRAMS_PER_SM = saved
+
+
+def _timings(best: tuple) -> str:
     copy_bw = copy_bandwidth_tbs()
     rows, means = [], {}
     for name, (n, k) in SHAPES.items():

@@ -136,7 +136,7 @@ def decode_w4(codes, aux, IS_BITMOD: tl.constexpr):
         return codes - aux
 
 
-def _decode_half_ptx(word: str, negated: str, outs: tuple[str, str], tables: tuple[str, ...], s80: str, m64: str,
+def decode_half_ptx(word: str, negated: str, outs: tuple[str, str], tables: tuple[str, ...], s80: str, m64: str,
                      bias: str) -> str:
     """PTX: codes 0..3 of `word` (its low 16 bits) into the fp16 pairs outs[0] = (c0, c1), outs[1] = (c2, c3)."""
     tp0, tp1, tn0, tn1 = tables
@@ -163,6 +163,8 @@ def decode_word_ptx(outs: tuple[str, ...], word: str, tables: tuple[str, ...], s
     once (the dequantized weight, as formats' dequantize() then .half()). Four `outs` receive the pairs (32-bit);
     eight receive the codes one by one (16-bit registers).
     """
+    if len(outs) not in (4, 8) or (scale is not None and len(outs) != 4):
+        raise ValueError("decode_word_ptx: 4 pair outputs (optionally scaled) or 8 unscaled 16-bit outputs")
     body = """{
 .reg .b32 wn, wh, wnh, P, N, S, R;
 .reg .b16 l, h;
@@ -174,8 +176,8 @@ shr.u32 wnh, wn, 16;
     pairs = outs if len(outs) == 4 else ("q0", "q1", "q2", "q3")
     if len(outs) == 8:
         body += ".reg .b32 q0, q1, q2, q3;\n"
-    body += _decode_half_ptx(word, "wn", pairs[:2], tables, s80, m64, bias)
-    body += _decode_half_ptx("wh", "wnh", pairs[2:], tables, s80, m64, bias)
+    body += decode_half_ptx(word, "wn", pairs[:2], tables, s80, m64, bias)
+    body += decode_half_ptx("wh", "wnh", pairs[2:], tables, s80, m64, bias)
     if len(outs) == 8:
         for i, pair in enumerate(pairs):
             body += f"mov.b32 {{{outs[2 * i]}, {outs[2 * i + 1]}}}, {pair};\n"

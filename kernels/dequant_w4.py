@@ -39,7 +39,7 @@ def _dequant_kernel(words_ptr, scales_ptr, aux_ptr, out_ptr, N, KW, s_w, s_s, s_
                     GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, IS_BITMOD: tl.constexpr,
                     USE_ASM: tl.constexpr):
     """Program: BLOCK_N rows x BLOCK_W words (8 codes each, code i of word w = column 8w + i)."""
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)  # rows * K may exceed int32
     wi = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
     mask = (rows < N)[:, None] & (wi < KW)[None, :]
     words = tl.load(words_ptr + rows[:, None] * s_w + wi[None, :], mask=mask, other=0)

@@ -8,9 +8,13 @@ with a per-token scale (W4A8, see act_quant.py); the token scale is applied once
 - M == 1 (decode GEMV): CUDA-core reduction; one program per BLOCK_N outputs walks the whole K, so bias and
   the output cast are fused. W4A8 decodes two codes per 32-bit instruction with inline PTX on the GPU
   (_w4_gemv_kernel; a pure-Triton decode under the interpreter); W4A16 runs _w4_gemv_a16_kernel.
-- M > 1: tiled tensor-core path (tl.dot) over K-blocks that never straddle a group. W4A8 multiplies FP8 x FP8
-  (both exact: every BitMoD grid value and INT4 code difference is an E4M3 number) on GPUs with FP8 tensor
-  cores; W4A16 multiplies the integer weights in the activation dtype (exact too).
+- W4A8 at MMA_MIN_M <= M <= MMA_MAX_M (2..64): the tensor-core small-M kernel (w4_mma.py, weights as the
+  left MMA operand, fp16 operands, exact products).
+- W4A8 at M >= DEQUANT_MIN_M (prefill): the weight dequantized once to fp16 (dequant_w4.py), cuBLAS with fp32
+  output, one fused epilogue pass.
+- Otherwise (W4A16 at M > 1, W4A8 between the two): the tiled tensor-core kernel (tl.dot) over K-blocks that
+  never straddle a group. W4A8 multiplies FP8 x FP8 (both exact: every BitMoD grid value and INT4 code difference
+  is an E4M3 number) on GPUs with FP8 tensor cores; W4A16 multiplies the integer weights in the activation dtype.
 Accumulation is fp32; results differ from the torch reference only by summation order and, for W4A8, by the
 reference rounding Q_act(x) to x.dtype before its matmul.
 """
@@ -24,7 +28,7 @@ import triton.language as tl
 from p3quant.formats import BitMoDTensor, Int4Tensor
 
 from .act_quant import quantize_activation_fp8, quantize_activation_fp8_halves, quantize_activation_fp8_split
-from .common import bitmod_special2, clamped_rows, decode_w4, dot16, fp8_dot_supported, interpreting, on_input_device, require_device
+from .common import bitmod_special2, clamped_rows, decode_half_ptx, decode_tables, decode_w4, dot16, fp8_dot_supported, interpreting, on_input_device, require_device
 from .dequant_w4 import dequantize_w4
 from .w4_mma import rows_epilogue, w4_mma_matmul
 
@@ -63,24 +67,16 @@ cvt.f32.f16 $7, h;
 }""")
 
 def _bitmod_half(word: str, negated: str, out: int) -> str:
-    """PTX for 4 codes (bytes of `word` select the table entries) into fp32 outputs $out..$out+3."""
-    return f"""prmt.b32 P, tp0, tp1, {word};
-prmt.b32 N, $9, $10, {negated};
-prmt.b32 S, s80, s80, {word};
-lop3.b32 R, S, N, P, 0xCA;
-prmt.b32 q0, R, m64, 0x5140;
-prmt.b32 q1, R, m64, 0x7362;
-sub.rn.f16x2 q0, q0, bias;
-sub.rn.f16x2 q1, q1, bias;
-mov.b32 {{l, h}}, q0;
-cvt.f32.f16 ${out}, l;
-cvt.f32.f16 ${out + 1}, h;
-mov.b32 {{l, h}}, q1;
-cvt.f32.f16 ${out + 2}, l;
-cvt.f32.f16 ${out + 3}, h;
-"""
+    """PTX for 4 codes (common.decode_half_ptx's table lookup) widened into fp32 outputs $out..$out+3."""
+    widen = "".join(f"""mov.b32 {{l, h}}, {pair};
+cvt.f32.f16 ${out + 2 * i}, l;
+cvt.f32.f16 ${out + 2 * i + 1}, h;
+""" for i, pair in enumerate(("q0", "q1")))
+    return decode_half_ptx(word, negated, ("q0", "q1"), ("tp0", "tp1", "$9", "$10"), "s80", "m64", "bias") + widen
 
 
+# The table constants live in registers set inside the block (BitMoD's positive table and the masks are the same
+# for every group; decode_tables gives the per-group negative table tn0 and tn1 as operands $9, $10).
 _ASM_BITMOD = tl.constexpr("""{
 .reg .b32 tp0, tp1, s80, m64, bias, wn, wh, wnh, P, N, S, R, q0, q1;
 .reg .b16 l, h;
@@ -115,9 +111,7 @@ def _decode_word(words, aux, IS_BITMOD: tl.constexpr, USE_ASM: tl.constexpr):
     selector / zero point, broadcast to the words' shape."""
     if USE_ASM:
         if IS_BITMOD:
-            # byte table of the negative codes 8..15 (biased by 16): 16 + SV2, 15, 14, 13 | 12, 10, 8, 4
-            tn0 = 0x0D0E0F00 | (16 + bitmod_special2(aux))
-            tn1 = tl.full(words.shape, 0x04080A0C, tl.int32)
+            _, _, tn0, tn1 = decode_tables(aux, True)  # byte tables of the negative codes 8..15
             return tl.inline_asm_elementwise(_ASM_BITMOD, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r", [words, tn0, tn1],
                                              dtype=(tl.float32,) * 8, is_pure=True, pack=1)
         else:
@@ -337,7 +331,7 @@ def _cfg(num_warps: int, num_stages: int, **kw: int) -> triton.Config:
 # so a call costs no autotuner lookup. Small BLOCK_N keeps >= ~4 programs per SM on 4096-wide outputs (132 SMs)
 # without split-K. GEMV_OVERRIDE (benchmarks only) replaces the choice.
 GEMV_OVERRIDE: tuple[int, int, int, int] | None = None
-GEMV_USE_ASM = True  # benchmarks/gpu_check may switch it off to compare against the pure-Triton decode on the GPU
+GEMV_USE_ASM = True  # inline-PTX decode in the GEMV and the small-M kernel; checks switch it off to compare with the pure-Triton decode
 
 
 def _gemv_config(n: int) -> tuple[int, int, int, int]:

@@ -1,4 +1,4 @@
-"""W4A8 GEMM for small M (decode, M = 1..64) on tensor cores: y = Q_act(x) @ W^T + bias.
+"""W4A8 GEMM for small M (decode and short prompts, M <= 64) on tensor cores: y = Q_act(x) @ W^T + bias.
 
 The weight is the left MMA operand ("swap AB": output features fill the MMA's M dimension, the few tokens its N
 dimension, padded to 16), so a GEMV uses the tensor cores instead of one fp32 FMA per weight on CUDA cores.
@@ -113,7 +113,7 @@ def _rows_epilogue_kernel(part_ptr, xs_ptr, b_ptr, y_ptr, M, N, stride_ym, SPLIT
                             BLOCK: tl.constexpr, IS_BITMOD: tl.constexpr, HAS_BIAS: tl.constexpr):
     """y[m, n] = (sum of part[s, m, n] over s, in split order) * xs[m] (* 1/2 for BitMoD) + bias[n], cast to y's
     dtype: the split-K reduction, and (SPLIT_K = 1) the epilogue of the prefill path's fp32 cuBLAS product."""
-    m = tl.program_id(1)
+    m = tl.program_id(1).to(tl.int64)  # m * N exceeds int32 for long prefills of wide layers
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < N
     total = tl.load(part_ptr + m * N + offs, mask=mask, other=0.0)
@@ -172,13 +172,19 @@ def w4_mma_matmul(x_halves: torch.Tensor, x_scales: torch.Tensor, words: torch.T
         rows_epilogue(part, x_scales, bias, y, is_bitmod)
 
 
+EPILOGUE_ROWS_PER_LAUNCH = 65535  # the grid's second dimension holds at most 65535 rows
+
+
 def rows_epilogue(part: torch.Tensor, x_scales: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor,
                   is_bitmod: bool = False) -> None:
-    """y = part.sum(0) * x_scales[:, None] (* 1/2 for BitMoD) + bias in one pass; part fp32 [S, M, N] contiguous."""
+    """y = part.sum(0) * x_scales[:, None] (* 1/2 for BitMoD) + bias in one pass; part fp32 [S, M, N] contiguous,
+    y [M, N] with unit stride along N."""
+    if not part.is_contiguous() or part.dtype != torch.float32 or y.stride(-1) != 1:
+        raise ValueError("rows_epilogue: part must be a contiguous float32 [S, M, N] tensor and y unit-stride along N")
     split_k, m, n = part.shape
     block = min(1024, triton.next_power_of_2(n))
-    for m0 in range(0, m, 65535):  # the grid's second dimension holds at most 65535 rows
-        rows = min(65535, m - m0)
+    for m0 in range(0, m, EPILOGUE_ROWS_PER_LAUNCH):
+        rows = min(EPILOGUE_ROWS_PER_LAUNCH, m - m0)
         _rows_epilogue_kernel[(triton.cdiv(n, block), rows)](
             part[:, m0:], x_scales[m0:], bias if bias is not None else x_scales, y[m0:], m, n, y.stride(0),
             SPLIT_K=split_k, BLOCK=block, IS_BITMOD=is_bitmod, HAS_BIAS=bias is not None, num_warps=4)

@@ -28,15 +28,19 @@ def compile_ptx(fn, types, constexprs, divisible=(), **options):
 
 
 out = {}
-mma_types = ["*fp16", "*fp32", "*i32", "*fp16", "*u8", "*bf16", "*bf16", "*fp32"] + ["i32"] * 10
-for is_bitmod in (True, False):
+mma_types = ["*fp16", "*fp32", "*i32", "*fp16", "*u8", "*bf16", "*bf16", "*fp32"] + ["i32"] * 9
+for is_bitmod, block_m, split_k in ((True, 16, 2), (False, 64, 1)):  # split-K partials; the fused epilogue
     out[f"mma_bitmod={is_bitmod}"] = compile_ptx(
-        w4_mma._w4_mma_kernel, mma_types, dict(GROUP=128, BLOCK_N=64, BLOCK_M=16, SPLIT_K=2, IS_BITMOD=is_bitmod,
-                                               HAS_BIAS=True, USE_ASM=True),
+        w4_mma._w4_mma_kernel, mma_types, dict(GROUP=128, BLOCK_N=64, BLOCK_M=block_m, SPLIT_K=split_k,
+                                               IS_BITMOD=is_bitmod, HAS_BIAS=True, USE_ASM=True),
         divisible=("K", "stride_xm", "stride_ww", "stride_ym"), num_warps=4, num_stages=4)
-out["dequant"] = compile_ptx(dequant_w4._dequant_kernel, ["*i32", "*fp16", "*u8", "*fp16"] + ["i32"] * 6,
-                             dict(GROUP=128, BLOCK_N=16, BLOCK_W=64, IS_BITMOD=True, USE_ASM=True),
-                             divisible=("KW", "s_w", "s_o"), num_warps=4)
+for is_bitmod in (True, False):
+    out[f"dequant_bitmod={is_bitmod}"] = compile_ptx(
+        dequant_w4._dequant_kernel, ["*i32", "*fp16", "*u8", "*fp16"] + ["i32"] * 6,
+        dict(GROUP=128, BLOCK_N=16, BLOCK_W=64, IS_BITMOD=is_bitmod, USE_ASM=True),
+        divisible=("KW", "s_w", "s_o"), num_warps=4)
+out["epilogue"] = compile_ptx(w4_mma._rows_epilogue_kernel, ["*fp32", "*fp32", "*bf16", "*bf16"] + ["i32"] * 3,
+                              dict(SPLIT_K=4, BLOCK=1024, IS_BITMOD=True, HAS_BIAS=True), num_warps=4)
 out["gemv"] = compile_ptx(gemm_w4._w4_gemv_kernel, ["*fp32", "*fp32", "*i32", "*fp16", "*u8", "*bf16", "*bf16"] + ["i32"] * 9,
                           dict(GROUP=128, BLOCK_N=4, BLOCK_K=1024, IS_BITMOD=True, HAS_BIAS=False, USE_ASM=True, EVEN_K=True),
                           divisible=("K", "stride_xm", "stride_wn", "KW"), num_warps=2, num_stages=3)
@@ -64,6 +68,8 @@ def test_gpu_kernels_compile_for_hopper_with_their_inline_ptx():
     for fmt in ("mma_bitmod=True", "mma_bitmod=False"):
         assert "xor.b32 wn" in ptx[fmt] and "prmt.b32" in ptx[fmt], fmt  # the decode is inlined
         assert "wgmma" in ptx[fmt] or "mma.sync" in ptx[fmt], fmt  # tensor cores
-    assert "cvt.rn.f16x2.f32" in ptx["dequant"]  # one rounding per weight
-    assert "st.global.v4" in ptx["dequant"]  # four fp16 pairs per 16-byte store
+    for fmt in ("dequant_bitmod=True", "dequant_bitmod=False"):
+        assert "cvt.rn.f16x2.f32" in ptx[fmt], fmt  # one rounding per weight
+        assert "st.global.v4" in ptx[fmt], fmt  # four fp16 pairs per 16-byte store
+    assert "ld.global" in ptx["epilogue"]
     assert "prmt.b32" in ptx["gemv"] and "sub.rn.f16x2" in ptx["gemv"]  # the M = 1 GEMV's BitMoD decode

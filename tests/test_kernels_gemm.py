@@ -42,9 +42,15 @@ CASES = [  # M, N, K, group, weight format, activation format
 ]
 
 
-@pytest.mark.parametrize("m,n,k,group,wfmt,afmt", CASES)
-def test_w4_matmul_matches_exact_quantized_product(monkeypatch, m, n, k, group, wfmt, afmt):
+# W4A8 at 1 < M < DEQUANT_MIN_M again through the tiled FP8 kernel (the small-M tensor-core kernel takes them by default)
+ROUTES = [(*case, "default") for case in CASES] + [(*case, "tiled") for case in CASES if 1 < case[0] < 128 and case[5] == "fp8_e4m3"]
+
+
+@pytest.mark.parametrize("m,n,k,group,wfmt,afmt,route", ROUTES)
+def test_w4_matmul_matches_exact_quantized_product(monkeypatch, m, n, k, group, wfmt, afmt, route):
     monkeypatch.setattr(gemm_w4, "DEQUANT_MIN_M", 128)  # reach the prefill path with interpreter-sized M
+    if route == "tiled":
+        monkeypatch.setattr(gemm_w4, "MMA_MAX_M", 0)
     gen = torch.Generator().manual_seed(m * 1000 + n)
     x = torch.randn(m, k, generator=gen).to(torch.bfloat16) * 3
     weight = _weight(wfmt, n, k, group, gen)

@@ -21,7 +21,8 @@ def _rel(a, b):
 
 @pytest.mark.parametrize("m,n,k,group,fmt,split_k", [
     (1, 40, 256, 64, "bitmod", None), (2, 19, 96, 32, "bitmod", None), (3, 33, 256, 32, "int4", None),
-    (16, 70, 512, 128, "bitmod", 3), (37, 24, 128, 128, "int4", 1), (64, 65, 256, 64, "int4", 2),
+    (16, 70, 512, 128, "bitmod", 4), (37, 24, 128, 128, "int4", 1), (64, 65, 256, 64, "int4", 2),
+    (5, 33, 640, 128, "bitmod", 2),  # 5 groups in splits of 3 and 2: a shorter last split
 ])
 def test_mma_gemm_matches_exact_quantized_product(monkeypatch, m, n, k, group, fmt, split_k):
     monkeypatch.setattr(gemm_w4, "MMA_MIN_M", 1)
@@ -37,6 +38,18 @@ def test_mma_gemm_matches_exact_quantized_product(monkeypatch, m, n, k, group, f
     assert torch.isfinite(y).all() and _rel(y, exact) < FP32_TOL
     y16 = gemm_w4.w4_matmul(x, weight, None, "fp8_e4m3")
     assert y16.dtype == torch.bfloat16 and _rel(y16, exact - bias.double()) < 2.0**-7
+
+
+def test_rows_epilogue_sums_splits_in_chunks_of_rows(monkeypatch):
+    monkeypatch.setattr(w4_mma, "EPILOGUE_ROWS_PER_LAUNCH", 3)  # 7 rows: launches of 3, 3 and 1 rows
+    part = torch.randn(3, 7, 19)
+    scales, bias = torch.rand(7) + 0.5, torch.randn(19)
+    y = torch.full((7, 19), float("nan"))
+    w4_mma.rows_epilogue(part, scales, bias, y, is_bitmod=True)
+    expected = (part[0] + part[1] + part[2]) * scales[:, None] * 0.5 + bias
+    assert torch.allclose(y, expected, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="contiguous"):
+        w4_mma.rows_epilogue(part.transpose(1, 2), scales, bias, y)
 
 
 def test_halves_activation_layout_is_a_permutation_of_the_codes():
@@ -99,13 +112,15 @@ def _run_ptx(asm: str, operands: dict[str, int]) -> dict[str, int]:
         if not line or line in "{}" or line.startswith(".reg"):
             continue
         op, args = line.split(None, 1)
-        if op == "mov.b32":  # mov.b32 {l, h}, src
+        if op == "mov.b32" and args.startswith("{"):  # mov.b32 {l, h}, src
             pair, src = args.rsplit(",", 1)
             lo, hi = (t.strip() for t in pair.strip("{} ").split(","))
             regs[lo], regs[hi] = val(src) & 0xFFFF, val(src) >> 16
             continue
         dst, *src = [t.strip() for t in args.split(",")]
-        if op == "xor.b32":
+        if op == "mov.b32":
+            regs[dst] = val(src[0])
+        elif op == "xor.b32":
             regs[dst] = val(src[0]) ^ val(src[1])
         elif op == "shr.u32":
             regs[dst] = val(src[0]) >> val(src[1])
@@ -201,3 +216,24 @@ def test_inline_ptx_dequant_equals_dequantize_in_fp16(fmt):
             regs = _run_ptx(_ASM_DEQUANT.value, ops)
             got = [float(v) for i in range(4) for v in _f16x2(regs[f"${i}"])]
             assert got == expected[n, 8 * w: 8 * w + 8].tolist(), (fmt, n, w)
+
+
+@pytest.mark.parametrize("fmt", ["bitmod", "int4"])
+def test_gemv_inline_ptx_decode_is_exact_for_every_code_and_group_parameter(fmt):
+    """gemm_w4's M = 1 GEMV decodes (fp32 outputs $0..$7 = codes 0..7 of the word in $8)."""
+    is_bitmod = fmt == "bitmod"
+    aux = torch.arange(16, dtype=torch.int32) % (4 if is_bitmod else 16)
+    tables = _tables(aux, is_bitmod)
+    codes = torch.arange(16, dtype=torch.int32).repeat(16)
+    expected = torch.empty(256, dtype=torch.int32)
+    _decode_ref_kernel[(1,)](codes, aux, expected, IS_BITMOD=is_bitmod, BLOCK=256)
+    for g in range(16):
+        if is_bitmod:  # operands: the word, then the group's negative-code tables
+            asm, ops = gemm_w4._ASM_BITMOD.value, {"$9": tables[g][2], "$10": tables[g][3]}
+        else:  # operands: the word, then the fp16x2 pair (1024 + zp, 1024 + zp)
+            asm, ops = gemm_w4._ASM_INT4.value, {"$9": (0x6400 + int(aux[g])) * 65537}
+        for start in (0, 8):
+            word = sum(c << (4 * i) for i, c in enumerate(range(start, start + 8)))
+            regs = _run_ptx(asm, {**ops, "$8": word})
+            got = [float(_f32(regs[f"${i}"])) for i in range(8)]
+            assert got == [float(expected[16 * g + start + i]) for i in range(8)], (fmt, g, start)
