@@ -22,6 +22,10 @@ import p3quant.kernels.gemm_w4 as g  # noqa: E402
 from p3quant.formats import BITMOD4, INT4  # noqa: E402
 from p3quant.kernels.act_quant import quantize_activation_fp8, quantize_activation_fp8_split  # noqa: E402
 
+from p3quant.kernels import act_quant  # noqa: E402
+
+act_quant.ACTIVATION_REUSE = False  # each call times one linear layer, its own activation quantization included
+
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336), "sq8192": (8192, 8192)}
 
 

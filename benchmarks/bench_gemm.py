@@ -19,6 +19,10 @@ from p3quant.formats import BITMOD4
 from p3quant.kernels import gemm_w4
 from p3quant.kernels.gemm_w4 import w4_matmul
 
+from p3quant.kernels import act_quant  # noqa: E402
+
+act_quant.ACTIVATION_REUSE = False  # each call times one linear layer, its own activation quantization included
+
 try:
     from ._common import bench_rotating, copies_for, copy_bandwidth_tbs, environment, table
 except ImportError:

@@ -26,6 +26,10 @@ from p3quant.formats import BITMOD4, INT4  # noqa: E402
 from p3quant.kernels import dequant_w4  # noqa: E402
 from p3quant.kernels.act_quant import quantize_activation_fp8, quantize_activation_fp8_halves  # noqa: E402
 
+from p3quant.kernels import act_quant  # noqa: E402
+
+act_quant.ACTIVATION_REUSE = False  # each call times one linear layer, its own activation quantization included
+
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
 GROUP = 128
 

@@ -14,6 +14,10 @@ from p3quant.kernels.gemm_w4 import w4_matmul
 from p3quant.kernels.kv_append import append_kv, key_smoothing_factor_gpu
 from p3quant.quantizers import key_smoothing_factor, quantize_keys, quantize_values
 
+from p3quant.kernels import act_quant  # noqa: E402
+
+act_quant.ACTIVATION_REUSE = False  # each call times one linear layer, its own activation quantization included
+
 
 def graph_us(fn) -> float:
     """Median microseconds of fn replayed from a CUDA graph (no host launch cost)."""

@@ -108,3 +108,49 @@ def quantize_activation_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
         block = min(triton.next_power_of_2(k), 4096)
         _act_quant_kernel[(m,)](x, codes, scales, k, x.stride(0), codes.stride(0), BLOCK_K=block, num_warps=4 if block <= 1024 else 8)
     return codes, scales
+
+
+class _LastActivation:
+    """The previous decode-sized input and its quantized form (see quantize_activation_once), as one tuple
+    (source, key, (codes, scales)) replaced in a single assignment, so concurrent callers never mix entries."""
+
+    __slots__ = ("entry",)
+
+    def __init__(self) -> None:
+        self.entry: tuple | None = None
+
+
+_LAST = _LastActivation()
+# Kernel benchmarks switch the reuse off: they time one linear layer with its own input, over and over.
+ACTIVATION_REUSE = True
+_QUANTIZERS = {"split": (quantize_activation_fp8_split, torch.float32),
+               "halves": (quantize_activation_fp8_halves, torch.float16)}
+
+
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def quantize_activation_once(source: torch.Tensor, x: torch.Tensor, layout: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """FP8 codes and token scales of x (= `source` viewed as [M, K]) in `layout` ("split" for the GEMV, "halves"
+    for the small-M kernel), reusing the previous call's result when it quantized the same tensor unchanged.
+
+    The q/k/v projections (and gate/up) of a decoder layer receive one hidden-state tensor; quantizing it once
+    instead of three (two) times removes launches from every decode step. A hit needs the same tensor object,
+    the same version counter (in-place writes bump it), layout and shape, and the same CUDA-graph capture state:
+    a graph captured after an eager call on a static input buffer must record its own quantization. Tensors
+    without a version counter (inference mode) are never reused. Only the last input is kept (decode-sized)."""
+    try:
+        version = source._version
+    except RuntimeError:  # inference tensors do not track versions
+        version = None
+    key = (version, layout, tuple(x.shape), x.device, _capturing(x.device))
+    entry = _LAST.entry
+    if ACTIVATION_REUSE and version is not None and entry is not None and entry[0] is source and entry[1] == key:
+        return entry[2]
+    quantize, dtype = _QUANTIZERS[layout]
+    codes = torch.empty(x.shape, dtype=dtype, device=x.device)
+    scales = torch.empty((x.shape[0],), dtype=torch.float32, device=x.device)
+    quantize(x, codes, scales)
+    _LAST.entry = (source, key, (codes, scales)) if version is not None else None
+    return codes, scales

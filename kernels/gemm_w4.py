@@ -27,7 +27,7 @@ import triton.language as tl
 
 from p3quant.formats import BitMoDTensor, Int4Tensor
 
-from .act_quant import quantize_activation_fp8, quantize_activation_fp8_halves, quantize_activation_fp8_split
+from .act_quant import quantize_activation_fp8, quantize_activation_once
 from .common import bitmod_special2, clamped_rows, decode_half_ptx, decode_tables, decode_w4, dot16, fp8_dot_supported, interpreting, on_input_device, require_device
 from .dequant_w4 import dequantize_w4
 from .w4_mma import rows_epilogue, w4_mma_matmul
@@ -494,16 +494,12 @@ def w4_matmul(
     is_bitmod, packed, scales, aux = prep.is_bitmod, prep.packed, prep.scales, prep.aux
     bias_arg = bias if bias is not None else scales
     if a_fp8 and MMA_MIN_M <= m <= MMA_MAX_M:
-        a = torch.empty((m, k), dtype=torch.float16, device=x.device)
-        xs = torch.empty((m,), dtype=torch.float32, device=x.device)
-        quantize_activation_fp8_halves(x2, a, xs)
+        a, xs = quantize_activation_once(x, x2, "halves")
         w4_mma_matmul(a, xs, prep.words, scales, aux, bias, y, prep.group, is_bitmod, GEMV_USE_ASM and not interp)
         return y.reshape(*lead, n)
     if m == 1:  # decode GEMV: fixed launch parameters, no autotuner
         if a_fp8:
-            a = torch.empty((1, k), dtype=torch.float32, device=x.device)
-            xs = torch.empty((1,), dtype=torch.float32, device=x.device)
-            quantize_activation_fp8_split(x2, a, xs)
+            a, xs = quantize_activation_once(x, x2, "split")
             block_n, block_k, warps, stages = _gemv_config(n)
             block_k = max(block_k, prep.group)
             _w4_gemv_kernel[(triton.cdiv(n, block_n), 1)](

@@ -237,3 +237,47 @@ def test_gemv_inline_ptx_decode_is_exact_for_every_code_and_group_parameter(fmt)
             regs = _run_ptx(asm, {**ops, "$8": word})
             got = [float(_f32(regs[f"${i}"])) for i in range(8)]
             assert got == [float(expected[16 * g + start + i]) for i in range(8)], (fmt, g, start)
+
+
+def _spy_quantizers(monkeypatch):
+    from p3quant.kernels import act_quant
+
+    calls = []
+    spied = {}
+    for layout, (fn, dtype) in act_quant._QUANTIZERS.items():
+        def spy(*args, fn=fn, layout=layout):
+            calls.append(layout)
+            return fn(*args)
+        spied[layout] = (spy, dtype)
+    monkeypatch.setattr(act_quant, "_QUANTIZERS", spied)
+    monkeypatch.setattr(act_quant, "_LAST", act_quant._LastActivation())
+    return calls
+
+
+@pytest.mark.parametrize("m", [1, 4])
+def test_projections_of_one_input_quantize_it_once(monkeypatch, m):
+    """q/k/v-style calls on the same tensor reuse its FP8 codes; an in-place write, another tensor or a CUDA-graph
+    capture starting in between quantize again; the outputs equal those of independent calls."""
+    from p3quant.kernels import act_quant
+
+    calls = _spy_quantizers(monkeypatch)
+    weights = [BITMOD4.quantize(torch.randn(n, 128), 64) for n in (48, 16, 16)]
+    x = torch.randn(m, 128).to(torch.bfloat16)
+    shared = [gemm_w4.w4_matmul(x, w) for w in weights]
+    assert len(calls) == 1
+    independent = [gemm_w4.w4_matmul(x.clone(), w) for w in weights]
+    assert len(calls) == 4 and all(torch.equal(a, b) for a, b in zip(shared, independent))
+    x.mul_(2)  # in place: the version counter moves, the codes must be recomputed
+    doubled = gemm_w4.w4_matmul(x, weights[0])
+    assert len(calls) == 5 and torch.equal(doubled, gemm_w4.w4_matmul(x.clone(), weights[0]))
+    monkeypatch.setattr(act_quant, "_capturing", lambda device: True)  # as if a CUDA graph capture began
+    gemm_w4.w4_matmul(x, weights[1])
+    assert len(calls) == 7
+    monkeypatch.setattr(act_quant, "ACTIVATION_REUSE", False)
+    gemm_w4.w4_matmul(x, weights[1])
+    assert len(calls) == 8
+    with torch.inference_mode():  # no version counter: never reused
+        y = torch.randn(m, 128).to(torch.bfloat16)
+        gemm_w4.w4_matmul(y, weights[0])
+        gemm_w4.w4_matmul(y, weights[1])
+    assert len(calls) == 10
