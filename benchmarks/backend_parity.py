@@ -42,10 +42,14 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=12)
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cpu":  # the interpreter pays per program: wider GEMV tiles, same kernel code
+    if device == "cpu":
+        # The interpreter pays per program and per op: wider GEMV tiles (same kernel code), and short prompts through
+        # the tiled kernel, since the small-M kernel's per-group loop costs minutes per linear layer there (it is
+        # checked against float64 in tests/test_kernels_w4_mma.py and on the GPU by gpu_check.py).
         from p3quant.kernels import gemm_w4
 
         gemm_w4.GEMV_OVERRIDE = (64, 1024, 4, 1)
+        gemm_w4.MMA_MAX_M = 0
     base, tokenizer = p3quant.models.load(args.model, device=device)
     models = {name: p3quant.quantize(copy.deepcopy(base), p3quant.P3Config.preset(args.preset, backend=name, weight_group_size=args.group_size))
               for name in args.backends}
