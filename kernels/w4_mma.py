@@ -7,9 +7,10 @@ x 2 in [-16, 16], or INT4 code - zero point), the MMA accumulates their products
 (exact in fp16) in fp32, and the group scale multiplies that partial sum once per output. The token scale, the
 BitMoD 1/2, bias and the output cast are applied once per output at the end.
 
-Decode on the GPU: common.decode_word_ptx (inline PTX, one 32-bit word of 8 codes per invocation). A word's
-codes 0..3 and 4..7 are joined into two half-planes, so the kernel multiplies two half-planes, "lo" (k % 8 < 4) and "hi" (k % 8 >= 4), against activations stored in the same
-order (act_quant.quantize_activation_fp8_halves). Under the interpreter the same values come from decode_w4.
+Decode on the GPU: common.decode_word_ptx (inline PTX, one 32-bit word of 8 codes per invocation); under the
+interpreter the same values come from decode_w4. Each word's codes 0..3 go to a "lo" half-plane (k % 8 < 4) and
+codes 4..7 to a "hi" one (k % 8 >= 4), multiplied against activations stored in the same order
+(act_quant.quantize_activation_fp8_halves).
 
 Split-K: when the output has too few tiles to fill the GPU, programs split the groups and write fp32 partials
 that a second kernel sums in a fixed order (deterministic) before the epilogue.
