@@ -1,5 +1,6 @@
-"""Small-M W4A8 GEMM focus run (decode, M = 1..128): the tensor-core decode GEMM (kernels/w4_mma.py) against the
-CUDA-core GEMV (M = 1), the tiled kernel (M > 1) and bf16 cuBLAS, on the Llama-3.1-8B shapes.
+"""Small-M GEMM focus run (decode, M = 1..128): the tensor-core small-M kernel (kernels/w4_mma.py) against the
+CUDA-core GEMV (M = 1), the tiled kernel (M > 1) and bf16 cuBLAS, on the Llama-3.1-8B shapes (W4A8; W4A16 in
+CUDA-graph time).
 
 Order: correctness (gpu_check GEMM cases, the inline-PTX decode vs the pure-Triton decode compiled on the GPU,
 half-plane activation quantization bit-exact), a launch-parameter sweep of the new kernel (CUDA-graph time), then
@@ -36,7 +37,7 @@ GROUP = 128
 
 @contextlib.contextmanager
 def path(name: str):
-    """Route W4A8 to "mma" (the tensor-core small-M kernel at every M <= 64) or "old" (the CUDA-core GEMV at M = 1,
+    """Route to "mma" (the tensor-core small-M kernel at every M <= 64) or "old" (the CUDA-core GEMVs at M = 1,
     the tiled kernel above)."""
     if name not in ("mma", "old"):
         raise ValueError(f"unknown path {name!r}")
@@ -55,24 +56,29 @@ def weights(n: int, k: int, copies: int):
 
 def correctness() -> list[str]:
     lines = gpu_check.check_gemm()
-    for fmt, group, m, n, k in (("bitmod", 128, 1, 1001, 4096), ("int4", 64, 3, 513, 1408), ("bitmod", 32, 16, 300, 2048),
-                                ("int4", 128, 64, 257, 4096), ("bitmod", 64, 37, 4096, 14336), ("int4", 32, 1, 4099, 4096)):
+    cases = [("bitmod", 128, 1, 1001, 4096, "fp8_e4m3"), ("int4", 64, 3, 513, 1408, "fp8_e4m3"),
+             ("bitmod", 32, 16, 300, 2048, "fp8_e4m3"), ("int4", 128, 64, 257, 4096, "fp8_e4m3"),
+             ("bitmod", 64, 37, 4096, 14336, "fp8_e4m3"), ("int4", 32, 1, 4099, 4096, "fp8_e4m3"),
+             ("bitmod", 128, 5, 1001, 4096, "bf16"), ("int4", 64, 16, 513, 1408, "fp16"), ("bitmod", 32, 64, 300, 2048, "bf16")]
+    for fmt, group, m, n, k, act in cases:  # W4A8, then W4A16 with bf16 / fp16 activations
         w = torch.randn(n, k, device="cuda") * (1 + torch.rand(n, 1, device="cuda"))
         wq = BITMOD4.quantize(w, group) if fmt == "bitmod" else INT4.quantize(w, group)
-        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        x = torch.randn(m, k, device="cuda", dtype=torch.float16 if act == "fp16" else torch.bfloat16)
+        afmt = "fp8_e4m3" if act == "fp8_e4m3" else "none"
         ys = []
         with path("mma"):
             try:
                 for use_asm in (True, False):
                     g.GEMV_USE_ASM = use_asm
-                    ys.append(g.w4_matmul(x, wq, None, "fp8_e4m3", out_dtype=torch.float32))
+                    ys.append(g.w4_matmul(x, wq, None, afmt, out_dtype=torch.float32))
             finally:
                 g.GEMV_USE_ASM = True
-        exact = gpu_check.quantize_scaled_fp8(x).dequantize().double() @ wq.dequantize().double().t()
+        xq = gpu_check.quantize_scaled_fp8(x).dequantize() if afmt == "fp8_e4m3" else x
+        exact = xq.double() @ wq.dequantize().double().t()
         err = gpu_check._rel(ys[0], exact)
         ok = torch.equal(ys[0], ys[1]) and err < 1e-5
-        lines.append(f"{'PASS' if ok else 'FAIL'} mma gemm {fmt} g{group} M={m} N={n} K={k}: asm == pure-Triton decode "
-                     f"{torch.equal(ys[0], ys[1])}, rel_err vs float64 {err:.2e}")
+        lines.append(f"{'PASS' if ok else 'FAIL'} mma gemm {fmt} g{group} {act} M={m} N={n} K={k}: asm == pure-Triton "
+                     f"decode {torch.equal(ys[0], ys[1])}, rel_err vs float64 {err:.2e}")
     for m, k in ((1, 4096), (7, 14336), (64, 1408)):
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16) * torch.logspace(-6, 3, k, device="cuda").to(torch.bfloat16)
         codes, scales = quantize_activation_fp8(x)
@@ -152,16 +158,26 @@ def _timings(best: tuple) -> str:
                 em = bench_rotating(calls) if m <= 64 else float("nan")
             with path("old"):
                 go, eo = graph_rotating_us(calls[:16]), bench_rotating(calls)
+            # W4A16 (bf16 activations) through both paths, GPU time
+            calls16 = [lambda w=w: g.w4_matmul(x, w, None, "none") for w in ws[:16]]
+            g16 = float("nan")
+            if 1 < m <= 64:
+                with path("mma"):
+                    g16 = graph_rotating_us(calls16)
+            with path("old"):
+                g16o = graph_rotating_us(calls16)
             rows.append((f"{name} {n}x{k}", m, gbf, gm, go, gbf / gm, gbf / go, 100 * wbytes / gm / 1e6 / copy_bw,
-                         ebf, em, eo, ebf / em))
-            means.setdefault(m, []).append((gbf / gm, gbf / go, ebf / em))
+                         ebf, em, eo, ebf / em, g16, g16o, gbf / g16))
+            means.setdefault(m, []).append((gbf / gm, gbf / go, ebf / em, gbf / g16, gbf / g16o))
             print(rows[-1], flush=True)
     hdr = ["shape NxK", "M", "bf16 graph us", "mma graph us", "old graph us", "mma x bf16 (graph)", "old x bf16 (graph)",
-           "mma % copy BW", "bf16 eager us", "mma eager us", "old eager us", "mma x bf16 (eager)"]
+           "mma % copy BW", "bf16 eager us", "mma eager us", "old eager us", "mma x bf16 (eager)", "W4A16 mma graph us",
+           "W4A16 old graph us", "W4A16 mma x bf16 (graph)"]
     summary = [f"copy bandwidth {copy_bw:.2f} TB/s; config {best}; old = CUDA-core GEMV at M = 1, tiled kernel above"]
     for m, vals in means.items():
         summary.append(f"M={m}: mean over the 4 Llama shapes, graph: mma {sum(v[0] for v in vals) / 4:.2f}x bf16, "
-                       f"old {sum(v[1] for v in vals) / 4:.2f}x; eager: mma {sum(v[2] for v in vals) / 4:.2f}x")
+                       f"old {sum(v[1] for v in vals) / 4:.2f}x; eager: mma {sum(v[2] for v in vals) / 4:.2f}x; "
+                       f"W4A16 graph: mma {sum(v[3] for v in vals) / 4:.2f}x, old {sum(v[4] for v in vals) / 4:.2f}x")
     return table(hdr, rows) + "\n\n" + "\n".join(summary)
 
 

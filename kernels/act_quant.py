@@ -123,8 +123,16 @@ class _LastActivation:
 _LAST = _LastActivation()
 # Kernel benchmarks switch the reuse off: they time one linear layer with its own input, over and over.
 ACTIVATION_REUSE = True
+def halves_16bit(x: torch.Tensor, out: torch.Tensor, scales: torch.Tensor) -> None:
+    """W4A16's activations (no quantization) in the small-M kernel's half-plane order; out's dtype (bf16 or
+    fp16) rounds fp32 inputs. `scales` is unused (the quantizers' signature)."""
+    m, k = x.shape
+    out.view(m, 2, k // 8, 4).copy_(x.view(m, k // 8, 2, 4).transpose(1, 2))
+
+
 _QUANTIZERS = {"split": (quantize_activation_fp8_split, torch.float32),
-               "halves": (quantize_activation_fp8_halves, torch.float16)}
+               "halves": (quantize_activation_fp8_halves, torch.float16),
+               "halves_bf16": (halves_16bit, torch.bfloat16), "halves_fp16": (halves_16bit, torch.float16)}
 
 
 def _capturing(device: torch.device) -> bool:
@@ -133,7 +141,8 @@ def _capturing(device: torch.device) -> bool:
 
 def quantize_activation_once(source: torch.Tensor, x: torch.Tensor, layout: str) -> tuple[torch.Tensor, torch.Tensor]:
     """FP8 codes and token scales of x (= `source` viewed as [M, K]) in `layout` ("split" for the GEMV, "halves"
-    for the small-M kernel), reusing the previous call's result when it quantized the same tensor unchanged.
+    for the small-M kernel; "halves_bf16" / "halves_fp16": W4A16's unquantized activations in that order, scales
+    unused), reusing the previous call's result when it quantized the same tensor unchanged.
 
     The q/k/v projections (and gate/up) of a decoder layer receive one hidden-state tensor; quantizing it once
     instead of three (two) times removes launches from every decode step. A hit needs the same tensor object,

@@ -137,22 +137,24 @@ def decode_w4(codes, aux, IS_BITMOD: tl.constexpr):
 
 
 def decode_half_ptx(word: str, negated: str, outs: tuple[str, str], tables: tuple[str, ...], s80: str, m64: str,
-                     bias: str) -> str:
-    """PTX: codes 0..3 of `word` (its low 16 bits) into the fp16 pairs outs[0] = (c0, c1), outs[1] = (c2, c3)."""
+                    bias: str, one: str | None = None) -> str:
+    """PTX: codes 0..3 of `word` (its low 16 bits) into the 16-bit pairs outs[0] = (c0, c1), outs[1] = (c2, c3):
+    fp16 by sub.f16x2 of `bias`, or (with `one`, the bf16 pair (1, 1)) bf16 by fma.bf16x2 with `bias` = -offset."""
     tp0, tp1, tn0, tn1 = tables
+    finish = "\n".join(f"sub.rn.f16x2 {out}, {out}, {bias};" if one is None else f"fma.rn.bf16x2 {out}, {out}, {one}, {bias};"
+                       for out in outs)
     return f"""prmt.b32 P, {tp0}, {tp1}, {word};
 prmt.b32 N, {tn0}, {tn1}, {negated};
 prmt.b32 S, {s80}, {s80}, {word};
 lop3.b32 R, S, N, P, 0xCA;
 prmt.b32 {outs[0]}, R, {m64}, 0x5140;
 prmt.b32 {outs[1]}, R, {m64}, 0x7362;
-sub.rn.f16x2 {outs[0]}, {outs[0]}, {bias};
-sub.rn.f16x2 {outs[1]}, {outs[1]}, {bias};
+{finish}
 """
 
 
 def decode_word_ptx(outs: tuple[str, ...], word: str, tables: tuple[str, ...], s80: str, m64: str, bias: str,
-                    scale: str | None = None) -> str:
+                    scale: str | None = None, one: str | None = None) -> str:
     """Inline PTX decoding one 32-bit word of 8 codes (code i = nibble i) into four fp16 pairs in code order.
 
     prmt looks each code up in byte tables of (value + 16) in [0, 32] (decode_tables: codes 0..7 in tp0/tp1, codes
@@ -161,10 +163,11 @@ def decode_word_ptx(outs: tuple[str, ...], word: str, tables: tuple[str, ...], s
     0x64646464: fp16 1024 + byte) and subtracts bias = fp16x2 (1040, 1040): exact for integers of magnitude
     <= 16. With `scale` (an fp32 register), each pair is widened, multiplied by it in fp32 and rounded to fp16
     once (the dequantized weight, as formats' dequantize() then .half()). Four `outs` receive the pairs (32-bit);
-    eight receive the codes one by one (16-bit registers).
+    eight receive the codes one by one (16-bit registers). bf16 instead of fp16: m64 = 0x43434343 (bf16 128 +
+    byte), `one` = bf16x2 (1, 1) and bias = bf16x2 (-144, -144), applied by fma.bf16x2 (exact, as above).
     """
-    if len(outs) not in (4, 8) or (scale is not None and len(outs) != 4):
-        raise ValueError("decode_word_ptx: 4 pair outputs (optionally scaled) or 8 unscaled 16-bit outputs")
+    if len(outs) not in (4, 8) or (scale is not None and (len(outs) != 4 or one is not None)):
+        raise ValueError("decode_word_ptx: 4 fp16 pair outputs (optionally scaled) or 8 unscaled 16-bit outputs")
     body = """{
 .reg .b32 wn, wh, wnh, P, N, S, R;
 .reg .b16 l, h;
@@ -176,8 +179,8 @@ shr.u32 wnh, wn, 16;
     pairs = outs if len(outs) == 4 else ("q0", "q1", "q2", "q3")
     if len(outs) == 8:
         body += ".reg .b32 q0, q1, q2, q3;\n"
-    body += decode_half_ptx(word, "wn", pairs[:2], tables, s80, m64, bias)
-    body += decode_half_ptx("wh", "wnh", pairs[2:], tables, s80, m64, bias)
+    body += decode_half_ptx(word, "wn", pairs[:2], tables, s80, m64, bias, one)
+    body += decode_half_ptx("wh", "wnh", pairs[2:], tables, s80, m64, bias, one)
     if len(outs) == 8:
         for i, pair in enumerate(pairs):
             body += f"mov.b32 {{{outs[2 * i]}, {outs[2 * i + 1]}}}, {pair};\n"

@@ -8,11 +8,11 @@ with a per-token scale (W4A8, see act_quant.py); the token scale is applied once
 - M == 1 (decode GEMV): CUDA-core reduction; one program per BLOCK_N outputs walks the whole K, so bias and
   the output cast are fused. W4A8 decodes two codes per 32-bit instruction with inline PTX on the GPU
   (_w4_gemv_kernel; a pure-Triton decode under the interpreter); W4A16 runs _w4_gemv_a16_kernel.
-- W4A8 at MMA_MIN_M <= M <= MMA_MAX_M (2..64): the tensor-core small-M kernel (w4_mma.py, weights as the
-  left MMA operand, fp16 operands, exact products).
+- MMA_MIN_M <= M <= MMA_MAX_M (2..64): the tensor-core small-M kernel (w4_mma.py, weights as the left MMA
+  operand; W4A8 in fp16, W4A16 in the activations' 16-bit type; exact products).
 - W4A8 at M >= DEQUANT_MIN_M (prefill): the weight dequantized once to fp16 (dequant_w4.py), cuBLAS with fp32
   output, one fused epilogue pass.
-- Otherwise (W4A16 at M > 1, W4A8 between the two): the tiled tensor-core kernel (tl.dot) over K-blocks that
+- Otherwise (M > 64 below the prefill path, and W4A16 from M = 65): the tiled tensor-core kernel (tl.dot) over K-blocks that
   never straddle a group. W4A8 multiplies FP8 x FP8 (both exact: every BitMoD grid value and INT4 code difference
   is an E4M3 number) on GPUs with FP8 tensor cores; W4A16 multiplies the integer weights in the activation dtype.
 Accumulation is fp32; results differ from the torch reference only by summation order and, for W4A8, by the
@@ -493,9 +493,11 @@ def w4_matmul(
     a_fp8 = activation_format == "fp8_e4m3"
     is_bitmod, packed, scales, aux = prep.is_bitmod, prep.packed, prep.scales, prep.aux
     bias_arg = bias if bias is not None else scales
-    if a_fp8 and MMA_MIN_M <= m <= MMA_MAX_M:
-        a, xs = quantize_activation_once(x, x2, "halves")
-        w4_mma_matmul(a, xs, prep.words, scales, aux, bias, y, prep.group, is_bitmod, GEMV_USE_ASM and not interp)
+    if MMA_MIN_M <= m <= MMA_MAX_M:
+        layout = "halves" if a_fp8 else "halves_fp16" if x2.dtype == torch.float16 else "halves_bf16"
+        a, xs = quantize_activation_once(x, x2, layout)
+        w4_mma_matmul(a, xs if a_fp8 else None, prep.words, scales, aux, bias, y, prep.group, is_bitmod,
+                      GEMV_USE_ASM and not interp)
         return y.reshape(*lead, n)
     if m == 1:  # decode GEMV: fixed launch parameters, no autotuner
         if a_fp8:

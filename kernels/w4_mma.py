@@ -1,4 +1,4 @@
-"""W4A8 GEMM for small M (decode and short prompts, M <= 64) on tensor cores: y = Q_act(x) @ W^T + bias.
+"""W4A8 / W4A16 GEMM for small M (decode and short prompts, M <= 64) on tensor cores: y = Q_act(x) @ W^T + bias.
 
 The weight is the left MMA operand ("swap AB": output features fill the MMA's M dimension, the few tokens its N
 dimension, padded to 16), so a GEMV uses the tensor cores instead of one fp32 FMA per weight on CUDA cores.
@@ -29,38 +29,51 @@ from .common import bitmod_special2, clamped_rows, decode_tables, decode_w4, dec
 # invocation: a pack over bytes would let the compiler group bytes of different rows (seen in the PTX).
 _ASM_DECODE = tl.constexpr(decode_word_ptx(tuple(f"${i}" for i in range(8)), "$8", ("$9", "$10", "$11", "$12"), "$13", "$14", "$15"))
 _ASM_DECODE_CONSTRAINTS = tl.constexpr(",".join(["=h"] * 8 + ["r"] * 8))
+# bf16 weights for bf16 activations (W4A16): m64 $14 = 0x43434343, bias $15 = bf16x2 (-144, -144), one $16
+_ASM_DECODE_BF16 = tl.constexpr(decode_word_ptx(tuple(f"${i}" for i in range(8)), "$8", ("$9", "$10", "$11", "$12"), "$13", "$14",
+                                                "$15", one="$16"))
+_ASM_DECODE_BF16_CONSTRAINTS = tl.constexpr(",".join(["=h"] * 8 + ["r"] * 9))
 
 
 @triton.jit
 def _decode_group(words_ptr, rows, stride_ww, g, aux, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
-                  IS_BITMOD: tl.constexpr, USE_ASM: tl.constexpr):
-    """fp16 [BLOCK_N, GROUP / 2] half-planes (lo: k % 8 < 4, hi: k % 8 >= 4) of group g of each row."""
+                  IS_BITMOD: tl.constexpr, USE_ASM: tl.constexpr, BF16: tl.constexpr):
+    """fp16 [BLOCK_N, GROUP / 2] half-planes (lo: k % 8 < 4, hi: k % 8 >= 4) of group g of each row; with BF16,
+    bf16 from the PTX decode and fp32 from the pure-Triton one (the interpreter has no usable bf16)."""
     HG: tl.constexpr = GROUP // 2
     GW: tl.constexpr = GROUP // 8
     ow = tl.arange(0, GW)
     words = tl.load(words_ptr + rows[:, None] * stride_ww + g * GW + ow[None, :])  # int32, 8 codes each
     if USE_ASM:
         tp0, tp1, tn0, tn1 = decode_tables(aux, IS_BITMOD)
-        c0, c1, c2, c3, c4, c5, c6, c7 = tl.inline_asm_elementwise(
-            _ASM_DECODE, _ASM_DECODE_CONSTRAINTS,
-            [words, tl.broadcast_to(tp0[:, None], (BLOCK_N, GW)), tl.broadcast_to(tp1[:, None], (BLOCK_N, GW)),
-             tl.broadcast_to(tn0[:, None], (BLOCK_N, GW)), tl.broadcast_to(tn1[:, None], (BLOCK_N, GW)),
-             tl.full((BLOCK_N, GW), 0x80808080, tl.int32), tl.full((BLOCK_N, GW), 0x64646464, tl.int32),
-             tl.full((BLOCK_N, GW), 0x64106410, tl.int32)],
-            dtype=(tl.float16,) * 8, is_pure=True, pack=1)
+        operands = [words, tl.broadcast_to(tp0[:, None], (BLOCK_N, GW)), tl.broadcast_to(tp1[:, None], (BLOCK_N, GW)),
+                    tl.broadcast_to(tn0[:, None], (BLOCK_N, GW)), tl.broadcast_to(tn1[:, None], (BLOCK_N, GW)),
+                    tl.full((BLOCK_N, GW), 0x80808080, tl.int32)]
+        if BF16:
+            c0, c1, c2, c3, c4, c5, c6, c7 = tl.inline_asm_elementwise(
+                _ASM_DECODE_BF16, _ASM_DECODE_BF16_CONSTRAINTS,
+                operands + [tl.full((BLOCK_N, GW), 0x43434343, tl.int32), tl.full((BLOCK_N, GW), -1022311664, tl.int32),
+                            tl.full((BLOCK_N, GW), 0x3F803F80, tl.int32)],  # -1022311664 = 0xC310C310: (-144, -144)
+                dtype=(tl.bfloat16,) * 8, is_pure=True, pack=1)
+        else:
+            c0, c1, c2, c3, c4, c5, c6, c7 = tl.inline_asm_elementwise(
+                _ASM_DECODE, _ASM_DECODE_CONSTRAINTS,
+                operands + [tl.full((BLOCK_N, GW), 0x64646464, tl.int32), tl.full((BLOCK_N, GW), 0x64106410, tl.int32)],
+                dtype=(tl.float16,) * 8, is_pure=True, pack=1)
     else:
         a = aux.to(tl.int32)
         if IS_BITMOD:
             a = bitmod_special2(a)
         a = a[:, None]
-        c0 = decode_w4(words & 15, a, IS_BITMOD).to(tl.float16)
-        c1 = decode_w4((words >> 4) & 15, a, IS_BITMOD).to(tl.float16)
-        c2 = decode_w4((words >> 8) & 15, a, IS_BITMOD).to(tl.float16)
-        c3 = decode_w4((words >> 12) & 15, a, IS_BITMOD).to(tl.float16)
-        c4 = decode_w4((words >> 16) & 15, a, IS_BITMOD).to(tl.float16)
-        c5 = decode_w4((words >> 20) & 15, a, IS_BITMOD).to(tl.float16)
-        c6 = decode_w4((words >> 24) & 15, a, IS_BITMOD).to(tl.float16)
-        c7 = decode_w4((words >> 28) & 15, a, IS_BITMOD).to(tl.float16)
+        ty = tl.float32 if BF16 else tl.float16  # (bf16 planes: the kernel narrows them, exactly, on a GPU)
+        c0 = decode_w4(words & 15, a, IS_BITMOD).to(ty)
+        c1 = decode_w4((words >> 4) & 15, a, IS_BITMOD).to(ty)
+        c2 = decode_w4((words >> 8) & 15, a, IS_BITMOD).to(ty)
+        c3 = decode_w4((words >> 12) & 15, a, IS_BITMOD).to(ty)
+        c4 = decode_w4((words >> 16) & 15, a, IS_BITMOD).to(ty)
+        c5 = decode_w4((words >> 20) & 15, a, IS_BITMOD).to(ty)
+        c6 = decode_w4((words >> 24) & 15, a, IS_BITMOD).to(ty)
+        c7 = decode_w4((words >> 28) & 15, a, IS_BITMOD).to(ty)
     # join(join(a, c), join(b, d)) lays out a, b, c, d along the new last axis
     lo = tl.reshape(tl.join(tl.join(c0, c2), tl.join(c1, c3)), [BLOCK_N, HG])
     hi = tl.reshape(tl.join(tl.join(c4, c6), tl.join(c5, c7)), [BLOCK_N, HG])
@@ -72,10 +85,12 @@ def _w4_mma_kernel(
     x_ptr, xs_ptr, words_ptr, s_ptr, aux_ptr, b_ptr, y_ptr, part_ptr,
     M, N, K, stride_xm, stride_ww, stride_sn, stride_an, stride_ym, groups_per_split,
     GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, SPLIT_K: tl.constexpr,
-    IS_BITMOD: tl.constexpr, HAS_BIAS: tl.constexpr, USE_ASM: tl.constexpr,
+    IS_BITMOD: tl.constexpr, HAS_BIAS: tl.constexpr, USE_ASM: tl.constexpr, ROW_SCALE: tl.constexpr,
+    BF16: tl.constexpr, NATIVE_BF16: tl.constexpr,
 ):
-    """x: fp16 FP8 codes in half-plane order (x[m, :K/2] = lo plane, x[m, K/2:] = hi plane); xs: token scales.
-    SPLIT_K > 1 writes unscaled fp32 partials part[pid_k, m, n] for _rows_epilogue_kernel."""
+    """x in half-plane order (x[m, :K/2] = lo plane, x[m, K/2:] = hi plane): W4A8 (ROW_SCALE) fp16 FP8 codes with
+    token scales xs; W4A16 the 16-bit activations themselves (bf16 if BF16, else fp16), xs unused. SPLIT_K > 1
+    writes unscaled fp32 partials part[pid_k, m, n] for _rows_epilogue_kernel."""
     HG: tl.constexpr = GROUP // 2
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -91,15 +106,21 @@ def _w4_mma_kernel(
     for g in range(g_start, g_end):
         aux = tl.load(aux_ptr + rows * stride_an + g)
         scale = tl.load(s_ptr + rows * stride_sn + g).to(tl.float32)
-        lo, hi = _decode_group(words_ptr, rows, stride_ww, g, aux, GROUP, BLOCK_N, IS_BITMOD, USE_ASM)
+        lo, hi = _decode_group(words_ptr, rows, stride_ww, g, aux, GROUP, BLOCK_N, IS_BITMOD, USE_ASM, BF16)
         x_lo = tl.load(x_rows + g * HG + offs_h[None, :], mask=m_mask[:, None], other=0.0)
         x_hi = tl.load(x_rows + half + g * HG + offs_h[None, :], mask=m_mask[:, None], other=0.0)
+        if BF16:
+            if NATIVE_BF16:
+                lo, hi = lo.to(tl.bfloat16), hi.to(tl.bfloat16)
+            else:  # the interpreter mis-evaluates bf16: exact fp32 products instead
+                lo, hi, x_lo, x_hi = lo.to(tl.float32), hi.to(tl.float32), x_lo.to(tl.float32), x_hi.to(tl.float32)
         part = tl.dot(lo, tl.trans(x_lo))
         part = tl.dot(hi, tl.trans(x_hi), part)
         acc += part * scale[:, None]
     out_mask = n_mask[:, None] & m_mask[None, :]
     if SPLIT_K == 1:
-        acc = acc * tl.load(xs_ptr + offs_m, mask=m_mask, other=0.0)[None, :]
+        if ROW_SCALE:
+            acc = acc * tl.load(xs_ptr + offs_m, mask=m_mask, other=0.0)[None, :]
         if IS_BITMOD:
             acc = acc * 0.5
         if HAS_BIAS:
@@ -111,16 +132,17 @@ def _w4_mma_kernel(
 
 @triton.jit
 def _rows_epilogue_kernel(part_ptr, xs_ptr, b_ptr, y_ptr, M, N, stride_ym, SPLIT_K: tl.constexpr,
-                            BLOCK: tl.constexpr, IS_BITMOD: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """y[m, n] = (sum of part[s, m, n] over s, in split order) * xs[m] (* 1/2 for BitMoD) + bias[n], cast to y's
-    dtype: the split-K reduction, and (SPLIT_K = 1) the epilogue of the prefill path's fp32 cuBLAS product."""
+                          BLOCK: tl.constexpr, IS_BITMOD: tl.constexpr, HAS_BIAS: tl.constexpr, ROW_SCALE: tl.constexpr):
+    """y[m, n] = (sum of part[s, m, n] over s, in split order) * xs[m] (if ROW_SCALE) (* 1/2 for BitMoD) + bias[n],
+    cast to y's dtype: the split-K reduction, and (SPLIT_K = 1) the epilogue of the prefill path's fp32 product."""
     m = tl.program_id(1).to(tl.int64)  # m * N exceeds int32 for long prefills of wide layers
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < N
     total = tl.load(part_ptr + m * N + offs, mask=mask, other=0.0)
     for s in tl.static_range(1, SPLIT_K):
         total += tl.load(part_ptr + (s * M + m) * N + offs, mask=mask, other=0.0)
-    total = total * tl.load(xs_ptr + m)
+    if ROW_SCALE:
+        total = total * tl.load(xs_ptr + m)
     if IS_BITMOD:
         total = total * 0.5
     if HAS_BIAS:
@@ -145,13 +167,14 @@ def _sm_count(device: torch.device) -> int:
     return _SM_COUNT[index]
 
 
-def w4_mma_matmul(x_halves: torch.Tensor, x_scales: torch.Tensor, words: torch.Tensor,
+def w4_mma_matmul(x_halves: torch.Tensor, x_scales: torch.Tensor | None, words: torch.Tensor,
                   scales: torch.Tensor, aux: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor, group: int,
                   is_bitmod: bool, use_asm: bool, split_k: int | None = None) -> None:
     """y [M, N] = x @ W^T for M <= 64 (callers validate: gemm_w4.w4_matmul).
 
-    x_halves: fp16 [M, K] FP8 codes in half-plane order, x_scales fp32 [M]; words: the packed weight as int32
-    [N, K/8] (8 codes each); split_k=None picks the split from the grid size."""
+    x_halves [M, K] in half-plane order: W4A8 fp16 FP8 codes with x_scales fp32 [M]; W4A16 the bf16 or fp16
+    activations with x_scales None. words: the packed weight as int32 [N, K/8] (8 codes each); split_k=None picks
+    the split from the grid size."""
     m, k = x_halves.shape
     n = words.shape[0]
     block_n, warps, stages = MMA_OVERRIDE or MMA_CONFIG
@@ -163,12 +186,15 @@ def w4_mma_matmul(x_halves: torch.Tensor, x_scales: torch.Tensor, words: torch.T
     per_split = triton.cdiv(n_groups, split_k)
     split_k = triton.cdiv(n_groups, per_split)  # no empty splits
     part = torch.empty((split_k, m, n), dtype=torch.float32, device=y.device) if split_k > 1 else y
-    bias_arg = bias if bias is not None else x_scales
+    row_scale = x_scales is not None
+    xs_arg = x_scales if row_scale else scales
+    bias_arg = bias if bias is not None else xs_arg
     _w4_mma_kernel[(tiles, split_k)](
-        x_halves, x_scales, words, scales, aux, bias_arg, y, part,
+        x_halves, xs_arg, words, scales, aux, bias_arg, y, part,
         m, n, k, x_halves.stride(0), words.stride(0), scales.stride(0), aux.stride(0), y.stride(0), per_split,
         GROUP=group, BLOCK_N=block_n, BLOCK_M=block_m, SPLIT_K=split_k, IS_BITMOD=is_bitmod,
-        HAS_BIAS=bias is not None, USE_ASM=use_asm, num_warps=warps, num_stages=stages)
+        HAS_BIAS=bias is not None, USE_ASM=use_asm, ROW_SCALE=row_scale, BF16=x_halves.dtype == torch.bfloat16,
+        NATIVE_BF16=y.is_cuda, num_warps=warps, num_stages=stages)
     if split_k > 1:
         rows_epilogue(part, x_scales, bias, y, is_bitmod)
 
@@ -176,16 +202,17 @@ def w4_mma_matmul(x_halves: torch.Tensor, x_scales: torch.Tensor, words: torch.T
 EPILOGUE_ROWS_PER_LAUNCH = 65535  # the grid's second dimension holds at most 65535 rows
 
 
-def rows_epilogue(part: torch.Tensor, x_scales: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor,
+def rows_epilogue(part: torch.Tensor, x_scales: torch.Tensor | None, bias: torch.Tensor | None, y: torch.Tensor,
                   is_bitmod: bool = False) -> None:
-    """y = part.sum(0) * x_scales[:, None] (* 1/2 for BitMoD) + bias in one pass; part fp32 [S, M, N] contiguous,
-    y [M, N] with unit stride along N."""
+    """y = part.sum(0) (* x_scales[:, None] unless None) (* 1/2 for BitMoD) + bias in one pass; part fp32
+    [S, M, N] contiguous, y [M, N] with unit stride along N."""
     if not part.is_contiguous() or part.dtype != torch.float32 or y.stride(-1) != 1:
         raise ValueError("rows_epilogue: part must be a contiguous float32 [S, M, N] tensor and y unit-stride along N")
     split_k, m, n = part.shape
     block = min(1024, triton.next_power_of_2(n))
     for m0 in range(0, m, EPILOGUE_ROWS_PER_LAUNCH):
         rows = min(EPILOGUE_ROWS_PER_LAUNCH, m - m0)
+        xs = x_scales[m0:] if x_scales is not None else part
         _rows_epilogue_kernel[(triton.cdiv(n, block), rows)](
-            part[:, m0:], x_scales[m0:], bias if bias is not None else x_scales, y[m0:], m, n, y.stride(0),
-            SPLIT_K=split_k, BLOCK=block, IS_BITMOD=is_bitmod, HAS_BIAS=bias is not None, num_warps=4)
+            part[:, m0:], xs, bias if bias is not None else xs, y[m0:], m, n, y.stride(0), SPLIT_K=split_k, BLOCK=block,
+            IS_BITMOD=is_bitmod, HAS_BIAS=bias is not None, ROW_SCALE=x_scales is not None, num_warps=4)

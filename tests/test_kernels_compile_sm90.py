@@ -5,6 +5,7 @@ are interpreter objects (TRITON_INTERPRET=1 is set before they are defined)."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -29,10 +30,13 @@ def compile_ptx(fn, types, constexprs, divisible=(), **options):
 
 out = {}
 mma_types = ["*fp16", "*fp32", "*i32", "*fp16", "*u8", "*bf16", "*bf16", "*fp32"] + ["i32"] * 9
-for is_bitmod, block_m, split_k in ((True, 16, 2), (False, 64, 1)):  # split-K partials; the fused epilogue
-    out[f"mma_bitmod={is_bitmod}"] = compile_ptx(
-        w4_mma._w4_mma_kernel, mma_types, dict(GROUP=128, BLOCK_N=64, BLOCK_M=block_m, SPLIT_K=split_k,
-                                               IS_BITMOD=is_bitmod, HAS_BIAS=True, USE_ASM=True),
+# W4A8 with split-K partials; W4A8 with the fused epilogue; W4A16 in bf16
+for name, is_bitmod, block_m, split_k, x_type in (("mma_bitmod=True", True, 16, 2, "*fp16"), ("mma_bitmod=False", False, 64, 1, "*fp16"),
+                                                  ("mma_w4a16_bf16", True, 32, 1, "*bf16")):
+    out[name] = compile_ptx(
+        w4_mma._w4_mma_kernel, [x_type] + mma_types[1:],
+        dict(GROUP=128, BLOCK_N=64, BLOCK_M=block_m, SPLIT_K=split_k, IS_BITMOD=is_bitmod, HAS_BIAS=True, USE_ASM=True,
+             ROW_SCALE=x_type == "*fp16", BF16=x_type == "*bf16", NATIVE_BF16=True),
         divisible=("K", "stride_xm", "stride_ww", "stride_ym"), num_warps=4, num_stages=4)
 for is_bitmod in (True, False):
     out[f"dequant_bitmod={is_bitmod}"] = compile_ptx(
@@ -40,7 +44,7 @@ for is_bitmod in (True, False):
         dict(GROUP=128, BLOCK_N=16, BLOCK_W=64, IS_BITMOD=is_bitmod, USE_ASM=True),
         divisible=("KW", "s_w", "s_o"), num_warps=4)
 out["epilogue"] = compile_ptx(w4_mma._rows_epilogue_kernel, ["*fp32", "*fp32", "*bf16", "*bf16"] + ["i32"] * 3,
-                              dict(SPLIT_K=4, BLOCK=1024, IS_BITMOD=True, HAS_BIAS=True), num_warps=4)
+                              dict(SPLIT_K=4, BLOCK=1024, IS_BITMOD=True, HAS_BIAS=True, ROW_SCALE=True), num_warps=4)
 out["gemv"] = compile_ptx(gemm_w4._w4_gemv_kernel, ["*fp32", "*fp32", "*i32", "*fp16", "*u8", "*bf16", "*bf16"] + ["i32"] * 9,
                           dict(GROUP=128, BLOCK_N=4, BLOCK_K=1024, IS_BITMOD=True, HAS_BIAS=False, USE_ASM=True, EVEN_K=True),
                           divisible=("K", "stride_xm", "stride_wn", "KW"), num_warps=2, num_stages=3)
@@ -65,7 +69,9 @@ def _compile_all() -> dict[str, str]:
 
 def test_gpu_kernels_compile_for_hopper_with_their_inline_ptx():
     ptx = _compile_all()
-    for fmt in ("mma_bitmod=True", "mma_bitmod=False"):
+    assert "fma.rn.bf16x2" in ptx["mma_w4a16_bf16"]  # the bf16 decode
+    assert re.search(r"mma[^\n]*bf16", ptx["mma_w4a16_bf16"])  # bf16 tensor-core operands
+    for fmt in ("mma_bitmod=True", "mma_bitmod=False", "mma_w4a16_bf16"):
         assert "xor.b32 wn" in ptx[fmt] and "prmt.b32" in ptx[fmt], fmt  # the decode is inlined
         assert "wgmma" in ptx[fmt] or "mma.sync" in ptx[fmt], fmt  # tensor cores
     for fmt in ("dequant_bitmod=True", "dequant_bitmod=False"):

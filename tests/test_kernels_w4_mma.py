@@ -40,6 +40,24 @@ def test_mma_gemm_matches_exact_quantized_product(monkeypatch, m, n, k, group, f
     assert y16.dtype == torch.bfloat16 and _rel(y16, exact - bias.double()) < 2.0**-7
 
 
+@pytest.mark.parametrize("m,dtype,fmt,split_k", [(3, torch.bfloat16, "bitmod", None), (16, torch.float16, "int4", 2),
+                                                  (37, torch.float32, "bitmod", 1), (2, torch.bfloat16, "int4", 3)])
+def test_mma_gemm_w4a16_matches_exact_product(monkeypatch, m, dtype, fmt, split_k):
+    """16-bit activations through the small-M kernel: weights decoded to the activations' type (fp32 ones run as
+    bf16, as everywhere in W4A16), fp32 accumulation."""
+    monkeypatch.setattr(gemm_w4, "MMA_MIN_M", 1)
+    if split_k is not None:
+        original = w4_mma.w4_mma_matmul
+        monkeypatch.setattr(gemm_w4, "w4_mma_matmul", lambda *a, **kw: original(*a, **kw, split_k=split_k))
+    weight = (BITMOD4 if fmt == "bitmod" else INT4).quantize(torch.randn(41, 384), 128 if fmt == "bitmod" else 64)
+    x = (torch.randn(m, 384) * 3).to(dtype)
+    bias = torch.randn(41)
+    y = gemm_w4.w4_matmul(x, weight, bias, "none", out_dtype=torch.float32, out=torch.full((m, 41), float("nan")))
+    xr = x.to(torch.bfloat16) if dtype == torch.float32 else x
+    exact = xr.double() @ weight.dequantize().double().t() + bias.double()
+    assert torch.isfinite(y).all() and _rel(y, exact) < FP32_TOL
+
+
 def test_rows_epilogue_sums_splits_in_chunks_of_rows(monkeypatch):
     monkeypatch.setattr(w4_mma, "EPILOGUE_ROWS_PER_LAUNCH", 3)  # 7 rows: launches of 3, 3 and 1 rows
     part = torch.randn(3, 7, 19)
@@ -94,13 +112,25 @@ def _pack_f16x2(lo, hi) -> int:
     return int(d[0]) | (int(d[1]) << 16)
 
 
+def _bf16x2(a: int) -> list[float]:
+    return [float(np.array([(a & 0xFFFF) << 16], np.uint32).view(np.float32)[0]),
+            float(np.array([(a >> 16) << 16], np.uint32).view(np.float32)[0])]
+
+
+def _pack_bf16x2(lo: float, hi: float) -> int:
+    def bits(v: float) -> int:  # float -> bf16 bits, round to nearest even
+        f = int(np.array([v], np.float32).view(np.uint32)[0])
+        return ((f + 0x7FFF + ((f >> 16) & 1)) >> 16) & 0xFFFF
+    return bits(lo) | (bits(hi) << 16)
+
+
 def _f32(a: int) -> np.float32:
     return np.array([a], dtype=np.uint32).view(np.float32)[0]
 
 
 def _run_ptx(asm: str, operands: dict[str, int]) -> dict[str, int]:
-    """Execute the straight-line PTX subset the decodes use (xor, shr, prmt, lop3, sub.rn.f16x2, and the fp32
-    scaling: mov.b32 {l, h}, cvt.f32.f16, mul.rn.f32, cvt.rn.f16x2.f32); numpy's fp16/fp32 ops round to nearest even."""
+    """Execute the straight-line PTX subset the decodes use (mov, xor, shr, prmt, lop3, sub.rn.f16x2, fma.rn.bf16x2,
+    and the fp32 scaling: mov.b32 {l, h}, cvt.f32.f16, mul.rn.f32, cvt.rn.f16x2.f32); rounding to nearest even."""
     regs = dict(operands)
 
     def val(token: str) -> int:
@@ -131,6 +161,9 @@ def _run_ptx(asm: str, operands: dict[str, int]) -> dict[str, int]:
         elif op == "sub.rn.f16x2":
             a, b = _f16x2(val(src[0])), _f16x2(val(src[1]))
             regs[dst] = _pack_f16x2(a[0] - b[0], a[1] - b[1])
+        elif op == "fma.rn.bf16x2":
+            a, b, c = (_bf16x2(val(t)) for t in src)
+            regs[dst] = _pack_bf16x2(a[0] * b[0] + c[0], a[1] * b[1] + c[1])
         elif op == "cvt.f32.f16":
             regs[dst] = int(np.array([np.array([val(src[0])], np.uint16).view(np.float16)[0]], np.float32).view(np.uint32)[0])
         elif op == "mul.rn.f32":
@@ -163,11 +196,18 @@ def _tables(aux: torch.Tensor, is_bitmod: bool) -> list[tuple[int, int, int, int
 CONSTANTS = {"s80": 0x80808080, "m64": 0x64646464, "bias": 0x64106410}
 
 
-def _mma_decode(word: int, tables) -> list[float]:
-    """w4_mma's PTX on one word: the fp16 values of codes 0..7 (outputs $0..$7, 16-bit registers)."""
-    ops = {"$8": word, "$13": CONSTANTS["s80"], "$14": CONSTANTS["m64"], "$15": CONSTANTS["bias"]}
+def _mma_decode(word: int, tables, bf16: bool = False) -> list[float]:
+    """w4_mma's PTX on one word: the fp16 (bf16) values of codes 0..7 (outputs $0..$7, 16-bit registers)."""
+    if bf16:  # operands as _decode_group passes them
+        ops = {"$8": word, "$13": CONSTANTS["s80"], "$14": 0x43434343, "$15": 0xC310C310, "$16": 0x3F803F80}
+        asm = w4_mma._ASM_DECODE_BF16.value
+    else:
+        ops = {"$8": word, "$13": CONSTANTS["s80"], "$14": CONSTANTS["m64"], "$15": CONSTANTS["bias"]}
+        asm = w4_mma._ASM_DECODE.value
     ops.update(zip(("$9", "$10", "$11", "$12"), tables))
-    regs = _run_ptx(w4_mma._ASM_DECODE.value, ops)
+    regs = _run_ptx(asm, ops)
+    if bf16:
+        return [_bf16x2(regs[f"${i}"])[0] for i in range(8)]
     return [float(np.array([regs[f"${i}"]], np.uint16).view(np.float16)[0]) for i in range(8)]
 
 
@@ -193,6 +233,7 @@ def test_inline_ptx_decode_is_exact_for_every_code_and_group_parameter(fmt):
             word = sum(c << (4 * i) for i, c in enumerate(range(start, start + 8)))
             want = [float(expected[16 * g + start + i]) for i in range(8)]
             assert _mma_decode(word, tables[g]) == want, (fmt, g, start)
+            assert _mma_decode(word, tables[g], bf16=True) == want, (fmt, g, start, "bf16")
 
 
 @pytest.mark.parametrize("fmt", ["bitmod", "int4"])
