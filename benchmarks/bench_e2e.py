@@ -1,11 +1,12 @@
 """End-to-end decode benchmark: a Llama-3.1-8B-shaped LlamaForCausalLM with random weights, bf16 transformers
 vs p3quant W4A8KV4P8 on the triton backend, batch {1, 8}, 4K-token prompts.
 
-Per-token latency = (time of generate(new=1+N) - time of generate(new=1)) / N, so prefill cancels out.
-bf16 runs twice: eagerly with transformers' default (dynamic) cache, and with its best setting, a StaticCache
+Per-token latency of the transformers rows = (time of generate(new=1+N) - time of generate(new=1)) / N, so that
+prefill cancels. bf16 runs twice: eagerly with transformers' default (dynamic) cache, and with its best setting, a StaticCache
 (generate then compiles the decode step with torch.compile, CUDA graphs included). p3quant runs twice: eagerly
-with its P3 cache through transformers' generate, and with p3quant.generate over a P3StaticCache, the decode
-step replayed as a CUDA graph. Run: python benchmarks/bench_e2e.py [--layers L] [--new-tokens N].
+with its P3 cache through transformers' generate, and with p3quant.GreedyDecoder (what p3quant.generate runs)
+over a P3StaticCache, the decode step replayed as a CUDA graph and timed step by step after the prefill.
+Run: python benchmarks/bench_e2e.py [--layers L] [--new-tokens N].
 """
 
 from __future__ import annotations
@@ -63,30 +64,28 @@ def decode_latency(model, batch: int, context: int, new_tokens: int, static: boo
 
 
 def static_graph_latency(model, batch: int, context: int, new_tokens: int) -> float:
-    """Seconds per decoded token of p3quant.generate with a P3StaticCache and CUDA-graph replay.
+    """Seconds per decoded token of p3quant's greedy decoding over a P3StaticCache with CUDA-graph replay.
 
-    Each generate call captures its own graph, so the per-token time is the slope between two lengths
-    (t(1 + 5N) - t(1 + N)) / 4N: prefill and capture cancel out, up to their run-to-run noise, which is why N
-    must be large (at N = 8 the prefill's noise at batch 8 exceeded the 32 tokens' time) and the median of three
-    slopes is kept.
+    Timed directly: after the prefill, one eager step and the captured step, three windows of `new_tokens`
+    replayed steps each (host launch of the replay and the token copy included, as in p3quant.generate); the
+    median window is kept.
     """
     import p3quant
 
     ids = torch.randint(0, 128000, (batch, context), device="cuda")
-
-    def timed(new: int) -> float:
+    decoder = p3quant.GreedyDecoder(model, ids, 3 + 3 * new_tokens, cuda_graph=True)
+    decoder.step()  # eager: kernels for the static shapes, workspaces
+    decoder.step()  # captured, then replayed
+    windows = []
+    for _ in range(3):
         torch.cuda.synchronize()
         start = time.perf_counter()
-        p3quant.generate(model, ids, new, cuda_graph=True)
+        for _ in range(new_tokens):
+            decoder.step()
         torch.cuda.synchronize()
-        return time.perf_counter() - start
-
-    timed(4)  # warm-up: kernels for the static shapes, allocator
-    slopes = sorted((timed(1 + 5 * new_tokens) - timed(1 + new_tokens)) / (4 * new_tokens) for _ in range(3))
-    if slopes[0] <= 0:
-        raise RuntimeError(f"per-token slopes {slopes} include a non-positive one: prefill noise exceeds the decode "
-                           "time; use more --new-tokens")
-    return slopes[1]
+        windows.append((time.perf_counter() - start) / new_tokens)
+    decoder.finish()
+    return sorted(windows)[1]
 
 
 def host_profile(model, context: int, tokens: int = 8, top: int = 30) -> str:

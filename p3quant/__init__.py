@@ -36,11 +36,11 @@ from .nn.static_cache import P3StaticCache
 from .nn.linear import P3Linear
 from .nn.patching import model_memory
 from .quantize import quantize, set_backend
-from .generation import generate
+from .generation import GreedyDecoder, generate
 
 register_p3_attention()
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "P3Config", "PRESETS", "P3Cache", "P3StaticCache", "generate", "P3Linear", "P3QuantizationConfig", "quantize", "set_backend", "models", "model_memory", "BITMOD4", "FP8_E4M3", "INT4", "INT8", "UE4M4", "__version__"]
+    "P3Config", "PRESETS", "P3Cache", "P3StaticCache", "GreedyDecoder", "generate", "P3Linear", "P3QuantizationConfig", "quantize", "set_backend", "models", "model_memory", "BITMOD4", "FP8_E4M3", "INT4", "INT8", "UE4M4", "__version__"]

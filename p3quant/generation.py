@@ -15,7 +15,77 @@ from .nn.patching import attention_modules, cache_argument
 from .nn.static_cache import P3StaticCache, check_static_config
 
 
-@torch.no_grad()
+class GreedyDecoder:
+    """Greedy decoding of one batch over a P3StaticCache: the prompt is prefilled on construction (giving the
+    first token), then each step() appends one token. With cuda_graph, the second step is captured as a CUDA graph
+    and every later step replays it. p3quant.generate drives it; benchmarks time step() alone.
+
+    `tokens` [B, max_new_tokens] holds the tokens produced so far (`produced` of them); call finish() after the
+    last step to leave the cache's host-side token counts in sync.
+    """
+
+    @torch.no_grad()
+    def __init__(self, model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int,
+                 attention_mask: torch.Tensor | None = None, cuda_graph: bool = False) -> None:
+        config = getattr(model, "p3_config", None)
+        if config is None:
+            raise ValueError("p3quant.generate needs a model quantized by p3quant.quantize(model, config)")
+        check_static_config(config)
+        if input_ids.dim() != 2 or input_ids.shape[1] < 1:
+            raise ValueError(f"input_ids must be [batch, prompt_length >= 1], got {tuple(input_ids.shape)}")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if attention_mask is not None and attention_mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask must match input_ids {tuple(input_ids.shape)}, got {tuple(attention_mask.shape)}")
+        if cuda_graph and input_ids.device.type != "cuda":
+            raise ValueError("cuda_graph=True needs the model and input_ids on a CUDA device")
+        batch, prompt = input_ids.shape
+        device = input_ids.device
+        self.model, self.cuda_graph, self.max_new_tokens = model, cuda_graph, max_new_tokens
+        self.cache = P3StaticCache(config, len(attention_modules(model)), prompt + max_new_tokens)
+        self._cache_kw = {cache_argument(model): self.cache}
+        self._mask = torch.ones(batch, prompt + max_new_tokens, dtype=torch.long, device=device)
+        if attention_mask is not None:
+            self._mask[:, :prompt] = attention_mask
+        positions = (self._mask[:, :prompt].cumsum(dim=-1) - 1).clamp(min=0)
+        logits = model(input_ids=input_ids, attention_mask=self._mask, position_ids=positions, use_cache=True,
+                       **self._cache_kw).logits
+        self.tokens = torch.empty(batch, max_new_tokens, dtype=input_ids.dtype, device=device)
+        self._token = logits[:, -1].argmax(dim=-1, keepdim=True)
+        self.tokens[:, :1] = self._token
+        self._position = positions[:, -1:] + 1
+        self._graph: torch.cuda.CUDAGraph | None = None
+        self.produced = 1
+
+    def _step(self) -> None:
+        logits = self.model(input_ids=self._token, attention_mask=self._mask, position_ids=self._position,
+                            use_cache=True, **self._cache_kw).logits
+        self._token.copy_(logits[:, -1].argmax(dim=-1, keepdim=True))
+        self._position.add_(1)
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """Decode one more token (eagerly; with cuda_graph, the 2nd step is captured and later ones replay it)."""
+        if self.produced >= self.max_new_tokens:
+            raise RuntimeError(f"all {self.max_new_tokens} tokens are decoded; the static cache has no room for more")
+        if self._graph is not None:
+            self._graph.replay()
+        elif self.cuda_graph and self.produced >= 2:  # step 1 ran eagerly: kernels compiled, workspaces allocated
+            self._graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self._graph):
+                self._step()
+            self._graph.replay()
+        else:
+            self._step()
+        self.tokens[:, self.produced : self.produced + 1] = self._token
+        self.produced += 1
+
+    def finish(self) -> torch.Tensor:
+        """The tokens so far, with the cache's host-side token counts synchronized (one device sync)."""
+        self.cache.sync_lengths()
+        return self.tokens[:, : self.produced]
+
+
 def generate(
     model: nn.Module,
     input_ids: torch.Tensor,
@@ -29,51 +99,10 @@ def generate(
     need a host sync per step). `model` must be quantized by p3quant.quantize with a configuration the
     static cache supports (p3quant.nn.static_cache); cuda_graph=True needs CUDA and the triton backend.
     """
-    config = getattr(model, "p3_config", None)
-    if config is None:
-        raise ValueError("p3quant.generate needs a model quantized by p3quant.quantize(model, config)")
-    check_static_config(config)
-    if input_ids.dim() != 2 or input_ids.shape[1] < 1:
-        raise ValueError(f"input_ids must be [batch, prompt_length >= 1], got {tuple(input_ids.shape)}")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if attention_mask is not None and attention_mask.shape != input_ids.shape:
-        raise ValueError(f"attention_mask must match input_ids {tuple(input_ids.shape)}, got {tuple(attention_mask.shape)}")
-    if cuda_graph and input_ids.device.type != "cuda":
-        raise ValueError("cuda_graph=True needs the model and input_ids on a CUDA device")
-    batch, prompt = input_ids.shape
-    device = input_ids.device
-    cache = P3StaticCache(config, len(attention_modules(model)), prompt + max_new_tokens)
-    cache_kw = {cache_argument(model): cache}
-    mask = torch.ones(batch, prompt + max_new_tokens, dtype=torch.long, device=device)
-    if attention_mask is not None:
-        mask[:, :prompt] = attention_mask
-    positions = (mask[:, :prompt].cumsum(dim=-1) - 1).clamp(min=0)
-    logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True, **cache_kw).logits
-    out = torch.empty(batch, max_new_tokens, dtype=input_ids.dtype, device=device)
-    token = logits[:, -1].argmax(dim=-1, keepdim=True)
-    out[:, :1] = token
-    position = positions[:, -1:] + 1
-
-    def step() -> None:
-        step_logits = model(input_ids=token, attention_mask=mask, position_ids=position, use_cache=True, **cache_kw).logits
-        token.copy_(step_logits[:, -1].argmax(dim=-1, keepdim=True))
-        position.add_(1)
-
-    graph = None
-    for i in range(1, max_new_tokens):
-        if graph is not None:
-            graph.replay()
-        elif cuda_graph and i >= 2:  # step 1 ran eagerly: kernels compiled, workspaces allocated
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                step()
-            graph.replay()
-        else:
-            step()
-        out[:, i : i + 1] = token
-    cache.sync_lengths()
-    return out
+    decoder = GreedyDecoder(model, input_ids, max_new_tokens, attention_mask, cuda_graph)
+    for _ in range(1, max_new_tokens):
+        decoder.step()
+    return decoder.finish()
 
 
-__all__ = ["generate"]
+__all__ = ["GreedyDecoder", "generate"]

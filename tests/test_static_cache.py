@@ -98,3 +98,16 @@ def test_static_cache_errors():
         p3quant.generate(model, torch.zeros(1, 4, dtype=torch.long), 2, cuda_graph=True)
     with pytest.raises(ValueError, match="quantized by p3quant.quantize"):
         p3quant.generate(torch.nn.Linear(2, 2), torch.zeros(1, 4, dtype=torch.long), 2)
+
+
+def test_greedy_decoder_steps_give_generate_tokens_and_stop_at_capacity():
+    model = _model("triton", 1)
+    ids = torch.randint(0, 100, (2, 9))
+    expected = p3quant.generate(model, ids, 5)
+    decoder = p3quant.GreedyDecoder(model, ids, 5)
+    assert decoder.produced == 1 and torch.equal(decoder.tokens[:, :1], expected[:, :1])
+    for _ in range(4):
+        decoder.step()
+    assert torch.equal(decoder.finish(), expected)
+    with pytest.raises(RuntimeError, match="no room"):
+        decoder.step()
