@@ -12,6 +12,9 @@ import torch
 import triton
 
 L2_FLUSH_BYTES = 200 * 2**20  # rotate inputs over more than 3x the H100/H200 L2 (50-60 MB)
+# Llama-3.1-8B decoder GEMM shapes (N x K; qkv and gate_up fused) and a square one
+LLAMA_SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
+GEMM_SHAPES = {**LLAMA_SHAPES, "sq8192": (8192, 8192)}
 
 
 def environment() -> str:
@@ -27,6 +30,14 @@ def environment() -> str:
         f"torch {torch.__version__} (CUDA {torch.version.cuda}), triton {triton.__version__}, python {platform.python_version()}",
         f"date: {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}",
     ])
+
+
+def bitmod_weight_copies(n: int, k: int, copies: int, group: int = 128) -> list:
+    """Random BitMoD weights [n, k], quantized once and copied so that timing rotates through distinct memory."""
+    from p3quant.formats import BITMOD4
+
+    w = BITMOD4.quantize(torch.randn(n, k, device="cuda"), group)
+    return [w] + [type(w)(w.packed.clone(), w.scales.clone(), w.selectors.clone(), w.shape, w.group_size) for _ in range(copies - 1)]
 
 
 def copies_for(nbytes: int) -> int:

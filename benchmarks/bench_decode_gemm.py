@@ -16,7 +16,7 @@ import triton
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import gpu_check  # noqa: E402
-from _common import bench_rotating, copies_for, copy_bandwidth_tbs, environment, graph_rotating_us, table  # noqa: E402
+from _common import GEMM_SHAPES, bench_rotating, bitmod_weight_copies, copies_for, copy_bandwidth_tbs, environment, graph_rotating_us, table  # noqa: E402
 
 import p3quant.kernels.gemm_w4 as g  # noqa: E402
 from p3quant.formats import BITMOD4, INT4  # noqa: E402
@@ -26,12 +26,7 @@ from p3quant.kernels import act_quant  # noqa: E402
 
 act_quant.ACTIVATION_REUSE = False  # each call times one linear layer, its own activation quantization included
 
-SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336), "sq8192": (8192, 8192)}
-
-
-def weights(n, k, copies):
-    w = BITMOD4.quantize(torch.randn(n, k, device="cuda"), 128)
-    return [w] + [type(w)(w.packed.clone(), w.scales.clone(), w.selectors.clone(), w.shape, w.group_size) for _ in range(copies - 1)]
+SHAPES = GEMM_SHAPES
 
 
 def asm_matches_triton() -> list[str]:
@@ -80,7 +75,7 @@ def main() -> None:
     srows = []
     for name in names:
         n, k = SHAPES[name]
-        ws = weights(n, k, min(copies_for(n * k // 2), 16))
+        ws = bitmod_weight_copies(n, k, min(copies_for(n * k // 2), 16))
         x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
         a = torch.empty(1, k, device="cuda")
         xs = torch.empty(1, device="cuda")
@@ -105,7 +100,7 @@ def main() -> None:
     rows = []
     for name, (n, k) in SHAPES.items():
         wbytes = n * k // 2 + n * (k // 128) * 3
-        ws = weights(n, k, copies_for(wbytes))
+        ws = bitmod_weight_copies(n, k, copies_for(wbytes))
         dense = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(copies_for(n * k * 2))]
         for m in ((1, 16) if full else (1,)):
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)

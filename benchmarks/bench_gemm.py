@@ -15,7 +15,6 @@ import argparse
 
 import torch
 
-from p3quant.formats import BITMOD4
 from p3quant.kernels import gemm_w4
 from p3quant.kernels.gemm_w4 import w4_matmul
 
@@ -24,19 +23,13 @@ from p3quant.kernels import act_quant  # noqa: E402
 act_quant.ACTIVATION_REUSE = False  # each call times one linear layer, its own activation quantization included
 
 try:
-    from ._common import bench_rotating, copies_for, copy_bandwidth_tbs, environment, table
+    from ._common import GEMM_SHAPES, bench_rotating, bitmod_weight_copies, copies_for, copy_bandwidth_tbs, environment, table
 except ImportError:
-    from _common import bench_rotating, copies_for, copy_bandwidth_tbs, environment, table
+    from _common import GEMM_SHAPES, bench_rotating, bitmod_weight_copies, copies_for, copy_bandwidth_tbs, environment, table
 
-SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336), "sq8192": (8192, 8192)}
+SHAPES = GEMM_SHAPES
 MS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 1024, 4096)
 GROUP = 128
-
-
-def _bitmod_weights(n: int, k: int, copies: int):
-    """Random BitMoD weights (quantized once, then copied so timing rotates through distinct memory)."""
-    w = BITMOD4.quantize(torch.randn(n, k, device="cuda"), GROUP)
-    return [w] + [type(w)(w.packed.clone(), w.scales.clone(), w.selectors.clone(), w.shape, w.group_size) for _ in range(copies - 1)]
 
 
 def _tinygemm(n: int, k: int, copies: int):
@@ -74,7 +67,7 @@ def run(quick: bool = False) -> tuple[str, list[dict]]:
     for name, (n, k) in SHAPES.items():
         wbytes = n * k // 2 + n * (k // GROUP) * 3
         ncopy = copies_for(wbytes)
-        weights = _bitmod_weights(n, k, ncopy)
+        weights = bitmod_weight_copies(n, k, ncopy, GROUP)
         dense = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(copies_for(n * k * 2))]
         tiny = _tinygemm(n, k, copies_for(n * k // 2))
         fp8w = [d.to(torch.float8_e4m3fn) for d in dense]

@@ -19,7 +19,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import gpu_check  # noqa: E402
-from _common import bench_rotating, copies_for, copy_bandwidth_tbs, environment, graph_rotating_us, table  # noqa: E402
+from _common import LLAMA_SHAPES, bench_rotating, bitmod_weight_copies, copies_for, copy_bandwidth_tbs, environment, graph_rotating_us, table  # noqa: E402
 
 import p3quant.kernels.gemm_w4 as g  # noqa: E402
 from p3quant.kernels import w4_mma  # noqa: E402
@@ -31,7 +31,7 @@ from p3quant.kernels import act_quant  # noqa: E402
 
 act_quant.ACTIVATION_REUSE = False  # each call times one linear layer, its own activation quantization included
 
-SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
+SHAPES = LLAMA_SHAPES
 GROUP = 128
 MMA_PROBE_MAX_M = 256
 
@@ -48,11 +48,6 @@ def path(name: str):
         yield
     finally:
         g.MMA_MIN_M, g.MMA_MAX_M = saved
-
-
-def weights(n: int, k: int, copies: int):
-    w = BITMOD4.quantize(torch.randn(n, k, device="cuda"), GROUP)
-    return [w] + [type(w)(w.packed.clone(), w.scales.clone(), w.selectors.clone(), w.shape, w.group_size) for _ in range(copies - 1)]
 
 
 def correctness() -> list[str]:
@@ -111,7 +106,7 @@ def sweep() -> tuple[str, tuple]:
     totals = {c: 0.0 for c in configs}
     rows = []
     for name, (n, k) in SHAPES.items():
-        ws = weights(n, k, min(copies_for(n * k // 2), 16))
+        ws = bitmod_weight_copies(n, k, min(copies_for(n * k // 2), 16), GROUP)
         for m in (1, 16):
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             for cfg in configs:
@@ -147,7 +142,7 @@ def _timings(best: tuple) -> str:
     rows, means = [], {}
     for name, (n, k) in SHAPES.items():
         wbytes = n * k // 2 + n * (k // GROUP) * 3
-        ws = weights(n, k, copies_for(wbytes))
+        ws = bitmod_weight_copies(n, k, copies_for(wbytes), GROUP)
         dense = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(copies_for(n * k * 2))]
         for m in (1, 2, 4, 8, 16, 32, 64, 128, 256):
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
@@ -193,7 +188,7 @@ def prefill() -> str:
     """W4A8 at M >= DEQUANT_MIN_M: the dequant kernel alone (PTX vs pure-Triton decode) and the whole path vs bf16."""
     rows = []
     for name, (n, k) in SHAPES.items():
-        w = weights(n, k, 1)[0]
+        w = bitmod_weight_copies(n, k, 1, GROUP)[0]
         dense = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
         moved = n * k // 2 + n * (k // GROUP) * 3 + n * k * 2
         times = []

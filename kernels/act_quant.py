@@ -1,7 +1,8 @@
 """Per-token FP8-E4M3 activation quantization (the A8 of W4A8), bit-exact with quantize_scaled_fp8.
 
 scale = fp16(amax / 448) per row (clamped to fp16's normal range, as formats.grouping.store_scale);
-codes = E4M3(x / scale) rounded to nearest even, saturating. One program per row, two passes over it.
+codes = E4M3(x / scale) rounded to nearest even, saturating. One program per row, two passes over it; the codes
+go to memory in the order the consuming kernel reads them.
 """
 
 from __future__ import annotations
@@ -24,40 +25,14 @@ def _row_scale(x_ptr, row, K, stride_xm, BLOCK_K: tl.constexpr):
     return fp16_scale(tl.math.div_rn(tl.max(amax, axis=0), FP8_MAX))
 
 
-@triton.jit
-def _act_quant_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, BLOCK_K: tl.constexpr):
-    row = tl.program_id(0)
-    offs = tl.arange(0, BLOCK_K)
-    scale = _row_scale(x_ptr, row, K, stride_xm, BLOCK_K)
-    tl.store(s_ptr + row, scale)
-    for k0 in range(0, K, BLOCK_K):
-        mask = k0 + offs < K
-        x = tl.load(x_ptr + row * stride_xm + k0 + offs, mask=mask, other=0.0).to(tl.float32)
-        q = round_minifloat(tl.math.div_rn(x, scale), 3, -6, FP8_MAX, False)
-        tl.store(q_ptr + row * stride_qm + k0 + offs, q.to(tl.float8e4nv), mask=mask)
+# LAYOUT, where code k of a row goes: 0 in order; 1 de-interleaved by k % 8 (the decode GEMV's vector loads);
+# 2 in half-planes k % 8 < 4 | k % 8 >= 4 (the small-M tensor-core kernel).
+_PLAIN, _SPLIT, _HALVES = 0, 1, 2
 
 
 @triton.jit
-def _act_quant_split_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, BLOCK_K: tl.constexpr):
-    """Same codes as _act_quant_kernel, stored as fp32 values de-interleaved by k % 8:
-    q[row, (k % 8) * (K // 8) + k // 8] (the layout the decode GEMV reads with vector loads)."""
-    row = tl.program_id(0)
-    offs = tl.arange(0, BLOCK_K)
-    scale = _row_scale(x_ptr, row, K, stride_xm, BLOCK_K)
-    tl.store(s_ptr + row, scale)
-    kw = K // 8
-    for k0 in range(0, K, BLOCK_K):
-        k = k0 + offs
-        mask = k < K
-        x = tl.load(x_ptr + row * stride_xm + k, mask=mask, other=0.0).to(tl.float32)
-        q = round_minifloat(tl.math.div_rn(x, scale), 3, -6, FP8_MAX, False)
-        tl.store(q_ptr + row * K + (k % 8) * kw + k // 8, q, mask=mask)
-
-
-@triton.jit
-def _act_quant_halves_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, BLOCK_K: tl.constexpr):
-    """Same codes as _act_quant_kernel, stored as fp16 values (exact) in half-plane order: element k goes to
-    ((k // 4) % 2) * (K // 2) + (k // 8) * 4 + k % 4 (the lo / hi planes the tensor-core decode GEMM reads)."""
+def _act_quant_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, BLOCK_K: tl.constexpr, LAYOUT: tl.constexpr):
+    """One row's scale and codes, stored as q's dtype (FP8, or fp16 / fp32 holding the same values exactly)."""
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK_K)
     scale = _row_scale(x_ptr, row, K, stride_xm, BLOCK_K)
@@ -67,62 +42,60 @@ def _act_quant_halves_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, BLOCK
         mask = k < K
         x = tl.load(x_ptr + row * stride_xm + k, mask=mask, other=0.0).to(tl.float32)
         q = round_minifloat(tl.math.div_rn(x, scale), 3, -6, FP8_MAX, False)
-        pos = ((k // 4) % 2) * (K // 2) + (k // 8) * 4 + k % 4
-        tl.store(q_ptr + row * stride_qm + pos, q.to(tl.float16), mask=mask)
+        if LAYOUT == 1:
+            pos = (k % 8) * (K // 8) + k // 8
+        elif LAYOUT == 2:
+            pos = ((k // 4) % 2) * (K // 2) + (k // 8) * 4 + k % 4
+        else:
+            pos = k
+        tl.store(q_ptr + row * stride_qm + pos, q.to(q_ptr.dtype.element_ty), mask=mask)
+
+
+def _quantize_into(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, layout: int) -> None:
+    m, k = x.shape
+    if m:
+        block = min(triton.next_power_of_2(k), 4096)
+        _act_quant_kernel[(m,)](x, codes, scales, k, x.stride(0), codes.stride(0), BLOCK_K=block, LAYOUT=layout,
+                                num_warps=4 if block <= 1024 else 8)
 
 
 @on_input_device
 def quantize_activation_fp8_halves(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> None:
     """Hot-path variant for the tensor-core decode GEMM (no checks; callers validate): x [M, K] (K % 8 == 0,
-    unit stride) -> codes fp16 [M, K] in half-plane order (exact E4M3 values), scales fp32 [M]."""
-    m, k = x.shape
-    block = min(triton.next_power_of_2(k), 4096)
-    _act_quant_halves_kernel[(m,)](x, codes, scales, k, x.stride(0), codes.stride(0), BLOCK_K=block,
-                                   num_warps=4 if block <= 1024 else 8)
+    unit stride) -> codes fp16 [M, K] in half-plane order: code k at ((k // 4) % 2) * (K // 2) + (k // 8) * 4 +
+    k % 4 (exact E4M3 values), scales fp32 [M]."""
+    _quantize_into(x, codes, scales, _HALVES)
 
 
 @on_input_device
 def quantize_activation_fp8_split(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> None:
     """Hot-path variant for the decode GEMV (no checks; callers validate): x [M, K] (K % 8 == 0, unit stride)
-    -> codes fp32 [M, K] de-interleaved by k % 8 (exact E4M3 values), scales fp32 [M]."""
-    m, k = x.shape
-    block = min(triton.next_power_of_2(k), 4096)
-    _act_quant_split_kernel[(m,)](x, codes, scales, k, x.stride(0), BLOCK_K=block, num_warps=4 if block <= 1024 else 8)
+    -> codes fp32 [M, K] de-interleaved by k % 8: code k at (k % 8) * (K // 8) + k // 8 (exact E4M3 values),
+    scales fp32 [M]."""
+    _quantize_into(x, codes, scales, _SPLIT)
 
 
 @on_input_device
-def quantize_activation_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [M, K] (fp16/bf16/fp32) -> (codes torch.float8_e4m3fn [M, K], scales float32 [M], fp16-exact).
+def quantize_activation_fp8(x: torch.Tensor, dtype: torch.dtype = torch.float8_e4m3fn) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] (fp16/bf16/fp32) -> (codes [M, K] as `dtype`, scales float32 [M], fp16-exact). `dtype`:
+    torch.float8_e4m3fn, or float16 / float32, which hold every E4M3 value exactly (for 16-bit matmuls).
 
     decode(codes) * scales equals quantize_scaled_fp8(x).dequantize() exactly.
     """
     require_device("quantize_activation_fp8", x)
     if x.dim() != 2 or not x.is_floating_point():
         raise ValueError(f"quantize_activation_fp8 expects a 2-D floating tensor, got {tuple(x.shape)} {x.dtype}")
+    if dtype not in (torch.float8_e4m3fn, torch.float16, torch.float32):
+        raise TypeError(f"quantize_activation_fp8: dtype must be float8_e4m3fn, float16 or float32, got {dtype}")
     if x.stride(-1) != 1:
         x = x.contiguous()
     m, k = x.shape
-    codes = torch.empty((m, k), dtype=torch.float8_e4m3fn, device=x.device)
+    codes = torch.empty((m, k), dtype=dtype, device=x.device)
     scales = torch.empty((m,), dtype=torch.float32, device=x.device)
-    if m:
-        block = min(triton.next_power_of_2(k), 4096)
-        _act_quant_kernel[(m,)](x, codes, scales, k, x.stride(0), codes.stride(0), BLOCK_K=block, num_warps=4 if block <= 1024 else 8)
+    _quantize_into(x, codes, scales, _PLAIN)
     return codes, scales
 
 
-class _LastActivation:
-    """The previous decode-sized input and its quantized form (see quantize_activation_once), as one tuple
-    (source, key, (codes, scales)) replaced in a single assignment, so concurrent callers never mix entries."""
-
-    __slots__ = ("entry",)
-
-    def __init__(self) -> None:
-        self.entry: tuple | None = None
-
-
-_LAST = _LastActivation()
-# Kernel benchmarks switch the reuse off: they time one linear layer with its own input, over and over.
-ACTIVATION_REUSE = True
 def halves_16bit(x: torch.Tensor, out: torch.Tensor, scales: torch.Tensor) -> None:
     """W4A16's activations (no quantization) in the small-M kernel's half-plane order; out's dtype (bf16 or
     fp16) rounds fp32 inputs. `scales` is unused (the quantizers' signature)."""
@@ -133,6 +106,11 @@ def halves_16bit(x: torch.Tensor, out: torch.Tensor, scales: torch.Tensor) -> No
 _QUANTIZERS = {"split": (quantize_activation_fp8_split, torch.float32),
                "halves": (quantize_activation_fp8_halves, torch.float16),
                "halves_bf16": (halves_16bit, torch.bfloat16), "halves_fp16": (halves_16bit, torch.float16)}
+# The previous decode-sized input and its quantized form, (source, key, (codes, scales)): one tuple replaced in a
+# single assignment, so concurrent callers never mix entries (see quantize_activation_once).
+_last: tuple | None = None
+# Kernel benchmarks switch the reuse off: they time one linear layer with its own input, over and over.
+ACTIVATION_REUSE = True
 
 
 def _capturing(device: torch.device) -> bool:
@@ -154,12 +132,13 @@ def quantize_activation_once(source: torch.Tensor, x: torch.Tensor, layout: str)
     except RuntimeError:  # inference tensors do not track versions
         version = None
     key = (version, layout, tuple(x.shape), x.device, _capturing(x.device))
-    entry = _LAST.entry
+    global _last
+    entry = _last
     if ACTIVATION_REUSE and version is not None and entry is not None and entry[0] is source and entry[1] == key:
         return entry[2]
     quantize, dtype = _QUANTIZERS[layout]
     codes = torch.empty(x.shape, dtype=dtype, device=x.device)
     scales = torch.empty((x.shape[0],), dtype=torch.float32, device=x.device)
     quantize(x, codes, scales)
-    _LAST.entry = (source, key, (codes, scales)) if version is not None else None
+    _last = (source, key, (codes, scales)) if version is not None else None
     return codes, scales

@@ -12,8 +12,9 @@ query head and token, about a quarter of what re-reading the packed keys would c
    the [B, T] mask, writes the scores and per-split (max, sum exp) and max S_V. The last split handles the
    16-bit residual window (keys divided by the smoothing factor, fp32 dot).
 2. _pv_kernel, same grid: combines the per-split statistics into the global max, sum and M, codes
-   P' = P * (S_V / M) in UE4M4 (one division per token; P = exp(s - max) * (1 / sum)) (nearest-even or half-up, as fmt.prob_rounding), multiplies it with the centered value codes
-   on tensor cores (fp16, exact) and scales by M; the residual split multiplies E4M4(P) with the 16-bit values.
+   P' = P * (S_V / M) in UE4M4 (nearest-even or half-up, as fmt.prob_rounding; one division per token, and
+   P = exp(s - max) * (1 / sum)), multiplies it with the centered value codes on tensor cores (fp16, exact)
+   and scales by M; the residual split multiplies E4M4(P) with the 16-bit values.
 The split outputs are summed (they share one normaliser).
 """
 

@@ -12,9 +12,10 @@ with a per-token scale (W4A8, see act_quant.py); the token scale is applied once
   operand; W4A8 in fp16, W4A16 in the activations' 16-bit type; exact products).
 - W4A8 at M >= DEQUANT_MIN_M (prefill): the weight dequantized once to fp16 (dequant_w4.py), cuBLAS with fp32
   output, one fused epilogue pass.
-- Otherwise (M > 64 below the prefill path, and W4A16 from M = 65): the tiled tensor-core kernel (tl.dot) over K-blocks that
-  never straddle a group. W4A8 multiplies FP8 x FP8 (both exact: every BitMoD grid value and INT4 code difference
-  is an E4M3 number) on GPUs with FP8 tensor cores; W4A16 multiplies the integer weights in the activation dtype.
+- Otherwise (M > 64 below the prefill path, and W4A16 from M = 65): the tiled tensor-core kernel (tl.dot) over
+  K-blocks that never straddle a group. W4A8 multiplies FP8 x FP8 (both exact: every BitMoD grid value and INT4
+  code difference is an E4M3 number) on GPUs with FP8 tensor cores; W4A16 multiplies the integer weights in the
+  activation dtype.
 Accumulation is fp32; results differ from the torch reference only by summation order and, for W4A8, by the
 reference rounding Q_act(x) to x.dtype before its matmul.
 """
@@ -331,7 +332,8 @@ def _cfg(num_warps: int, num_stages: int, **kw: int) -> triton.Config:
 # so a call costs no autotuner lookup. Small BLOCK_N keeps >= ~4 programs per SM on 4096-wide outputs (132 SMs)
 # without split-K. GEMV_OVERRIDE (benchmarks only) replaces the choice.
 GEMV_OVERRIDE: tuple[int, int, int, int] | None = None
-GEMV_USE_ASM = True  # inline-PTX decode in the GEMV and the small-M kernel; checks switch it off to compare with the pure-Triton decode
+# inline-PTX decode in the GEMV and the small-M kernel; checks switch it off to compare with the pure-Triton decode
+GEMV_USE_ASM = True
 
 
 def _gemv_config(n: int) -> tuple[int, int, int, int]:
@@ -342,7 +344,7 @@ def _gemv_config(n: int) -> tuple[int, int, int, int]:
     return (4, 1024, 2, 3)
 
 
-# W4A8 with MMA_MIN_M <= M <= MMA_MAX_M runs the tensor-core decode GEMM (w4_mma.py); benchmarks/bench_gemm.py
+# MMA_MIN_M <= M <= MMA_MAX_M runs the tensor-core small-M kernel (w4_mma.py); benchmarks/bench_small_m.py
 # measures it against the CUDA-core GEMV (M = 1) and the tiled kernel around these bounds.
 MMA_MIN_M = 2
 MMA_MAX_M = 64
@@ -434,9 +436,8 @@ def _dequant_matmul(x: torch.Tensor, weight: BitMoDTensor | Int4Tensor, bias: to
     The FP8 values are exact in fp16; the only rounding beyond fp32 summation is the weight's to fp16. Row
     scales, bias and the output cast are one fused pass over the fp32 product.
     """
-    codes, scales = quantize_activation_fp8(x)
+    a16, scales = quantize_activation_fp8(x, torch.float16)
     w16 = dequantize_w4(weight, torch.float16)
-    a16 = codes.to(torch.float16)
     if a16.is_cuda and _MM_OUT_DTYPE:
         acc = torch.mm(a16, w16.t(), out_dtype=torch.float32)
     else:

@@ -16,7 +16,7 @@ import json
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from p3quant.kernels import dequant_w4, gemm_w4, w4_mma
+from p3quant.kernels import act_quant, dequant_w4, gemm_w4, w4_mma
 
 
 def compile_ptx(fn, types, constexprs, divisible=(), **options):
@@ -48,6 +48,10 @@ out["epilogue"] = compile_ptx(w4_mma._rows_epilogue_kernel, ["*fp32", "*fp32", "
 out["gemv"] = compile_ptx(gemm_w4._w4_gemv_kernel, ["*fp32", "*fp32", "*i32", "*fp16", "*u8", "*bf16", "*bf16"] + ["i32"] * 9,
                           dict(GROUP=128, BLOCK_N=4, BLOCK_K=1024, IS_BITMOD=True, HAS_BIAS=False, USE_ASM=True, EVEN_K=True),
                           divisible=("K", "stride_xm", "stride_wn", "KW"), num_warps=2, num_stages=3)
+for layout, q_type in ((0, "*fp8e4nv"), (1, "*fp32"), (2, "*fp16")):  # in order, split, half-planes
+    out[f"act_quant_{layout}"] = compile_ptx(act_quant._act_quant_kernel, ["*bf16", q_type, "*fp32", "i32", "i32", "i32"],
+                                             dict(BLOCK_K=4096, LAYOUT=layout), divisible=("K", "stride_xm", "stride_qm"),
+                                             num_warps=8)
 print(json.dumps(out))
 """
 
@@ -78,4 +82,5 @@ def test_gpu_kernels_compile_for_hopper_with_their_inline_ptx():
         assert "cvt.rn.f16x2.f32" in ptx[fmt], fmt  # one rounding per weight
         assert "st.global.v4" in ptx[fmt], fmt  # four fp16 pairs per 16-byte store
     assert "ld.global" in ptx["epilogue"]
+    assert all("st.global" in ptx[f"act_quant_{layout}"] for layout in range(3))
     assert "prmt.b32" in ptx["gemv"] and "sub.rn.f16x2" in ptx["gemv"]  # the M = 1 GEMV's BitMoD decode

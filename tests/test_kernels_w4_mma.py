@@ -291,7 +291,7 @@ def _spy_quantizers(monkeypatch):
             return fn(*args)
         spied[layout] = (spy, dtype)
     monkeypatch.setattr(act_quant, "_QUANTIZERS", spied)
-    monkeypatch.setattr(act_quant, "_LAST", act_quant._LastActivation())
+    monkeypatch.setattr(act_quant, "_last", None)
     return calls
 
 
