@@ -120,7 +120,7 @@ def main() -> None:
             def kern(w, a=a, xs=xs, y=y, n=n, k=k, bn=bn, bk=bk, nw=nw, ns=ns):
                 p = g._prepared(w, "bench")
                 g._w4_gemv_kernel[(triton.cdiv(n, bn), 1)](a, xs, p.words, p.scales, p.aux, p.scales, y, n, k, a.stride(0),
-                                                            p.words.stride(0), p.scales.stride(0), p.aux.stride(0), y.stride(0), 0, k // 8,
+                                                            p.words.stride(0), p.scales.stride(0), p.aux.stride(0), y.stride(0), k // 8,
                                                             GROUP=128, BLOCK_N=bn, BLOCK_K=bk, IS_BITMOD=True,
                                                             HAS_BIAS=False, USE_ASM=True, EVEN_K=k % bk == 0, num_warps=nw, num_stages=ns)
             gk = graph_rotating_us([lambda w=w: kern(w) for w in ws[:16]]) if m == 1 else float("nan")

@@ -136,8 +136,8 @@ def decode_w4(codes, aux, IS_BITMOD: tl.constexpr):
         return codes - aux
 
 
-def decode_half_ptx(word: str, negated: str, outs: tuple[str, str], tables: tuple[str, ...], s80: str, m64: str,
-                    bias: str, one: str | None = None) -> str:
+def decode_half_ptx(word: str, negated: str, outs: tuple[str, str], tables: tuple[str, ...], m64: str, bias: str,
+                    one: str | None = None) -> str:
     """PTX: codes 0..3 of `word` (its low 16 bits) into the 16-bit pairs outs[0] = (c0, c1), outs[1] = (c2, c3):
     fp16 by sub.f16x2 of `bias`, or (with `one`, the bf16 pair (1, 1)) bf16 by fma.bf16x2 with `bias` = -offset."""
     tp0, tp1, tn0, tn1 = tables
@@ -145,22 +145,22 @@ def decode_half_ptx(word: str, negated: str, outs: tuple[str, str], tables: tupl
                        for out in outs)
     return f"""prmt.b32 P, {tp0}, {tp1}, {word};
 prmt.b32 N, {tn0}, {tn1}, {negated};
-prmt.b32 S, {s80}, {s80}, {word};
-lop3.b32 R, S, N, P, 0xCA;
+or.b32 R, P, N;
 prmt.b32 {outs[0]}, R, {m64}, 0x5140;
 prmt.b32 {outs[1]}, R, {m64}, 0x7362;
 {finish}
 """
 
 
-def decode_word_ptx(outs: tuple[str, ...], word: str, tables: tuple[str, ...], s80: str, m64: str, bias: str,
+def decode_word_ptx(outs: tuple[str, ...], word: str, tables: tuple[str, ...], m64: str, bias: str,
                     scale: str | None = None, one: str | None = None) -> str:
     """Inline PTX decoding one 32-bit word of 8 codes (code i = nibble i) into four fp16 pairs in code order.
 
     prmt looks each code up in byte tables of (value + 16) in [0, 32] (decode_tables: codes 0..7 in tp0/tp1, codes
-    8..15 in tn0/tn1, picked by the code's sign bit through prmt's sign-replicate mode: s80 = 0x80808080 gives a
-    byte mask of 0x80 or 0xFF for lop3, and every table byte is < 0x80), places each byte under 0x64 (m64 =
-    0x64646464: fp16 1024 + byte) and subtracts bias = fp16x2 (1040, 1040): exact for integers of magnitude
+    8..15 in tn0/tn1). The code's sign bit (nibble bit 3) is prmt's sign-replicate flag: a negative code gives the
+    byte 0x00 in the positive lookup P (every table byte is < 0x80), and a positive code, flagged in the lookup of
+    code ^ 8, gives 0x00 in N, so P | N holds each code's byte. Each byte goes under 0x64 (m64 = 0x64646464: fp16
+    1024 + byte) and subtracts bias = fp16x2 (1040, 1040): exact for integers of magnitude
     <= 16. With `scale` (an fp32 register), each pair is widened, multiplied by it in fp32 and rounded to fp16
     once (the dequantized weight, as formats' dequantize() then .half()). Four `outs` receive the pairs (32-bit);
     eight receive the codes one by one (16-bit registers). bf16 instead of fp16: m64 = 0x43434343 (bf16 128 +
@@ -169,7 +169,7 @@ def decode_word_ptx(outs: tuple[str, ...], word: str, tables: tuple[str, ...], s
     if len(outs) not in (4, 8) or (scale is not None and (len(outs) != 4 or one is not None)):
         raise ValueError("decode_word_ptx: 4 fp16 pair outputs (optionally scaled) or 8 unscaled 16-bit outputs")
     body = """{
-.reg .b32 wn, wh, wnh, P, N, S, R;
+.reg .b32 wn, wh, wnh, P, N, R;
 .reg .b16 l, h;
 .reg .f32 f0, f1;
 xor.b32 wn, WORD, 0x88888888;
@@ -179,8 +179,8 @@ shr.u32 wnh, wn, 16;
     pairs = outs if len(outs) == 4 else ("q0", "q1", "q2", "q3")
     if len(outs) == 8:
         body += ".reg .b32 q0, q1, q2, q3;\n"
-    body += decode_half_ptx(word, "wn", pairs[:2], tables, s80, m64, bias, one)
-    body += decode_half_ptx("wh", "wnh", pairs[2:], tables, s80, m64, bias, one)
+    body += decode_half_ptx(word, "wn", pairs[:2], tables, m64, bias, one)
+    body += decode_half_ptx("wh", "wnh", pairs[2:], tables, m64, bias, one)
     if len(outs) == 8:
         for i, pair in enumerate(pairs):
             body += f"mov.b32 {{{outs[2 * i]}, {outs[2 * i + 1]}}}, {pair};\n"
@@ -194,6 +194,31 @@ mul.rn.f32 f1, f1, {scale};
 cvt.rn.f16x2.f32 {out}, f1, f0;
 """
     return body + "}"
+
+
+# decode_word16's PTX, operands (pack=1): $0..$7 codes 0..7 of the word as 16-bit values, $8 the word, $9..$12 the
+# tables, $13 m64, $14 bias, bf16 also $15 one (constants as inputs, so that they are loop-invariant registers).
+# One word per invocation: a pack over bytes would let the compiler group bytes of different rows (seen in the PTX).
+_DECODE16 = tl.constexpr(decode_word_ptx(tuple(f"${i}" for i in range(8)), "$8", ("$9", "$10", "$11", "$12"), "$13", "$14"))
+_DECODE16_BF16 = tl.constexpr(decode_word_ptx(tuple(f"${i}" for i in range(8)), "$8", ("$9", "$10", "$11", "$12"), "$13", "$14",
+                                              one="$15"))
+
+
+@triton.jit
+def decode_word16(words, tp0, tp1, tn0, tn1, BF16: tl.constexpr):
+    """Codes 0..7 (nibble i) of each int32 word as exact fp16 (bf16) values, by decode_word_ptx's inline PTX; the
+    tables (decode_tables, computed once per group) broadcast to the words' shape."""
+    operands = [words, tp0, tp1, tn0, tn1]
+    if BF16:
+        # m64 0x43434343 (bf16 128 + byte), bias 0xC310C310 = bf16x2 (-144, -144), one = bf16x2 (1, 1)
+        operands = operands + [tl.full(words.shape, 0x43434343, tl.int32), tl.full(words.shape, -1022311664, tl.int32),
+                               tl.full(words.shape, 0x3F803F80, tl.int32)]
+        return tl.inline_asm_elementwise(_DECODE16_BF16, "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r,r,r,r,r,r", operands,
+                                         dtype=(tl.bfloat16,) * 8, is_pure=True, pack=1)
+    else:
+        operands = operands + [tl.full(words.shape, 0x64646464, tl.int32), tl.full(words.shape, 0x64106410, tl.int32)]
+        return tl.inline_asm_elementwise(_DECODE16, "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r,r,r,r,r", operands,
+                                         dtype=(tl.float16,) * 8, is_pure=True, pack=1)
 
 
 @triton.jit

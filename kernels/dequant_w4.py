@@ -20,9 +20,9 @@ from p3quant.formats import BitMoDTensor, Int4Tensor
 
 from .common import bitmod_special2, decode_tables, decode_w4, decode_word_ptx, interpreting, on_input_device, require_device
 
-# Operands (pack=1): $0..$3 the pairs, $4 the word, $5..$8 tables, $9 s80, $10 m64, $11 bias, $12 the fp32 scale.
-_ASM_DEQUANT = tl.constexpr(decode_word_ptx(("$0", "$1", "$2", "$3"), "$4", ("$5", "$6", "$7", "$8"), "$9", "$10", "$11", "$12"))
-_ASM_DEQUANT_CONSTRAINTS = tl.constexpr("=r,=r,=r,=r," + ",".join(["r"] * 9))
+# Operands (pack=1): $0..$3 the pairs, $4 the word, $5..$8 tables, $9 m64, $10 bias, $11 the fp32 scale.
+_ASM_DEQUANT = tl.constexpr(decode_word_ptx(("$0", "$1", "$2", "$3"), "$4", ("$5", "$6", "$7", "$8"), "$9", "$10", "$11"))
+_ASM_DEQUANT_CONSTRAINTS = tl.constexpr("=r,=r,=r,=r," + ",".join(["r"] * 8))
 
 
 @triton.jit
@@ -55,8 +55,7 @@ def _dequant_kernel(words_ptr, scales_ptr, aux_ptr, out_ptr, N, KW, s_w, s_s, s_
         tp0, tp1, tn0, tn1 = decode_tables(aux, IS_BITMOD)
         p0, p1, p2, p3 = tl.inline_asm_elementwise(
             _ASM_DEQUANT, _ASM_DEQUANT_CONSTRAINTS,
-            [words, tp0, tp1, tn0, tn1, tl.full((BLOCK_N, BLOCK_W), 0x80808080, tl.int32),
-             tl.full((BLOCK_N, BLOCK_W), 0x64646464, tl.int32), tl.full((BLOCK_N, BLOCK_W), 0x64106410, tl.int32), scale],
+            [words, tp0, tp1, tn0, tn1, tl.full((BLOCK_N, BLOCK_W), 0x64646464, tl.int32), tl.full((BLOCK_N, BLOCK_W), 0x64106410, tl.int32), scale],
             dtype=(tl.int32,) * 4, is_pure=True, pack=1)
         pairs = tl.reshape(tl.join(tl.join(p0, p2), tl.join(p1, p3)), [BLOCK_N, BLOCK_W * 4])
         pcols = tl.program_id(1) * BLOCK_W * 4 + tl.arange(0, BLOCK_W * 4)

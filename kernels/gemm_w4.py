@@ -29,16 +29,15 @@ import triton.language as tl
 from p3quant.formats import BitMoDTensor, Int4Tensor
 
 from .act_quant import quantize_activation_fp8, quantize_activation_once
-from .common import bitmod_special2, clamped_rows, decode_half_ptx, decode_tables, decode_w4, dot16, fp8_dot_supported, interpreting, on_input_device, require_device
+from .common import bitmod_special2, clamped_rows, decode_tables, decode_w4, decode_word16, dot16, fp8_dot_supported, interpreting, on_input_device, require_device
 from .dequant_w4 import dequantize_w4
 from .w4_mma import rows_epilogue, w4_mma_matmul
 
 SUPPORTED_GROUPS = (32, 64, 128)
 
 
-# Decode nibbles of one int32 word (element 8j + i = nibble i) into 8 exact fp32 values with ~2.4 (INT4) /
-# ~3.4 (BitMoD) PTX instructions per weight (decode + widening to fp32), two codes per 32-bit operation. See
-# _w4_gemv_kernel for the exactness arguments.
+# INT4: decode the nibbles of one int32 word (element 8j + i = nibble i) into 8 exact fp32 values, two codes per
+# 32-bit lop3 / sub.f16x2 (cheaper than the table lookup BitMoD needs). See _w4_gemv_kernel for the exactness.
 _ASM_INT4 = tl.constexpr("""{
 .reg .b32 t, p0, p1, p2, p3;
 .reg .b16 l, h;
@@ -67,30 +66,6 @@ cvt.f32.f16 $3, l;
 cvt.f32.f16 $7, h;
 }""")
 
-def _bitmod_half(word: str, negated: str, out: int) -> str:
-    """PTX for 4 codes (common.decode_half_ptx's table lookup) widened into fp32 outputs $out..$out+3."""
-    widen = "".join(f"""mov.b32 {{l, h}}, {pair};
-cvt.f32.f16 ${out + 2 * i}, l;
-cvt.f32.f16 ${out + 2 * i + 1}, h;
-""" for i, pair in enumerate(("q0", "q1")))
-    return decode_half_ptx(word, negated, ("q0", "q1"), ("tp0", "tp1", "$9", "$10"), "s80", "m64", "bias") + widen
-
-
-# The table constants live in registers set inside the block (BitMoD's positive table and the masks are the same
-# for every group; decode_tables gives the per-group negative table tn0 and tn1 as operands $9, $10).
-_ASM_BITMOD = tl.constexpr("""{
-.reg .b32 tp0, tp1, s80, m64, bias, wn, wh, wnh, P, N, S, R, q0, q1;
-.reg .b16 l, h;
-mov.b32 tp0, 0x13121110;
-mov.b32 tp1, 0x1C181614;
-mov.b32 s80, 0x80808080;
-mov.b32 m64, 0x64646464;
-mov.b32 bias, 0x64106410;
-xor.b32 wn, $8, 0x88888888;
-shr.u32 wh, $8, 16;
-shr.u32 wnh, wn, 16;
-""" + _bitmod_half("$8", "wn", 0) + _bitmod_half("wh", "wnh", 4) + "}")
-
 
 @triton.jit
 def _ld(ptr, mask, EVEN: tl.constexpr):
@@ -107,22 +82,28 @@ def _nibble(words, i: tl.constexpr, aux, IS_BITMOD: tl.constexpr):
 
 
 @triton.jit
-def _decode_word(words, aux, IS_BITMOD: tl.constexpr, USE_ASM: tl.constexpr):
-    """8 fp32 tensors (nibble i of each int32 word): BitMoD grid x 2, or INT4 code - zp; aux = the group's
-    selector / zero point, broadcast to the words' shape."""
+def _decode_word(words, aux, R: tl.constexpr, G: tl.constexpr, W: tl.constexpr, IS_BITMOD: tl.constexpr,
+                 USE_ASM: tl.constexpr):
+    """8 fp32 tensors (nibble i of each int32 word [R, G, W]): BitMoD grid x 2, or INT4 code - zp; aux [R, G] = the
+    group's selector / zero point."""
+    shape: tl.constexpr = [R, G, W]
     if USE_ASM:
         if IS_BITMOD:
-            _, _, tn0, tn1 = decode_tables(aux, True)  # byte tables of the negative codes 8..15
-            return tl.inline_asm_elementwise(_ASM_BITMOD, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r", [words, tn0, tn1],
-                                             dtype=(tl.float32,) * 8, is_pure=True, pack=1)
+            tp0, tp1, tn0, tn1 = decode_tables(aux, True)
+            c0, c1, c2, c3, c4, c5, c6, c7 = decode_word16(
+                words, tl.broadcast_to(tp0[:, :, None], shape), tl.broadcast_to(tp1[:, :, None], shape),
+                tl.broadcast_to(tn0[:, :, None], shape), tl.broadcast_to(tn1[:, :, None], shape), False)
+            return (c0.to(tl.float32), c1.to(tl.float32), c2.to(tl.float32), c3.to(tl.float32), c4.to(tl.float32),
+                    c5.to(tl.float32), c6.to(tl.float32), c7.to(tl.float32))
         else:
-            zp2 = (0x6400 + aux) * 65537  # fp16x2 (1024 + zp, 1024 + zp)
+            zp2 = tl.broadcast_to(((0x6400 + aux) * 65537)[:, :, None], shape)  # fp16x2 (1024 + zp, 1024 + zp)
             return tl.inline_asm_elementwise(_ASM_INT4, "=r,=r,=r,=r,=r,=r,=r,=r,r,r", [words, zp2],
                                              dtype=(tl.float32,) * 8, is_pure=True, pack=1)
     else:
         a = aux
         if IS_BITMOD:
             a = bitmod_special2(aux)
+        a = tl.broadcast_to(a[:, :, None], shape)
         return (_nibble(words, 0, a, IS_BITMOD), _nibble(words, 1, a, IS_BITMOD), _nibble(words, 2, a, IS_BITMOD),
                 _nibble(words, 3, a, IS_BITMOD), _nibble(words, 4, a, IS_BITMOD), _nibble(words, 5, a, IS_BITMOD),
                 _nibble(words, 6, a, IS_BITMOD), _nibble(words, 7, a, IS_BITMOD))
@@ -141,7 +122,7 @@ def _gemv_epilogue(out, xs_ptr, b_ptr, y_ptr, m, stride_ym, offs_n, n_mask, ROW_
 @triton.jit
 def _w4_gemv_kernel(
     x_ptr, xs_ptr, w_ptr, s_ptr, aux_ptr, b_ptr, y_ptr,
-    N, K, stride_xm, stride_wn, stride_sn, stride_an, stride_ym, ZERO, KW,
+    N, K, stride_xm, stride_wn, stride_sn, stride_an, stride_ym, KW,
     GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     IS_BITMOD: tl.constexpr, HAS_BIAS: tl.constexpr, USE_ASM: tl.constexpr, EVEN_K: tl.constexpr,
 ):
@@ -153,16 +134,14 @@ def _w4_gemv_kernel(
     (act_quant.quantize_activation_fp8_split), so the 8 activation vectors are contiguous 16-byte loads; xs is
     the token scale. (W4A16 runs _w4_gemv_a16_kernel.)
 
-    USE_ASM (GPU) decodes two codes per 32-bit instruction into fp16x2, then widens to fp32 (all exact):
+    USE_ASM (GPU) decodes into exact fp16 values, then widens them to fp32:
     - INT4: lop3 (w >> 4i) & 0x000F000F | 0x64006400 is the fp16 pair (1024 + c_i, 1024 + c_{i+4}) (1024 has
       a unit ulp, c <= 15 fills the low mantissa bits); sub.f16x2 of (1024 + zp) gives c - zp exactly (an
       integer of magnitude <= 15 is an fp16 value, and the exact difference is representable, so RN is exact).
-    - BitMoD: prmt looks each nibble up in byte tables of (grid x 2 + 16) in [0, 32]: positive codes 0..7 in
-      a constant table, negative codes 8..15 (code 8 -> the group's special value) in a per-group table indexed
-      by code ^ 8; prmt's sign-replicate mode (selector bit 3 = the code's sign bit) builds the byte mask
-      0x80 / 0xFF that lop3 uses to pick the table (bits 0..6 from the selected table, bit 7 is 0 in both since
-      every entry is < 0x80). prmt then places byte b under 0x64 (fp16 1024 + b) and sub.f16x2 of 1040 gives
-      grid x 2 exactly (integers |v| <= 16). The special value is thus handled with no correction term.
+    - BitMoD: common.decode_word16, the per-group byte-table lookup the other kernels share (the special value
+      sits in the table slot of -0, so it needs no correction term).
+    The activation rows fit the tile so that a thread holds all BLOCK_N rows of its words: each activation
+    vector is loaded once per thread and reused for every row (block sizes: _gemv_config).
     The fp32 products and sums then follow the same order as the interpreter path (pure Triton decode, used
     when interpreting(): inline asm does not run there). Per word, 8 products are summed, then scaled once by
     the group scale; accumulation is fp32 throughout.
@@ -187,12 +166,10 @@ def _w4_gemv_kernel(
         # scale and selector / zero point: once per (row, group), broadcast over the group's words in registers
         scale = _ld(s_ptr + rows[:, None] * stride_sn + gi[None, :], g_mask[None, :], EVEN_K).to(tl.float32)
         aux = _ld(aux_ptr + rows[:, None] * stride_an + gi[None, :], g_mask[None, :], EVEN_K).to(tl.int32)
-        aux = tl.broadcast_to(aux[:, :, None], [BLOCK_N, NG, GW])
-        v0, v1, v2, v3, v4, v5, v6, v7 = _decode_word(words, aux, IS_BITMOD, USE_ASM)
+        v0, v1, v2, v3, v4, v5, v6, v7 = _decode_word(words, aux, BLOCK_N, NG, GW, IS_BITMOD, USE_ASM)
         xm = g_mask[None, :, None]
-        # activations through a [BLOCK_N, NG, GW] pointer tensor (ZERO = 0 at run time, opaque to the compiler)
-        # so their loads share the words' register layout (L1 hits; no shared-memory layout conversion)
-        x3 = x_row + rows[:, None, None] * ZERO + wi[None, :, :]
+        # activations [1, NG, GW]: loaded once per thread and broadcast over the program's rows in registers
+        x3 = x_row + wi[None, :, :]
         part = v0 * _ld(x3, xm, EVEN_K)
         part += v1 * _ld(x3 + kw, xm, EVEN_K)
         part += v2 * _ld(x3 + 2 * kw, xm, EVEN_K)
@@ -341,7 +318,7 @@ def _gemv_config(n: int) -> tuple[int, int, int, int]:
         return GEMV_OVERRIDE
     # best total of an 8-config sweep on qkv / o / gate_up / down (H200, benchmarks/bench_decode_gemm.py, 2026-11-28);
     # (8, 1024, 4, 3) was within 3% of it on every shape
-    return (4, 1024, 2, 3)
+    return (4, 2048, 2, 1)
 
 
 # MMA_MIN_M <= M <= MMA_MAX_M runs the tensor-core small-M kernel (w4_mma.py); benchmarks/bench_small_m.py
@@ -507,7 +484,7 @@ def w4_matmul(
             block_k = max(block_k, prep.group)
             _w4_gemv_kernel[(triton.cdiv(n, block_n), 1)](
                 a, xs, prep.words, scales, aux, bias_arg, y,
-                n, k, a.stride(0), prep.words.stride(0), scales.stride(0), aux.stride(0), y.stride(0), 0, k // 8,
+                n, k, a.stride(0), prep.words.stride(0), scales.stride(0), aux.stride(0), y.stride(0), k // 8,
                 GROUP=prep.group, BLOCK_N=block_n, BLOCK_K=block_k, IS_BITMOD=is_bitmod, HAS_BIAS=bias is not None,
                 USE_ASM=GEMV_USE_ASM and not interp, EVEN_K=k % block_k == 0, num_warps=warps, num_stages=stages)
         else:

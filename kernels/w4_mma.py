@@ -7,7 +7,7 @@ x 2 in [-16, 16], or INT4 code - zero point), the MMA accumulates their products
 (exact in fp16) in fp32, and the group scale multiplies that partial sum once per output. The token scale, the
 BitMoD 1/2, bias and the output cast are applied once per output at the end.
 
-Decode on the GPU: common.decode_word_ptx (inline PTX, one 32-bit word of 8 codes per invocation); under the
+Decode on the GPU: common.decode_word16 (inline PTX, one 32-bit word of 8 codes per invocation); under the
 interpreter the same values come from decode_w4. Each word's codes 0..3 go to a "lo" half-plane (k % 8 < 4) and
 codes 4..7 to a "hi" one (k % 8 >= 4), multiplied against activations stored in the same order
 (act_quant.quantize_activation_fp8_halves).
@@ -22,17 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import bitmod_special2, clamped_rows, decode_tables, decode_w4, decode_word_ptx
-
-# Operands (pack=1): $0..$7 the codes 0..7 of the word as fp16 (16-bit registers), $8 the word, $9..$12 the
-# tables, constants s80 $13, m64 $14, bias $15 (inputs, so that they are loop-invariant registers). One word per
-# invocation: a pack over bytes would let the compiler group bytes of different rows (seen in the PTX).
-_ASM_DECODE = tl.constexpr(decode_word_ptx(tuple(f"${i}" for i in range(8)), "$8", ("$9", "$10", "$11", "$12"), "$13", "$14", "$15"))
-_ASM_DECODE_CONSTRAINTS = tl.constexpr(",".join(["=h"] * 8 + ["r"] * 8))
-# bf16 weights for bf16 activations (W4A16): m64 $14 = 0x43434343, bias $15 = bf16x2 (-144, -144), one $16
-_ASM_DECODE_BF16 = tl.constexpr(decode_word_ptx(tuple(f"${i}" for i in range(8)), "$8", ("$9", "$10", "$11", "$12"), "$13", "$14",
-                                                "$15", one="$16"))
-_ASM_DECODE_BF16_CONSTRAINTS = tl.constexpr(",".join(["=h"] * 8 + ["r"] * 9))
+from .common import bitmod_special2, clamped_rows, decode_tables, decode_w4, decode_word16
 
 
 @triton.jit
@@ -46,20 +36,9 @@ def _decode_group(words_ptr, rows, stride_ww, g, aux, GROUP: tl.constexpr, BLOCK
     words = tl.load(words_ptr + rows[:, None] * stride_ww + g * GW + ow[None, :])  # int32, 8 codes each
     if USE_ASM:
         tp0, tp1, tn0, tn1 = decode_tables(aux, IS_BITMOD)
-        operands = [words, tl.broadcast_to(tp0[:, None], (BLOCK_N, GW)), tl.broadcast_to(tp1[:, None], (BLOCK_N, GW)),
-                    tl.broadcast_to(tn0[:, None], (BLOCK_N, GW)), tl.broadcast_to(tn1[:, None], (BLOCK_N, GW)),
-                    tl.full((BLOCK_N, GW), 0x80808080, tl.int32)]
-        if BF16:
-            c0, c1, c2, c3, c4, c5, c6, c7 = tl.inline_asm_elementwise(
-                _ASM_DECODE_BF16, _ASM_DECODE_BF16_CONSTRAINTS,
-                operands + [tl.full((BLOCK_N, GW), 0x43434343, tl.int32), tl.full((BLOCK_N, GW), -1022311664, tl.int32),
-                            tl.full((BLOCK_N, GW), 0x3F803F80, tl.int32)],  # -1022311664 = 0xC310C310: (-144, -144)
-                dtype=(tl.bfloat16,) * 8, is_pure=True, pack=1)
-        else:
-            c0, c1, c2, c3, c4, c5, c6, c7 = tl.inline_asm_elementwise(
-                _ASM_DECODE, _ASM_DECODE_CONSTRAINTS,
-                operands + [tl.full((BLOCK_N, GW), 0x64646464, tl.int32), tl.full((BLOCK_N, GW), 0x64106410, tl.int32)],
-                dtype=(tl.float16,) * 8, is_pure=True, pack=1)
+        c0, c1, c2, c3, c4, c5, c6, c7 = decode_word16(
+            words, tl.broadcast_to(tp0[:, None], (BLOCK_N, GW)), tl.broadcast_to(tp1[:, None], (BLOCK_N, GW)),
+            tl.broadcast_to(tn0[:, None], (BLOCK_N, GW)), tl.broadcast_to(tn1[:, None], (BLOCK_N, GW)), BF16)
     else:
         a = aux.to(tl.int32)
         if IS_BITMOD:

@@ -8,7 +8,7 @@ import triton
 import triton.language as tl
 
 from p3quant.formats import BITMOD4, INT4, quantize_scaled_fp8
-from p3quant.kernels import gemm_w4, w4_mma
+from p3quant.kernels import common, gemm_w4, w4_mma
 from p3quant.kernels.act_quant import quantize_activation_fp8, quantize_activation_fp8_halves
 from p3quant.kernels.common import bitmod_special2, decode_tables, decode_w4
 
@@ -129,7 +129,7 @@ def _f32(a: int) -> np.float32:
 
 
 def _run_ptx(asm: str, operands: dict[str, int]) -> dict[str, int]:
-    """Execute the straight-line PTX subset the decodes use (mov, xor, shr, prmt, lop3, sub.rn.f16x2, fma.rn.bf16x2,
+    """Execute the straight-line PTX subset the decodes use (mov, xor, or, shr, prmt, lop3, sub.rn.f16x2, fma.rn.bf16x2,
     and the fp32 scaling: mov.b32 {l, h}, cvt.f32.f16, mul.rn.f32, cvt.rn.f16x2.f32); rounding to nearest even."""
     regs = dict(operands)
 
@@ -152,6 +152,8 @@ def _run_ptx(asm: str, operands: dict[str, int]) -> dict[str, int]:
             regs[dst] = val(src[0])
         elif op == "xor.b32":
             regs[dst] = val(src[0]) ^ val(src[1])
+        elif op == "or.b32":
+            regs[dst] = val(src[0]) | val(src[1])
         elif op == "shr.u32":
             regs[dst] = val(src[0]) >> val(src[1])
         elif op == "prmt.b32":
@@ -193,17 +195,17 @@ def _tables(aux: torch.Tensor, is_bitmod: bool) -> list[tuple[int, int, int, int
     return [tuple(int(out[i * count + g]) & 0xFFFFFFFF for i in range(4)) for g in range(count)]
 
 
-CONSTANTS = {"s80": 0x80808080, "m64": 0x64646464, "bias": 0x64106410}
+CONSTANTS = {"m64": 0x64646464, "bias": 0x64106410}
 
 
 def _mma_decode(word: int, tables, bf16: bool = False) -> list[float]:
     """w4_mma's PTX on one word: the fp16 (bf16) values of codes 0..7 (outputs $0..$7, 16-bit registers)."""
     if bf16:  # operands as _decode_group passes them
-        ops = {"$8": word, "$13": CONSTANTS["s80"], "$14": 0x43434343, "$15": 0xC310C310, "$16": 0x3F803F80}
-        asm = w4_mma._ASM_DECODE_BF16.value
+        ops = {"$8": word, "$13": 0x43434343, "$14": 0xC310C310, "$15": 0x3F803F80}
+        asm = common._DECODE16_BF16.value
     else:
-        ops = {"$8": word, "$13": CONSTANTS["s80"], "$14": CONSTANTS["m64"], "$15": CONSTANTS["bias"]}
-        asm = w4_mma._ASM_DECODE.value
+        ops = {"$8": word, "$13": CONSTANTS["m64"], "$14": CONSTANTS["bias"]}
+        asm = common._DECODE16.value
     ops.update(zip(("$9", "$10", "$11", "$12"), tables))
     regs = _run_ptx(asm, ops)
     if bf16:
@@ -251,33 +253,27 @@ def test_inline_ptx_dequant_equals_dequantize_in_fp16(fmt):
         for w in range(words.shape[1]):
             g = 8 * w // group
             scale = np.float32(weight.scales[n, g].float()) * np.float32(0.5 if fmt == "bitmod" else 1.0)
-            ops = {"$4": int(words[n, w]) & 0xFFFFFFFF, "$9": CONSTANTS["s80"], "$10": CONSTANTS["m64"],
-                   "$11": CONSTANTS["bias"], "$12": int(np.array([scale], np.float32).view(np.uint32)[0])}
+            ops = {"$4": int(words[n, w]) & 0xFFFFFFFF, "$9": CONSTANTS["m64"],
+                   "$10": CONSTANTS["bias"], "$11": int(np.array([scale], np.float32).view(np.uint32)[0])}
             ops.update(zip(("$5", "$6", "$7", "$8"), tables[n * aux.shape[1] + g]))
             regs = _run_ptx(_ASM_DEQUANT.value, ops)
             got = [float(v) for i in range(4) for v in _f16x2(regs[f"${i}"])]
             assert got == expected[n, 8 * w: 8 * w + 8].tolist(), (fmt, n, w)
 
 
-@pytest.mark.parametrize("fmt", ["bitmod", "int4"])
-def test_gemv_inline_ptx_decode_is_exact_for_every_code_and_group_parameter(fmt):
-    """gemm_w4's M = 1 GEMV decodes (fp32 outputs $0..$7 = codes 0..7 of the word in $8)."""
-    is_bitmod = fmt == "bitmod"
-    aux = torch.arange(16, dtype=torch.int32) % (4 if is_bitmod else 16)
-    tables = _tables(aux, is_bitmod)
+def test_gemv_int4_inline_ptx_decode_is_exact_for_every_code_and_zero_point():
+    """gemm_w4's M = 1 GEMV INT4 decode (fp32 outputs $0..$7 = codes 0..7 of the word in $8; operand $9 the fp16x2
+    pair (1024 + zp, 1024 + zp)). Its BitMoD decode is common.decode_word16, checked above."""
+    aux = torch.arange(16, dtype=torch.int32)
     codes = torch.arange(16, dtype=torch.int32).repeat(16)
     expected = torch.empty(256, dtype=torch.int32)
-    _decode_ref_kernel[(1,)](codes, aux, expected, IS_BITMOD=is_bitmod, BLOCK=256)
+    _decode_ref_kernel[(1,)](codes, aux, expected, IS_BITMOD=False, BLOCK=256)
     for g in range(16):
-        if is_bitmod:  # operands: the word, then the group's negative-code tables
-            asm, ops = gemm_w4._ASM_BITMOD.value, {"$9": tables[g][2], "$10": tables[g][3]}
-        else:  # operands: the word, then the fp16x2 pair (1024 + zp, 1024 + zp)
-            asm, ops = gemm_w4._ASM_INT4.value, {"$9": (0x6400 + int(aux[g])) * 65537}
         for start in (0, 8):
             word = sum(c << (4 * i) for i, c in enumerate(range(start, start + 8)))
-            regs = _run_ptx(asm, {**ops, "$8": word})
+            regs = _run_ptx(gemm_w4._ASM_INT4.value, {"$9": (0x6400 + int(aux[g])) * 65537, "$8": word})
             got = [float(_f32(regs[f"${i}"])) for i in range(8)]
-            assert got == [float(expected[16 * g + start + i]) for i in range(8)], (fmt, g, start)
+            assert got == [float(expected[16 * g + start + i]) for i in range(8)], g
 
 
 def _spy_quantizers(monkeypatch):
