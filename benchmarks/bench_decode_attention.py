@@ -81,11 +81,35 @@ def run(quick: bool = False) -> tuple[str, list[dict]]:
     return table(headers, rows) + "\n\n" + "\n".join(notes), raw
 
 
+def sweep_launch(batches=(1, 4), context: int = 32768) -> str:
+    """CUDA-graph time of the kernel over (block_t, context splits per (batch, kv-head)) at one context length."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    rows = []
+    for b in batches:
+        q = torch.randn(b, HEADS, 1, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+        caches = []
+        for _ in range(copies_for(b * KV_HEADS * context * (HEAD_DIM + 6))):
+            k = torch.randn(b, KV_HEADS, context, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+            caches.append(build_cache(k, torch.randn_like(k)))
+        for block_t in (64, 128, 256):
+            for programs_per_sm in (1, 2, 4, 8):
+                splits = max(1, programs_per_sm * sms // (b * KV_HEADS))
+                us = graph_rotating_us([lambda c=c: p3_decode_attention(q, c, None, HEAD_DIM**-0.5, block_t=block_t, num_splits=splits)
+                                        for c in caches[:16]])
+                rows.append((b, context, block_t, programs_per_sm, splits, us))
+        del caches
+        torch.cuda.empty_cache()
+    return table(["batch", "context", "block_t", "programs / SM", "splits", "P3 graph us"], rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--sweep", action="store_true", help="also time block sizes and context-split counts")
     args = parser.parse_args()
     print(environment())
+    if args.sweep:
+        print(sweep_launch(), flush=True)
     print(run(args.quick)[0])
 
 

@@ -313,8 +313,8 @@ def p3_decode_attention(
     group = heads // kv_heads
     gp = max(16, triton.next_power_of_2(group))
     blocks = triton.cdiv(n_quant, block_t)
-    if num_splits is None:
-        num_splits = min(blocks, max(1, triton.cdiv(2 * _num_sms(query.device), bsz * kv_heads)))
+    if num_splits is None:  # ~4 programs per SM (bench_decode_attention.py --sweep, H200)
+        num_splits = min(blocks, max(1, 4 * _num_sms(query.device) // (bsz * kv_heads)))
     num_splits = max(0, min(num_splits, blocks))
     chunk = block_t * triton.cdiv(blocks, num_splits) if num_splits else block_t
     num_splits = triton.cdiv(n_quant, chunk) if n_quant else 0

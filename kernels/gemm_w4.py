@@ -158,14 +158,25 @@ def _w4_gemv_kernel(
     acc = tl.zeros([BLOCK_N, NG, GW], tl.float32)
     x_row = x_ptr + m * stride_xm
     w_rows = w_ptr + rows[:, None, None] * stride_wn
+    s_rows = s_ptr + rows[:, None] * stride_sn
+    a_rows = aux_ptr + rows[:, None] * stride_an
+    # software prefetch: the next K-step's weights, scales and selectors / zero points are in flight while this
+    # step computes (each program has little work, so its loads would otherwise wait alone on DRAM latency)
+    g_mask = og < ng_total
+    wi = og[:, None] * GW + ow[None, :]  # [NG, GW] word index
+    nxt_words = _ld(w_rows + wi[None, :, :], g_mask[None, :, None], EVEN_K)
+    nxt_scale = _ld(s_rows + og[None, :], g_mask[None, :], EVEN_K)
+    nxt_aux = _ld(a_rows + og[None, :], g_mask[None, :], EVEN_K)
     for g0 in range(0, ng_total, NG):
         gi = g0 + og
         g_mask = gi < ng_total
-        wi = gi[:, None] * GW + ow[None, :]  # [NG, GW] word index
-        words = _ld(w_rows + wi[None, :, :], g_mask[None, :, None], EVEN_K)
-        # scale and selector / zero point: once per (row, group), broadcast over the group's words in registers
-        scale = _ld(s_ptr + rows[:, None] * stride_sn + gi[None, :], g_mask[None, :], EVEN_K).to(tl.float32)
-        aux = _ld(aux_ptr + rows[:, None] * stride_an + gi[None, :], g_mask[None, :], EVEN_K).to(tl.int32)
+        wi = gi[:, None] * GW + ow[None, :]
+        words, scale, aux = nxt_words, nxt_scale.to(tl.float32), nxt_aux.to(tl.int32)
+        gn = gi + NG
+        pf_mask = gn < ng_total
+        nxt_words = tl.load(w_rows + (wi + NG * GW)[None, :, :], mask=pf_mask[None, :, None], other=0)
+        nxt_scale = tl.load(s_rows + gn[None, :], mask=pf_mask[None, :], other=0.0)
+        nxt_aux = tl.load(a_rows + gn[None, :], mask=pf_mask[None, :], other=0)
         v0, v1, v2, v3, v4, v5, v6, v7 = _decode_word(words, aux, BLOCK_N, NG, GW, IS_BITMOD, USE_ASM)
         xm = g_mask[None, :, None]
         # activations [1, NG, GW]: loaded once per thread and broadcast over the program's rows in registers
@@ -316,9 +327,9 @@ GEMV_USE_ASM = True
 def _gemv_config(n: int) -> tuple[int, int, int, int]:
     if GEMV_OVERRIDE is not None:
         return GEMV_OVERRIDE
-    # best total of an 8-config sweep on qkv / o / gate_up / down (H200, benchmarks/bench_decode_gemm.py, 2026-11-28);
-    # (8, 1024, 4, 3) was within 3% of it on every shape
-    return (4, 2048, 2, 1)
+    # best total of an 8-config sweep on qkv / o / gate_up / down (H200, benchmarks/bench_decode_gemm.py, 2026-11-28,
+    # fourth session): 4 rows x 1024 K per step, one warp; the fastest of the eight on each shape
+    return (4, 1024, 1, 1)
 
 
 # MMA_MIN_M <= M <= MMA_MAX_M runs the tensor-core small-M kernel (w4_mma.py); benchmarks/bench_small_m.py
