@@ -18,10 +18,12 @@ from .common import fp16_scale, on_input_device, require_device, rne
 
 @triton.jit
 def _int4_rows_kernel(
-    x_ptr, div_ptr, p_ptr, s_ptr, z_ptr, T, H,
-    s_xb, s_xh, s_xt, s_db, s_dh, s_pb, s_ph, s_pt, s_sb, s_sh, s_st, s_zb, s_zh, s_zt,
-    HALF_D: tl.constexpr, DH: tl.constexpr, BLOCK_T: tl.constexpr, HAS_DIV: tl.constexpr,
+    x_ptr, div_ptr, p_ptr, s_ptr, z_ptr, pos_ptr, ring_ptr, T, H, R,
+    s_xb, s_xh, s_xt, s_db, s_dh, s_pb, s_ph, s_pt, s_sb, s_sh, s_st, s_zb, s_zh, s_zt, s_rb, s_rh, s_rt,
+    HALF_D: tl.constexpr, DH: tl.constexpr, BLOCK_T: tl.constexpr, HAS_DIV: tl.constexpr, AT_DEVICE_POS: tl.constexpr,
 ):
+    """AT_DEVICE_POS: row t goes to storage slot pos + t (pos read from pos_ptr, so the launch does not depend on
+    it and can be captured in a CUDA graph), and x itself also to the 16-bit ring slot (pos + t) % R."""
     pid = tl.program_id(0)
     b = pid // H
     h = pid % H
@@ -31,8 +33,16 @@ def _int4_rows_kernel(
     d_mask = offs_d < HALF_D
     mask = t_mask[:, None] & d_mask[None, :]
     base = x_ptr + b * s_xb + h * s_xh + offs_t[:, None] * s_xt + 2 * offs_d[None, :]
-    x_even = tl.load(base, mask=mask, other=0.0).to(tl.float32)
-    x_odd = tl.load(base + 1, mask=mask, other=0.0).to(tl.float32)
+    x_raw_even = tl.load(base, mask=mask, other=0.0)
+    x_raw_odd = tl.load(base + 1, mask=mask, other=0.0)
+    x_even = x_raw_even.to(tl.float32)
+    x_odd = x_raw_odd.to(tl.float32)
+    out_t = offs_t
+    if AT_DEVICE_POS:
+        out_t = tl.load(pos_ptr).to(tl.int32) + offs_t
+        ring = ring_ptr + b * s_rb + h * s_rh + (out_t % R)[:, None] * s_rt + 2 * offs_d[None, :]
+        tl.store(ring, x_raw_even, mask=mask)
+        tl.store(ring + 1, x_raw_odd, mask=mask)
     if HAS_DIV:
         d_base = div_ptr + b * s_db + h * s_dh + 2 * offs_d
         x_even = tl.math.div_rn(x_even, tl.load(d_base, mask=d_mask, other=1.0)[None, :])
@@ -46,9 +56,9 @@ def _int4_rows_kernel(
     q_even = tl.minimum(tl.maximum(rne(tl.math.div_rn(x_even, sf[:, None])) + zero[:, None], 0.0), 15.0).to(tl.int32)
     q_odd = tl.minimum(tl.maximum(rne(tl.math.div_rn(x_odd, sf[:, None])) + zero[:, None], 0.0), 15.0).to(tl.int32)
     packed = (q_even | (q_odd << 4)).to(tl.uint8)
-    tl.store(p_ptr + b * s_pb + h * s_ph + offs_t[:, None] * s_pt + offs_d[None, :], packed, mask=mask)
-    tl.store(s_ptr + b * s_sb + h * s_sh + offs_t * s_st, scale, mask=t_mask)
-    tl.store(z_ptr + b * s_zb + h * s_zh + offs_t * s_zt, zero.to(tl.uint8), mask=t_mask)
+    tl.store(p_ptr + b * s_pb + h * s_ph + out_t[:, None] * s_pt + offs_d[None, :], packed, mask=mask)
+    tl.store(s_ptr + b * s_sb + h * s_sh + out_t * s_st, scale, mask=t_mask)
+    tl.store(z_ptr + b * s_zb + h * s_zh + out_t * s_zt, zero.to(tl.uint8), mask=t_mask)
 
 
 @triton.jit
@@ -88,6 +98,27 @@ def _check_rows(what: str, x: torch.Tensor, packed: torch.Tensor, scales: torch.
         raise ValueError(f"{what}: input and packed storage must be contiguous along head_dim")
 
 
+def _launch_rows(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                 divisor: torch.Tensor | None, position: torch.Tensor | None = None, ring: torch.Tensor | None = None) -> None:
+    b, h, t, d = x.shape
+    if divisor is not None and (divisor.shape != (b, h, 1, d) or divisor.dtype != torch.float32 or divisor.stride(-1) != 1):
+        raise ValueError(f"KV append: divisor must be float32 [{b}, {h}, 1, {d}] contiguous along D, got {tuple(divisor.shape)} {divisor.dtype}")
+    if x.numel() == 0:
+        return
+    div = divisor if divisor is not None else x
+    at_pos = position is not None
+    ring_arg = ring if at_pos else x
+    block_t = 16
+    _int4_rows_kernel[(b * h, triton.cdiv(t, block_t))](
+        x, div, packed, scales, zeros, position if at_pos else x, ring_arg, t, h, ring_arg.shape[2],
+        x.stride(0), x.stride(1), x.stride(2), div.stride(0), div.stride(1),
+        packed.stride(0), packed.stride(1), packed.stride(2), scales.stride(0), scales.stride(1), scales.stride(2),
+        zeros.stride(0), zeros.stride(1), zeros.stride(2), ring_arg.stride(0), ring_arg.stride(1), ring_arg.stride(2),
+        HALF_D=d // 2, DH=triton.next_power_of_2(d // 2), BLOCK_T=block_t, HAS_DIV=divisor is not None,
+        AT_DEVICE_POS=at_pos, num_warps=4,
+    )
+
+
 @on_input_device
 def quantize_int4_rows_into(
     x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, divisor: torch.Tensor | None = None
@@ -98,20 +129,33 @@ def quantize_int4_rows_into(
     what = "quantize_int4_rows_into"
     _check_rows(what, x, packed, scales, zeros)
     require_device(what, x, packed, scales, zeros, divisor)
+    _launch_rows(x, packed, scales, zeros, divisor)
+
+
+@on_input_device
+def append_rows_at(
+    x: torch.Tensor, position: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+    ring: torch.Tensor, divisor: torch.Tensor | None = None,
+) -> None:
+    """The static cache's decode append in one launch: x [B, H, T, D] quantized as quantize_int4_rows_into into
+    storage slots position .. position + T - 1 (packed [B, H, capacity, D/2], scales / zeros [B, H, capacity, 1];
+    position a [1] int64 device tensor, read by the kernel), and x itself into the 16-bit ring [B, H, R, D] at
+    slots (position + t) % R. Nothing depends on the position on the host, so the call can be captured in a
+    CUDA graph. The caller keeps position + T within the storage."""
+    what = "append_rows_at"
+    if x.dim() != 4 or x.shape[-1] % 2 or not x.is_floating_point():
+        raise ValueError(f"{what}: input must be floating [B, H, T, D] with even D, got {tuple(x.shape)} {x.dtype}")
     b, h, t, d = x.shape
-    if divisor is not None and (divisor.shape != (b, h, 1, d) or divisor.dtype != torch.float32 or divisor.stride(-1) != 1):
-        raise ValueError(f"{what}: divisor must be float32 [{b}, {h}, 1, {d}] contiguous along D, got {tuple(divisor.shape)} {divisor.dtype}")
-    if x.numel() == 0:
-        return
-    div = divisor if divisor is not None else x
-    block_t = 16
-    _int4_rows_kernel[(b * h, triton.cdiv(t, block_t))](
-        x, div, packed, scales, zeros, t, h,
-        x.stride(0), x.stride(1), x.stride(2), div.stride(0), div.stride(1),
-        packed.stride(0), packed.stride(1), packed.stride(2), scales.stride(0), scales.stride(1), scales.stride(2),
-        zeros.stride(0), zeros.stride(1), zeros.stride(2),
-        HALF_D=d // 2, DH=triton.next_power_of_2(d // 2), BLOCK_T=block_t, HAS_DIV=divisor is not None, num_warps=4,
-    )
+    cap = packed.shape[2] if packed.dim() == 4 else -1
+    _check_rows(what, x, packed[:, :, :t], scales[:, :, :t], zeros[:, :, :t])
+    if cap < t or scales.shape[2] != cap or zeros.shape[2] != cap:
+        raise ValueError(f"{what}: storage must hold the same number (>= {t}) of slots in packed, scales and zeros")
+    if ring.dim() != 4 or tuple(ring.shape[:2]) != (b, h) or ring.shape[3] != d or ring.shape[2] < 1 or ring.dtype != x.dtype or ring.stride(-1) != 1:
+        raise ValueError(f"{what}: ring must be {x.dtype} [{b}, {h}, R >= 1, {d}] contiguous along D, got {ring.dtype} {tuple(ring.shape)}")
+    if position.shape != (1,) or position.dtype != torch.int64:
+        raise ValueError(f"{what}: position must be a [1] int64 tensor, got {position.dtype} {tuple(position.shape)}")
+    require_device(what, x, packed, scales, zeros, ring, position, divisor)
+    _launch_rows(x, packed, scales, zeros, divisor, position, ring)
 
 
 @on_input_device

@@ -111,3 +111,48 @@ def test_greedy_decoder_steps_give_generate_tokens_and_stop_at_capacity():
     assert torch.equal(decoder.finish(), expected)
     with pytest.raises(RuntimeError, match="no room"):
         decoder.step()
+
+
+@pytest.mark.parametrize("residual_window", [1, 3])
+def test_fused_decode_append_equals_the_torch_path(monkeypatch, residual_window):
+    """The one-launch decode append (kernels.kv_append.append_rows_at: quantize into the device-side slot and copy
+    into the ring) leaves storage, ring and count exactly as the torch path (quantize_rows + index_copy_)."""
+    from p3quant.nn import kv_cache, static_cache
+
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, (1,))))
+    b, hkv, d, prompt, steps, capacity = 2, 3, 32, 7, 5, 16
+    keys = (torch.randn(b, hkv, prompt + steps, d, generator=gen) * (0.5 + 3 * torch.rand(d, generator=gen))).to(torch.bfloat16)
+    values = torch.randn(b, hkv, prompt + steps, d, generator=gen).to(torch.bfloat16)
+
+    def run(kernel: bool) -> P3StaticCacheLayer:
+        monkeypatch.setattr(static_cache, "_use_append_kernel", (lambda x: x.stride(-1) == 1) if kernel else (lambda x: False))
+        monkeypatch.setattr(kv_cache, "_use_append_kernel", lambda x: False)
+        layer = P3StaticCacheLayer(p3quant.P3Config(residual_window=residual_window), capacity)
+        layer.update(keys[:, :, :prompt], values[:, :, :prompt])
+        layer.commit()
+        for t in range(prompt, prompt + steps):
+            layer.update(keys[:, :, t : t + 1], values[:, :, t : t + 1])
+            layer.commit()
+        return layer
+
+    want, got = run(False), run(True)
+    for store in ("key_store", "value_store"):
+        for name in ("packed", "scales", "zeros"):
+            assert torch.equal(getattr(getattr(got, store), name), getattr(getattr(want, store), name)), (store, name)
+        assert getattr(got, store).length == getattr(want, store).length == prompt + steps
+    assert torch.equal(got.ring_keys, want.ring_keys) and torch.equal(got.ring_values, want.ring_values)
+    assert torch.equal(got.length_t, want.length_t)
+
+
+def test_fused_decode_append_rejects_bad_storage():
+    from p3quant.kernels.kv_append import append_rows_at
+
+    x = torch.randn(1, 2, 1, 8)
+    packed, scales, zeros = torch.zeros(1, 2, 4, 4, dtype=torch.uint8), torch.zeros(1, 2, 4, 1, dtype=torch.float16), torch.zeros(1, 2, 4, 1, dtype=torch.uint8)
+    ring, pos = torch.zeros(1, 2, 2, 8), torch.zeros(1, dtype=torch.int64)
+    with pytest.raises(ValueError, match="ring must be"):
+        append_rows_at(x, pos, packed, scales, zeros, ring.to(torch.float16))
+    with pytest.raises(ValueError, match="position must be"):
+        append_rows_at(x, pos.int(), packed, scales, zeros, ring)
+    with pytest.raises(ValueError, match="same number"):
+        append_rows_at(x, pos, packed, scales[:, :, :3], zeros, ring)
