@@ -31,6 +31,23 @@ _PLAIN, _SPLIT, _HALVES = 0, 1, 2
 
 
 @triton.jit
+def code_positions(k, K, LAYOUT: tl.constexpr):
+    """Where code k of a row goes in `LAYOUT` (see _PLAIN, _SPLIT, _HALVES)."""
+    if LAYOUT == 1:
+        return (k % 8) * (K // 8) + k // 8
+    elif LAYOUT == 2:
+        return ((k // 4) % 2) * (K // 2) + (k // 8) * 4 + k % 4
+    else:
+        return k
+
+
+@triton.jit
+def fp8_codes(x, scale):
+    """E4M3 values of fp32 x / scale, rounded to nearest even, saturating (quantize_scaled_fp8's codes)."""
+    return round_minifloat(tl.math.div_rn(x, scale), 3, -6, FP8_MAX, False)
+
+
+@triton.jit
 def _act_quant_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, BLOCK_K: tl.constexpr, LAYOUT: tl.constexpr):
     """One row's scale and codes, stored as q's dtype (FP8, or fp16 / fp32 holding the same values exactly)."""
     row = tl.program_id(0)
@@ -41,14 +58,8 @@ def _act_quant_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, BLOCK_K: tl.
         k = k0 + offs
         mask = k < K
         x = tl.load(x_ptr + row * stride_xm + k, mask=mask, other=0.0).to(tl.float32)
-        q = round_minifloat(tl.math.div_rn(x, scale), 3, -6, FP8_MAX, False)
-        if LAYOUT == 1:
-            pos = (k % 8) * (K // 8) + k // 8
-        elif LAYOUT == 2:
-            pos = ((k // 4) % 2) * (K // 2) + (k // 8) * 4 + k % 4
-        else:
-            pos = k
-        tl.store(q_ptr + row * stride_qm + pos, q.to(q_ptr.dtype.element_ty), mask=mask)
+        q = fp8_codes(x, scale)
+        tl.store(q_ptr + row * stride_qm + code_positions(k, K, LAYOUT), q.to(q_ptr.dtype.element_ty), mask=mask)
 
 
 def _quantize_into(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, layout: int) -> None:
@@ -117,6 +128,25 @@ def _capturing(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
+LAYOUT_CODES = {"split": _SPLIT, "halves": _HALVES}  # FP8 layouts by name, for kernels that quantize on the fly
+
+
+def _reuse_key(source: torch.Tensor, x: torch.Tensor, layout: str) -> tuple | None:
+    try:
+        version = source._version
+    except RuntimeError:  # inference tensors do not track versions
+        return None
+    return (version, layout, tuple(x.shape), x.device, _capturing(x.device))
+
+
+def remember_quantized(source: torch.Tensor, layout: str, codes: torch.Tensor, scales: torch.Tensor) -> None:
+    """Record codes and scales of `source` (viewed as [M, K]) in `layout`, computed by another kernel (the fused
+    RMSNorm), so that the next linear layer fed with `source` skips its own quantization launch."""
+    global _last
+    key = _reuse_key(source, codes, layout)
+    _last = (source, key, (codes, scales)) if key is not None else None
+
+
 def quantize_activation_once(source: torch.Tensor, x: torch.Tensor, layout: str) -> tuple[torch.Tensor, torch.Tensor]:
     """FP8 codes and token scales of x (= `source` viewed as [M, K]) in `layout` ("split" for the GEMV, "halves"
     for the small-M kernel; "halves_bf16" / "halves_fp16": W4A16's unquantized activations in that order, scales
@@ -127,18 +157,14 @@ def quantize_activation_once(source: torch.Tensor, x: torch.Tensor, layout: str)
     the same version counter (in-place writes bump it), layout and shape, and the same CUDA-graph capture state:
     a graph captured after an eager call on a static input buffer must record its own quantization. Tensors
     without a version counter (inference mode) are never reused. Only the last input is kept (decode-sized)."""
-    try:
-        version = source._version
-    except RuntimeError:  # inference tensors do not track versions
-        version = None
-    key = (version, layout, tuple(x.shape), x.device, _capturing(x.device))
+    key = _reuse_key(source, x, layout)
     global _last
     entry = _last
-    if ACTIVATION_REUSE and version is not None and entry is not None and entry[0] is source and entry[1] == key:
+    if ACTIVATION_REUSE and key is not None and entry is not None and entry[0] is source and entry[1] == key:
         return entry[2]
     quantize, dtype = _QUANTIZERS[layout]
     codes = torch.empty(x.shape, dtype=dtype, device=x.device)
     scales = torch.empty((x.shape[0],), dtype=torch.float32, device=x.device)
     quantize(x, codes, scales)
-    _last = (source, key, (codes, scales)) if version is not None else None
+    _last = (source, key, (codes, scales)) if key is not None else None
     return codes, scales

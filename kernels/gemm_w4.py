@@ -418,6 +418,14 @@ def _prepared(weight: BitMoDTensor | Int4Tensor, what: str) -> _Prepared:
     return prep
 
 
+def activation_layout(m: int, activation_format: str) -> str | None:
+    """The FP8 code layout w4_matmul quantizes M rows into for W4A8 (act_quant: "split" for the M = 1 GEMV,
+    "halves" for the small-M kernel), or None where it quantizes in plain order or not at all."""
+    if activation_format != "fp8_e4m3":
+        return None
+    return "split" if m == 1 else "halves" if MMA_MIN_M <= m <= MMA_MAX_M else None
+
+
 def _dequant_matmul(x: torch.Tensor, weight: BitMoDTensor | Int4Tensor, bias: torch.Tensor | None, y: torch.Tensor) -> None:
     """y = (FP8 codes of x) @ fp16(dequantized W)^T * row scales + bias, accumulated in fp32 by cuBLAS.
 
@@ -483,14 +491,14 @@ def w4_matmul(
     is_bitmod, packed, scales, aux = prep.is_bitmod, prep.packed, prep.scales, prep.aux
     bias_arg = bias if bias is not None else scales
     if MMA_MIN_M <= m <= MMA_MAX_M:
-        layout = "halves" if a_fp8 else "halves_fp16" if x2.dtype == torch.float16 else "halves_bf16"
+        layout = activation_layout(m, activation_format) or ("halves_fp16" if x2.dtype == torch.float16 else "halves_bf16")
         a, xs = quantize_activation_once(x, x2, layout)
         w4_mma_matmul(a, xs if a_fp8 else None, prep.words, scales, aux, bias, y, prep.group, is_bitmod,
                       GEMV_USE_ASM and not interp)
         return y.reshape(*lead, n)
     if m == 1:  # decode GEMV: fixed launch parameters, no autotuner
         if a_fp8:
-            a, xs = quantize_activation_once(x, x2, "split")
+            a, xs = quantize_activation_once(x, x2, activation_layout(m, activation_format))
             block_n, block_k, warps, stages = _gemv_config(n)
             block_k = max(block_k, prep.group)
             _w4_gemv_kernel[(triton.cdiv(n, block_n), 1)](

@@ -1,0 +1,85 @@
+"""Llama-style RMSNorm in one launch, optionally also quantizing its output for the W4A8 layers it feeds.
+
+HF's LlamaRMSNorm runs as about six small PyTorch kernels (cast, square, mean, rsqrt, two products); in a decode
+step that costs more than the arithmetic. This kernel does the same fp32 steps for one row per program:
+y = w * (x * rsqrt(mean(x^2) + eps)).to(dtype), the product rounded once to x's dtype as PyTorch's 16-bit
+multiply does. Only the summation order of the mean differs from PyTorch's, so an element can land one 16-bit
+ulp away. With a layout ("split" / "halves", see act_quant) it also writes the FP8-E4M3 codes and per-token
+scale of y (computed from the rounded y, bit-exact with act_quant), which the next W4A8 linear layer picks up
+instead of quantizing again (act_quant.remember_quantized).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .act_quant import LAYOUT_CODES, code_positions, fp8_codes, remember_quantized
+from .common import FP8_MAX, fp16_scale, on_input_device, require_device, round_minifloat
+
+MAX_FEATURES = 16384  # one row per program, held in registers
+BF16_MAX = tl.constexpr(float(torch.finfo(torch.bfloat16).max))
+
+
+@triton.jit
+def _round_to_output(x, y_ptr):
+    """fp32 -> the output's 16-bit type, round to nearest even. bf16 is rounded arithmetically first: the
+    interpreter's fp32 -> bf16 cast truncates (the GPU's rounds; both then agree)."""
+    if y_ptr.dtype.element_ty == tl.bfloat16:
+        x = round_minifloat(x, 7, -126, BF16_MAX, False)
+    return x.to(y_ptr.dtype.element_ty)
+
+
+@triton.jit
+def _rmsnorm_kernel(x_ptr, w_ptr, y_ptr, q_ptr, s_ptr, K, eps, stride_xm, stride_ym, stride_qm,
+                    BLOCK_K: tl.constexpr, LAYOUT: tl.constexpr):
+    row = tl.program_id(0)
+    k = tl.arange(0, BLOCK_K)
+    mask = k < K
+    x = tl.load(x_ptr + row * stride_xm + k, mask=mask, other=0.0).to(tl.float32)
+    variance = tl.sum(x * x, axis=0) / K
+    normed = _round_to_output(x * tl.math.rsqrt(variance + eps), y_ptr)
+    w = tl.load(w_ptr + k, mask=mask, other=0.0)
+    y = _round_to_output(w.to(tl.float32) * normed.to(tl.float32), y_ptr)
+    tl.store(y_ptr + row * stride_ym + k, y, mask=mask)
+    if LAYOUT != 0:
+        yf = y.to(tl.float32)
+        scale = fp16_scale(tl.math.div_rn(tl.max(tl.abs(yf), axis=0), FP8_MAX))
+        tl.store(s_ptr + row, scale)
+        tl.store(q_ptr + row * stride_qm + code_positions(k, K, LAYOUT), fp8_codes(yf, scale).to(q_ptr.dtype.element_ty),
+                 mask=mask)
+
+
+@on_input_device
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, layout: str | None = None) -> torch.Tensor:
+    """LlamaRMSNorm(x) for x [..., K] (bf16 / fp16) and weight [K] of x's dtype; with `layout`, the output's
+    FP8 codes are also computed and remembered for the next W4A8 linear layer fed with the returned tensor."""
+    what = "rms_norm"
+    require_device(what, x, weight)
+    if x.dtype not in (torch.bfloat16, torch.float16) or weight.dtype != x.dtype:
+        raise TypeError(f"{what}: x and weight must share a 16-bit dtype, got {x.dtype} and {weight.dtype}")
+    k = x.shape[-1]
+    if weight.shape != (k,) or k > MAX_FEATURES or k % 8:
+        raise ValueError(f"{what}: weight must be [{k}] with {k} <= {MAX_FEATURES} features, a multiple of 8; got {tuple(weight.shape)}")
+    if layout is not None and layout not in LAYOUT_CODES:
+        raise ValueError(f"{what}: layout must be one of {sorted(LAYOUT_CODES)} or None, got {layout!r}")
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    y2 = y.view(m, k)
+    code = LAYOUT_CODES[layout] if layout is not None else 0
+    codes = torch.empty((m, k), dtype=torch.float32 if layout == "split" else torch.float16, device=x.device) if code else y2
+    scales = torch.empty((m,), dtype=torch.float32, device=x.device) if code else y2
+    if m:
+        block = triton.next_power_of_2(k)
+        _rmsnorm_kernel[(m,)](x2, weight, y2, codes, scales, k, float(eps), x2.stride(0), y2.stride(0), codes.stride(0),
+                              BLOCK_K=block, LAYOUT=code, num_warps=4 if block <= 2048 else 8)
+    if code:
+        remember_quantized(y, layout, codes, scales)
+    return y
+
+
+__all__ = ["rms_norm", "MAX_FEATURES"]
