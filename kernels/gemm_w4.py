@@ -423,7 +423,7 @@ def activation_layout(m: int, activation_format: str) -> str | None:
     "halves" for the small-M kernel), or None where it quantizes in plain order or not at all."""
     if activation_format != "fp8_e4m3":
         return None
-    return "split" if m == 1 else "halves" if MMA_MIN_M <= m <= MMA_MAX_M else None
+    return "halves" if MMA_MIN_M <= m <= MMA_MAX_M else "split" if m == 1 else None  # w4_matmul's order
 
 
 def _dequant_matmul(x: torch.Tensor, weight: BitMoDTensor | Int4Tensor, bias: torch.Tensor | None, y: torch.Tensor) -> None:
