@@ -170,7 +170,12 @@ def test_left_padding_matches_unpadded_rows(preset: str) -> None:
         alone = model(short_ids).logits
         gen_batched = model.generate(batch, attention_mask=mask, max_new_tokens=5, do_sample=False)
         gen_alone = model.generate(short_ids, max_new_tokens=5, do_sample=False)
-    assert torch.allclose(batched[1, 7:], alone[0], atol=1e-4), (batched[1, 7:] - alone[0]).abs().max()
+    # Padding changes nothing in the arithmetic of the real tokens, but float32 matmuls of a 2-row and a 1-row batch
+    # may sum in different orders (BLAS blocking): an activation within ~1e-7 of an FP8 rounding boundary can then
+    # take the neighbouring code (one E4M3 step, 1/8 of its value) in one case only. Such a rare flip moves the
+    # logits of its token (and later ones) by ~1e-3 (seen: seed 1784028489); a padding bug moves all of them by ~1.
+    diff = (batched[1, 7:] - alone[0]).double()
+    assert (diff.norm() / alone[0].double().norm()).item() < 1e-2, diff.abs().max()
     assert torch.equal(gen_batched[1, -5:], gen_alone[0, -5:])
 
 
