@@ -146,10 +146,9 @@ def append_rows_at(
     if x.dim() != 4 or x.shape[-1] % 2 or not x.is_floating_point():
         raise ValueError(f"{what}: input must be floating [B, H, T, D] with even D, got {tuple(x.shape)} {x.dtype}")
     b, h, t, d = x.shape
-    cap = packed.shape[2] if packed.dim() == 4 else -1
-    _check_rows(what, x, packed[:, :, :t], scales[:, :, :t], zeros[:, :, :t])
-    if cap < t or scales.shape[2] != cap or zeros.shape[2] != cap:
+    if any(s.dim() != 4 for s in (packed, scales, zeros)) or not packed.shape[2] == scales.shape[2] == zeros.shape[2] >= t:
         raise ValueError(f"{what}: storage must hold the same number (>= {t}) of slots in packed, scales and zeros")
+    _check_rows(what, x, packed[:, :, :t], scales[:, :, :t], zeros[:, :, :t])
     if ring.dim() != 4 or tuple(ring.shape[:2]) != (b, h) or ring.shape[3] != d or ring.shape[2] < 1 or ring.dtype != x.dtype or ring.stride(-1) != 1:
         raise ValueError(f"{what}: ring must be {x.dtype} [{b}, {h}, R >= 1, {d}] contiguous along D, got {ring.dtype} {tuple(ring.shape)}")
     if position.shape != (1,) or position.dtype != torch.int64:

@@ -117,7 +117,7 @@ def test_greedy_decoder_steps_give_generate_tokens_and_stop_at_capacity():
 def test_fused_decode_append_equals_the_torch_path(monkeypatch, residual_window):
     """The one-launch decode append (kernels.kv_append.append_rows_at: quantize into the device-side slot and copy
     into the ring) leaves storage, ring and count exactly as the torch path (quantize_rows + index_copy_)."""
-    from p3quant.nn import kv_cache, static_cache
+    from p3quant.nn import kv_cache
 
     gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, (1,))))
     b, hkv, d, prompt, steps, capacity = 2, 3, 32, 7, 5, 16
@@ -125,11 +125,12 @@ def test_fused_decode_append_equals_the_torch_path(monkeypatch, residual_window)
     values = torch.randn(b, hkv, prompt + steps, d, generator=gen).to(torch.bfloat16)
 
     def run(kernel: bool) -> P3StaticCacheLayer:
-        monkeypatch.setattr(static_cache, "_use_append_kernel", (lambda x: x.stride(-1) == 1) if kernel else (lambda x: False))
         monkeypatch.setattr(kv_cache, "_use_append_kernel", lambda x: False)
         layer = P3StaticCacheLayer(p3quant.P3Config(residual_window=residual_window), capacity)
         layer.update(keys[:, :, :prompt], values[:, :, :prompt])
         layer.commit()
+        # the decode steps only (the prefill is the same host-position path in both runs)
+        monkeypatch.setattr(kv_cache, "_use_append_kernel", (lambda x: x.stride(-1) == 1) if kernel else (lambda x: False))
         for t in range(prompt, prompt + steps):
             layer.update(keys[:, :, t : t + 1], values[:, :, t : t + 1])
             layer.commit()

@@ -20,7 +20,7 @@ from transformers.cache_utils import Cache
 
 from ..attention_math import QuantizedKV
 from ..config import P3Config
-from .kv_cache import P3Cache, P3CacheLayer, _Int4Store, _use_append_kernel, prompt_smoothing
+from .kv_cache import P3Cache, P3CacheLayer, _Int4Store, prompt_smoothing
 
 
 def check_static_config(config: P3Config) -> None:
@@ -107,22 +107,9 @@ class P3StaticCacheLayer(P3CacheLayer):
         self.length_t.fill_(self.length + keys.shape[-2])
 
     def _commit_one(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """One decode token at the device-side position: capturable in a CUDA graph. On CUDA one kernel per
-        tensor quantizes it into its storage slot and copies it into the ring (one launch instead of six)."""
-        position = self.length_t
-        if _use_append_kernel(keys) and _use_append_kernel(values):
-            from ..kernels.kv_append import append_rows_at
-
-            for store, x, ring, divisor in ((self.key_store, keys, self.ring_keys, self.smoothing),
-                                            (self.value_store, values, self.ring_values, None)):
-                append_rows_at(x, position, store.packed, store.scales, store.zeros, ring, divisor)
-                store.length += 1
-        else:
-            self.key_store.write_at(position, keys, self.smoothing)
-            self.value_store.write_at(position, values)
-            slot = position % self.p3.residual_window
-            self.ring_keys.index_copy_(2, slot, keys)
-            self.ring_values.index_copy_(2, slot, values)
+        """One decode token at the device-side position: capturable in a CUDA graph."""
+        self.key_store.write_at(self.length_t, keys, self.ring_keys, self.smoothing)
+        self.value_store.write_at(self.length_t, values, self.ring_values)
         self.length_t.add_(1)
 
     def quantized_kv(self, device_length: bool = False) -> QuantizedKV:

@@ -1,0 +1,73 @@
+"""Machine instructions per 32-bit weight word (8 weights) in the main loop of the M = 1 GEMV, without a GPU.
+
+Triton compiles the kernel for sm_90 on the CPU (its wheel carries ptxas and cuobjdump); the script disassembles
+the cubin, finds the loop (the backward branch) and counts its instructions by opcode. It is how RESULTS.md's
+"instructions per word" figures were taken: a cheap check of a kernel change before spending GPU time.
+
+Run: python benchmarks/sass_loop.py
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import re
+import subprocess
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from p3quant.kernels import gemm_w4
+
+BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+
+
+def compile_sm90(fn, types: list[str], constexprs: dict, divisible: tuple[str, ...] = (), **options):
+    """Compile a @triton.jit function for sm_90, with pointers and the named integers specialized as multiples
+    of 16 (as Triton does at run time for such values)."""
+    names = fn.arg_names
+    signature = dict(zip(names, types + ["constexpr"] * (len(names) - len(types))))
+    attrs = {(i,): [["tt.divisibility", 16]] for i, t in enumerate(types) if t.startswith("*") or names[i] in divisible}
+    return triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
+                          target=GPUTarget("cuda", 90, 32), options=options)
+
+
+def loop_opcodes(cubin: bytes) -> collections.Counter:
+    """Opcodes of the instructions between the first backward branch and its target."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as fh:
+        fh.write(cubin)
+        fh.flush()
+        sass = subprocess.run([os.path.join(BIN, "cuobjdump"), "-sass", fh.name], capture_output=True, text=True, check=True).stdout
+    ins = []
+    for line in sass.splitlines():
+        m = re.search(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)(.*)", line)
+        if m:
+            ins.append((int(m.group(1), 16), m.group(2), m.group(3)))
+    for addr, op, rest in ins:
+        target = re.search(r"BRA\s+(0x[0-9a-f]+)", op + " " + rest)
+        if op.startswith("BRA") and target and int(target.group(1), 16) < addr:
+            start = int(target.group(1), 16)
+            return collections.Counter(o.split(".")[0] for a, o, _ in ins if start <= a <= addr)
+    raise RuntimeError("no loop found in the kernel")
+
+
+def main() -> None:
+    block_n, block_k, warps, stages = gemm_w4._gemv_config(4096)
+    group = 128
+    words_per_thread = block_n * block_k // 8 // (32 * warps)
+    print(f"M = 1 GEMV, config {(block_n, block_k, warps, stages)}, group {group}: {words_per_thread} words per thread per loop step")
+    for is_bitmod in (True, False):
+        kernel = compile_sm90(
+            gemm_w4._w4_gemv_kernel, ["*fp32", "*fp32", "*i32", "*fp16", "*u8", "*bf16", "*bf16"] + ["i32"] * 8,
+            dict(GROUP=group, BLOCK_N=block_n, BLOCK_K=block_k, IS_BITMOD=is_bitmod, HAS_BIAS=False, USE_ASM=True, EVEN_K=True),
+            divisible=("K", "stride_xm", "stride_wn", "KW"), num_warps=warps, num_stages=stages)
+        ops = loop_opcodes(kernel.asm["cubin"])
+        total = sum(ops.values())
+        print(f"{'BitMoD' if is_bitmod else 'INT4'}: {total} loop instructions, {total / words_per_thread:.1f} per word; "
+              + ", ".join(f"{o} {n}" for o, n in ops.most_common(10)))
+
+
+if __name__ == "__main__":
+    main()
