@@ -88,14 +88,15 @@ def test_generate_reads_modeled_tokens_per_second_and_energy() -> None:
         pim = model.generate(ids, **kwargs)
         ref = ref_model.generate(ids, **kwargs)
     # Compare the logits of every step whose prefix both runs share (the first step is the prefill). Each
-    # operation agrees to float32 rounding, but an ulp can flip one FP8/INT4/UE4M4 code (a 1/16 step of one
-    # element) that later layers carry on: on average the logits agree to 1e-3 of their range, single logits
-    # can move a few percent.
+    # operation agrees to float32 rounding (mean logit difference ~5e-8 of the logits' range), but an ulp can
+    # flip one FP8/INT4/UE4M4 code (a 1/16 step of one element) that later layers and steps carry on: 3 of 61
+    # seeds showed such a flip, moving the mean by 1.3e-3 to 2.2e-3 of the range and single logits by < 2%.
+    # A wrong operation moves the mean by more: halving the residual window's share of P.V gave 2e-2 to 4e-2.
     for step, (a, b) in enumerate(zip(pim.scores, ref.scores)):
         if not torch.equal(pim.sequences[:, : 8 + step], ref.sequences[:, : 8 + step]):
             break
         diff, scale = (a - b).abs(), float(b.abs().max())
-        assert diff.mean() < 1e-3 * scale and diff.max() < 0.1 * scale, step
+        assert diff.mean() < 5e-3 * scale and diff.max() < 0.1 * scale, step
     assert ledger.decode_tokens == 2 * 3 and ledger.decode_steps == 3 and ledger.prefill_tokens == 16
     assert ledger.tokens_per_s > 0 and ledger.energy_per_token_j > 0
     assert ledger.decode_seconds == pytest.approx(sum(e.seconds for e in ledger.decode.values()))
