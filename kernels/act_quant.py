@@ -26,20 +26,17 @@ def _row_scale(x_ptr, row, K, stride_xm, BLOCK_K: tl.constexpr):
 
 
 # LAYOUT, where code k of a row goes: 0 in order; 1 de-interleaved by k % 8 (the decode GEMV's vector loads);
-# 2 in half-planes k % 8 < 4 | k % 8 >= 4 (the small-M tensor-core kernel); 3 in four planes of pairs, plane
-# (k % 8) // 2 holding (k, k + 1) of every 8 (gemv_mma's MMA operands).
-_PLAIN, _SPLIT, _HALVES, _PAIRS = 0, 1, 2, 3
+# 2 in half-planes k % 8 < 4 | k % 8 >= 4 (the small-M tensor-core kernel).
+_PLAIN, _SPLIT, _HALVES = 0, 1, 2
 
 
 @triton.jit
 def code_positions(k, K, LAYOUT: tl.constexpr):
-    """Where code k of a row goes in `LAYOUT` (see _PLAIN, _SPLIT, _HALVES, _PAIRS)."""
+    """Where code k of a row goes in `LAYOUT` (see _PLAIN, _SPLIT, _HALVES)."""
     if LAYOUT == 1:
         return (k % 8) * (K // 8) + k // 8
     elif LAYOUT == 2:
         return ((k // 4) % 2) * (K // 2) + (k // 8) * 4 + k % 4
-    elif LAYOUT == 3:
-        return ((k % 8) // 2) * (K // 4) + (k // 8) * 2 + k % 2
     else:
         return k
 
@@ -82,14 +79,6 @@ def quantize_activation_fp8_halves(x: torch.Tensor, codes: torch.Tensor, scales:
 
 
 @on_input_device
-def quantize_activation_fp8_pairs(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> None:
-    """Hot-path variant for the tensor-core decode GEMV (no checks; callers validate): x [M, K] (K % 8 == 0,
-    unit stride) -> codes fp16 [M, K] in pair planes: code k at ((k % 8) // 2) * (K // 4) + (k // 8) * 2 + k % 2
-    (exact E4M3 values), scales fp32 [M]."""
-    _quantize_into(x, codes, scales, _PAIRS)
-
-
-@on_input_device
 def quantize_activation_fp8_split(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> None:
     """Hot-path variant for the decode GEMV (no checks; callers validate): x [M, K] (K % 8 == 0, unit stride)
     -> codes fp32 [M, K] de-interleaved by k % 8: code k at (k % 8) * (K // 8) + k // 8 (exact E4M3 values),
@@ -125,16 +114,7 @@ def halves_16bit(x: torch.Tensor, out: torch.Tensor, scales: torch.Tensor) -> No
     out.view(m, 2, k // 8, 4).copy_(x.view(m, k // 8, 2, 4).transpose(1, 2))
 
 
-def pairs_16bit(x: torch.Tensor, out: torch.Tensor, scales: torch.Tensor) -> None:
-    """W4A16's activations (no quantization) in gemv_mma's pair-plane order; out's dtype (bf16 or fp16) rounds
-    fp32 inputs. `scales` is unused (the quantizers' signature)."""
-    m, k = x.shape
-    out.view(m, 4, k // 8, 2).copy_(x.view(m, k // 8, 4, 2).transpose(1, 2))
-
-
 _QUANTIZERS = {"split": (quantize_activation_fp8_split, torch.float32),
-               "pairs": (quantize_activation_fp8_pairs, torch.float16),
-               "pairs_bf16": (pairs_16bit, torch.bfloat16), "pairs_fp16": (pairs_16bit, torch.float16),
                "halves": (quantize_activation_fp8_halves, torch.float16),
                "halves_bf16": (halves_16bit, torch.bfloat16), "halves_fp16": (halves_16bit, torch.float16)}
 # The previous decode-sized input and its quantized form, (source, key, (codes, scales)): one tuple replaced in a
@@ -148,7 +128,7 @@ def _capturing(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
-LAYOUT_CODES = {"split": _SPLIT, "halves": _HALVES, "pairs": _PAIRS}  # FP8 layouts by name, for kernels that quantize on the fly
+LAYOUT_CODES = {"split": _SPLIT, "halves": _HALVES}  # FP8 layouts by name, for kernels that quantize on the fly
 
 
 def _reuse_key(source: torch.Tensor, x: torch.Tensor, layout: str) -> tuple | None:
