@@ -161,6 +161,40 @@ def check_second_gpu() -> list[str]:
     return out
 
 
+def check_fused_ops() -> list[str]:
+    """The fused decode-step helpers against PyTorch's own ops on CUDA: rotary (bit-exact), SiLU * up (within
+    the exponential's ulp), the attention's split combine (bit-exact with a float32 result cast to bf16)."""
+    import torch.nn.functional as F
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    from p3quant.kernels.rope import apply_rotary
+    from p3quant.kernels.silu_mul import silu_mul
+
+    out = []
+    for dtype, b, t in ((torch.bfloat16, 1, 1), (torch.bfloat16, 4, 37), (torch.float16, 2, 300)):
+        q = (torch.randn(b, t, 32 * 128, device="cuda") * 4).to(dtype).view(b, t, 32, 128).transpose(1, 2)
+        k = (torch.randn(b, t, 8 * 128, device="cuda") * 4).to(dtype).view(b, t, 8, 128).transpose(1, 2)
+        ang = torch.rand(b, t, 64, device="cuda") * 4096
+        emb = torch.cat((ang, ang), dim=-1)
+        cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
+        (wq, wk), (gq, gk) = apply_rotary_pos_emb(q, k, cos, sin), apply_rotary(q, k, cos, sin)
+        ok = torch.equal(wq, gq) and torch.equal(wk, gk)
+        out.append(f"{'PASS' if ok else 'FAIL'} fused rotary bit-equal to transformers' {dtype} B={b} T={t}")
+    for m in (1, 8):
+        gate = (torch.randn(m, 14336, device="cuda") * 3).to(torch.bfloat16)
+        up = torch.randn(m, 14336, device="cuda").to(torch.bfloat16)
+        ulps = (silu_mul(gate, up).view(torch.int16).int() - (F.silu(gate) * up).view(torch.int16).int()).abs()
+        ok = ulps.max().item() <= 2 and (ulps > 0).float().mean().item() < 0.01
+        out.append(f"{'PASS' if ok else 'FAIL'} fused SiLU*up M={m}: max {ulps.max().item()} bf16 ulp, "
+                   f"{(ulps > 0).float().mean().item():.2%} of elements differ")
+    kv, _ = _cache(2, 8, 3000, 4, 128)
+    q = torch.randn(2, 32, 1, 128, device="cuda", dtype=torch.bfloat16)
+    f32 = p3_decode_attention(q, kv, None, 128**-0.5)
+    b16 = p3_decode_attention(q, kv, None, 128**-0.5, out_dtype=torch.bfloat16)
+    out.append(f"{'PASS' if torch.equal(b16, f32.to(torch.bfloat16)) else 'FAIL'} attention combine in bf16 == float32 result cast")
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
@@ -186,7 +220,8 @@ def main() -> None:
             fh.write(text + "\n")
         print(f"== {name} done", flush=True)
 
-    section("correctness", lambda: "\n".join(check_gemm() + check_attention() + check_second_gpu() + check_static_generate()))
+    section("correctness", lambda: "\n".join(check_gemm() + check_attention() + check_fused_ops() + check_second_gpu()
+                                              + check_static_generate()))
     import bench_decode_attention
     import bench_gemm
 

@@ -19,6 +19,7 @@ import triton.language as tl
 FP16_TINY = tl.constexpr(float(torch.finfo(torch.float16).tiny))
 FP16_MAX = tl.constexpr(float(torch.finfo(torch.float16).max))
 FP8_MAX = tl.constexpr(448.0)
+BF16_MAX = tl.constexpr(float(torch.finfo(torch.bfloat16).max))
 _RNE_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23: x + M - M rounds |x| < 2**22 to the nearest integer, ties to even
 
 
@@ -94,6 +95,15 @@ def round_minifloat(x, MAN_BITS: tl.constexpr, MIN_EXP: tl.constexpr, MAX_VALUE:
         steps = rne(steps)
     rounded = tl.minimum(steps * quantum, MAX_VALUE)
     return tl.where(x < 0, -rounded, rounded)
+
+
+@triton.jit
+def round_to_output(x, y_ptr):
+    """fp32 -> the 16-bit element type of y_ptr, round to nearest even. bf16 is rounded arithmetically first:
+    the interpreter's fp32 -> bf16 cast truncates (the GPU's rounds; both then agree)."""
+    if y_ptr.dtype.element_ty == tl.bfloat16:
+        x = round_minifloat(x, 7, -126, BF16_MAX, False)
+    return x.to(y_ptr.dtype.element_ty)
 
 
 @triton.jit

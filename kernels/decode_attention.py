@@ -15,7 +15,8 @@ query head and token, about a quarter of what re-reading the packed keys would c
    P' = P * (S_V / M) in UE4M4 (nearest-even or half-up, as fmt.prob_rounding; one division per token, and
    P = exp(s - max) * (1 / sum)), multiplies it with the centered value codes on tensor cores (fp16, exact)
    and scales by M; the residual split multiplies E4M4(P) with the 16-bit values.
-The split outputs are summed (they share one normaliser).
+The split outputs share one normaliser: _combine_kernel sums them in split order and writes the output in the
+caller's dtype (one launch instead of a reduction and a cast).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import triton.language as tl
 from p3quant.attention_math import QuantizedKV
 from p3quant.formats import Int4Tensor
 
-from .common import fp16_scale, FP16_TINY, FP8_MAX, interpreting, on_input_device, require_device, round_minifloat
+from .common import fp16_scale, FP16_TINY, FP8_MAX, interpreting, on_input_device, require_device, round_minifloat, round_to_output
 
 UE4M4_MAX = tl.constexpr(1.9375)
 _BLOCK_R = 16
@@ -226,6 +227,18 @@ def _pv_kernel(
     tl.store(out_base + 1, acc_odd, mask=g_mask[:, None] & d_mask[None, :])
 
 
+@triton.jit
+def _combine_kernel(part_ptr, out_ptr, S1, D, BLOCK_D: tl.constexpr):
+    """out[row] = sum of part[row, s] over the splits s in order, rounded once to out's dtype."""
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK_D)
+    mask = offs < D
+    total = tl.zeros([BLOCK_D], tl.float32)
+    for s in range(0, S1):
+        total += tl.load(part_ptr + (row * S1 + s) * D + offs, mask=mask, other=0.0)
+    tl.store(out_ptr + row * D + offs, round_to_output(total, out_ptr), mask=mask)
+
+
 def _num_sms(device: torch.device) -> int:
     if device.type != "cuda":
         return 4
@@ -252,8 +265,10 @@ def p3_decode_attention(
     prob_rounding: str = "nearest_even",
     block_t: int | None = None,
     num_splits: int | None = None,
+    out_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """Attention output [B, H, 1, D] (float32) for one query token per sequence over a P3 cache.
+    """Attention output [B, H, 1, D] (out_dtype: float32, or bf16 / fp16 rounded once from the fp32 sum) for one
+    query token per sequence over a P3 cache.
 
     query [B, H, 1, D]; kv: INT4 keys/values per (token, kv-head) (strided views allowed), smoothing
     [B, H_kv, 1, D] float32 or None, residual_keys/values [B, H_kv, R, D]; mask [B, n + R] bool (True =
@@ -263,6 +278,8 @@ def p3_decode_attention(
     no launch argument depends on the count, so the call can be captured in a CUDA graph.
     """
     what = "p3_decode_attention"
+    if out_dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise TypeError(f"{what}: out_dtype must be float32, bfloat16 or float16, got {out_dtype}")
     if query.dim() != 4 or query.shape[2] != 1:
         raise ValueError(f"{what}: query must be [B, H, 1, D], got {tuple(query.shape)}")
     if kv.dense_keys is not None or kv.dense_values is not None:
@@ -353,7 +370,9 @@ def p3_decode_attention(
         scores.stride(0), scores.stride(1),
         SP=triton.next_power_of_2(s1), HALF_UP=prob_rounding == "half_up", DEVICE_LEN=device_len, num_warps=4, **shape,
     )
-    return partial.sum(dim=1).view(bsz, heads, 1, d)
+    out = torch.empty((bsz, heads, 1, d), dtype=out_dtype, device=dev)
+    _combine_kernel[(bsz * heads,)](partial, out, s1, d, BLOCK_D=triton.next_power_of_2(d), num_warps=1)
+    return out
 
 
 def decode_mask(attention_mask: torch.Tensor | None, batch: int, total: int) -> torch.Tensor | None:

@@ -17,17 +17,18 @@ from .common import fp16_scale, on_input_device, require_device, rne
 
 
 @triton.jit
-def _int4_rows_kernel(
-    x_ptr, div_ptr, p_ptr, s_ptr, z_ptr, pos_ptr, ring_ptr, T, H, R,
+def _int4_rows(
+    x_ptr, div_ptr, p_ptr, s_ptr, z_ptr, pos_ptr, ring_ptr, T, H, R, t_block,
     s_xb, s_xh, s_xt, s_db, s_dh, s_pb, s_ph, s_pt, s_sb, s_sh, s_st, s_zb, s_zh, s_zt, s_rb, s_rh, s_rt,
     HALF_D: tl.constexpr, DH: tl.constexpr, BLOCK_T: tl.constexpr, HAS_DIV: tl.constexpr, AT_DEVICE_POS: tl.constexpr,
 ):
-    """AT_DEVICE_POS: row t goes to storage slot pos + t (pos read from pos_ptr, so the launch does not depend on
-    it and can be captured in a CUDA graph), and x itself also to the 16-bit ring slot (pos + t) % R."""
+    """Rows (b, h) = divmod(program_id(0), H), tokens t_block * BLOCK_T .. + BLOCK_T - 1. AT_DEVICE_POS: row t goes to storage slot pos + t (pos read from pos_ptr, so the launch
+    does not depend on it and can be captured in a CUDA graph), and x itself also to the 16-bit ring slot
+    (pos + t) % R."""
     pid = tl.program_id(0)
     b = pid // H
     h = pid % H
-    offs_t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_t = t_block * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_d = tl.arange(0, DH)
     t_mask = offs_t < T
     d_mask = offs_d < HALF_D
@@ -59,6 +60,37 @@ def _int4_rows_kernel(
     tl.store(p_ptr + b * s_pb + h * s_ph + out_t[:, None] * s_pt + offs_d[None, :], packed, mask=mask)
     tl.store(s_ptr + b * s_sb + h * s_sh + out_t * s_st, scale, mask=t_mask)
     tl.store(z_ptr + b * s_zb + h * s_zh + out_t * s_zt, zero.to(tl.uint8), mask=t_mask)
+
+
+
+
+@triton.jit
+def _int4_rows_kernel(
+    x_ptr, div_ptr, p_ptr, s_ptr, z_ptr, pos_ptr, ring_ptr, T, H, R,
+    s_xb, s_xh, s_xt, s_db, s_dh, s_pb, s_ph, s_pt, s_sb, s_sh, s_st, s_zb, s_zh, s_zt, s_rb, s_rh, s_rt,
+    HALF_D: tl.constexpr, DH: tl.constexpr, BLOCK_T: tl.constexpr, HAS_DIV: tl.constexpr, AT_DEVICE_POS: tl.constexpr,
+):
+    _int4_rows(x_ptr, div_ptr, p_ptr, s_ptr, z_ptr, pos_ptr, ring_ptr, T, H, R, tl.program_id(1),
+               s_xb, s_xh, s_xt, s_db, s_dh, s_pb, s_ph, s_pt, s_sb, s_sh, s_st, s_zb, s_zh, s_zt, s_rb, s_rh, s_rt,
+               HALF_D, DH, BLOCK_T, HAS_DIV, AT_DEVICE_POS)
+
+
+@triton.jit
+def _int4_kv_at_kernel(
+    k_ptr, div_ptr, kp_ptr, ks_ptr, kz_ptr, rk_ptr, v_ptr, vp_ptr, vs_ptr, vz_ptr, rv_ptr, pos_ptr, H, R,
+    s_kb, s_kh, s_db, s_dh, s_kpb, s_kph, s_kpt, s_ksb, s_ksh, s_kst, s_kzb, s_kzh, s_kzt, s_rkb, s_rkh, s_rkt,
+    s_vb, s_vh, s_vpb, s_vph, s_vpt, s_vsb, s_vsh, s_vst, s_vzb, s_vzh, s_vzt, s_rvb, s_rvh, s_rvt,
+    HALF_D: tl.constexpr, DH: tl.constexpr, HAS_DIV: tl.constexpr,
+):
+    """The decode token's key (axis 1 = 0, divided by the smoothing factor) and value (axis 1 = 1) rows."""
+    if tl.program_id(1) == 0:
+        _int4_rows(k_ptr, div_ptr, kp_ptr, ks_ptr, kz_ptr, pos_ptr, rk_ptr, 1, H, R, 0,
+                   s_kb, s_kh, 0, s_db, s_dh, s_kpb, s_kph, s_kpt, s_ksb, s_ksh, s_kst, s_kzb, s_kzh, s_kzt, s_rkb, s_rkh, s_rkt,
+                   HALF_D, DH, 1, HAS_DIV, True)
+    else:
+        _int4_rows(v_ptr, div_ptr, vp_ptr, vs_ptr, vz_ptr, pos_ptr, rv_ptr, 1, H, R, 0,
+                   s_vb, s_vh, 0, s_db, s_dh, s_vpb, s_vph, s_vpt, s_vsb, s_vsh, s_vst, s_vzb, s_vzh, s_vzt, s_rvb, s_rvh, s_rvt,
+                   HALF_D, DH, 1, False, True)
 
 
 @triton.jit
@@ -132,6 +164,20 @@ def quantize_int4_rows_into(
     _launch_rows(x, packed, scales, zeros, divisor)
 
 
+def _check_append_at(what: str, x: torch.Tensor, position: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor,
+                     zeros: torch.Tensor, ring: torch.Tensor) -> None:
+    if x.dim() != 4 or x.shape[-1] % 2 or not x.is_floating_point():
+        raise ValueError(f"{what}: input must be floating [B, H, T, D] with even D, got {tuple(x.shape)} {x.dtype}")
+    b, h, t, d = x.shape
+    if any(s.dim() != 4 for s in (packed, scales, zeros)) or not packed.shape[2] == scales.shape[2] == zeros.shape[2] >= t:
+        raise ValueError(f"{what}: storage must hold the same number (>= {t}) of slots in packed, scales and zeros")
+    _check_rows(what, x, packed[:, :, :t], scales[:, :, :t], zeros[:, :, :t])
+    if ring.dim() != 4 or tuple(ring.shape[:2]) != (b, h) or ring.shape[3] != d or ring.shape[2] < 1 or ring.dtype != x.dtype or ring.stride(-1) != 1:
+        raise ValueError(f"{what}: ring must be {x.dtype} [{b}, {h}, R >= 1, {d}] contiguous along D, got {ring.dtype} {tuple(ring.shape)}")
+    if position.shape != (1,) or position.dtype != torch.int64:
+        raise ValueError(f"{what}: position must be a [1] int64 tensor, got {position.dtype} {tuple(position.shape)}")
+
+
 @on_input_device
 def append_rows_at(
     x: torch.Tensor, position: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
@@ -143,18 +189,44 @@ def append_rows_at(
     slots (position + t) % R. Nothing depends on the position on the host, so the call can be captured in a
     CUDA graph. The caller keeps position + T within the storage."""
     what = "append_rows_at"
-    if x.dim() != 4 or x.shape[-1] % 2 or not x.is_floating_point():
-        raise ValueError(f"{what}: input must be floating [B, H, T, D] with even D, got {tuple(x.shape)} {x.dtype}")
-    b, h, t, d = x.shape
-    if any(s.dim() != 4 for s in (packed, scales, zeros)) or not packed.shape[2] == scales.shape[2] == zeros.shape[2] >= t:
-        raise ValueError(f"{what}: storage must hold the same number (>= {t}) of slots in packed, scales and zeros")
-    _check_rows(what, x, packed[:, :, :t], scales[:, :, :t], zeros[:, :, :t])
-    if ring.dim() != 4 or tuple(ring.shape[:2]) != (b, h) or ring.shape[3] != d or ring.shape[2] < 1 or ring.dtype != x.dtype or ring.stride(-1) != 1:
-        raise ValueError(f"{what}: ring must be {x.dtype} [{b}, {h}, R >= 1, {d}] contiguous along D, got {ring.dtype} {tuple(ring.shape)}")
-    if position.shape != (1,) or position.dtype != torch.int64:
-        raise ValueError(f"{what}: position must be a [1] int64 tensor, got {position.dtype} {tuple(position.shape)}")
+    _check_append_at(what, x, position, packed, scales, zeros, ring)
     require_device(what, x, packed, scales, zeros, ring, position, divisor)
     _launch_rows(x, packed, scales, zeros, divisor, position, ring)
+
+
+@on_input_device
+def append_kv_at(
+    keys: torch.Tensor, values: torch.Tensor, position: torch.Tensor, key_storage: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    value_storage: tuple[torch.Tensor, torch.Tensor, torch.Tensor], ring_keys: torch.Tensor, ring_values: torch.Tensor,
+    divisor: torch.Tensor | None = None,
+) -> None:
+    """append_rows_at for one decode token's keys (divided by `divisor`) and values [B, H, 1, D] in a single
+    launch; key_storage / value_storage are (packed, scales, zeros) as append_rows_at takes them."""
+    what = "append_kv_at"
+    if keys.shape != values.shape or keys.dim() != 4 or keys.shape[2] != 1:
+        raise ValueError(f"{what}: keys and values must both be [B, H, 1, D], got {tuple(keys.shape)} and {tuple(values.shape)}")
+    _check_append_at(what, keys, position, *key_storage, ring_keys)
+    _check_append_at(what, values, position, *value_storage, ring_values)
+    if ring_keys.shape != ring_values.shape:
+        raise ValueError(f"{what}: the key and value rings must have one shape, got {tuple(ring_keys.shape)} and {tuple(ring_values.shape)}")
+    b, h, _, d = keys.shape
+    if divisor is not None and (divisor.shape != (b, h, 1, d) or divisor.dtype != torch.float32 or divisor.stride(-1) != 1):
+        raise ValueError(f"{what}: divisor must be float32 [{b}, {h}, 1, {d}] contiguous along D, got {tuple(divisor.shape)} {divisor.dtype}")
+    require_device(what, keys, values, position, ring_keys, ring_values, divisor, *key_storage, *value_storage)
+    if keys.numel() == 0:
+        return
+    (kp, ks, kz), (vp, vs, vz) = key_storage, value_storage
+    div = divisor if divisor is not None else keys
+    _int4_kv_at_kernel[(b * h, 2)](
+        keys, div, kp, ks, kz, ring_keys, values, vp, vs, vz, ring_values, position, h, ring_keys.shape[2],
+        keys.stride(0), keys.stride(1), div.stride(0), div.stride(1), kp.stride(0), kp.stride(1), kp.stride(2),
+        ks.stride(0), ks.stride(1), ks.stride(2), kz.stride(0), kz.stride(1), kz.stride(2),
+        ring_keys.stride(0), ring_keys.stride(1), ring_keys.stride(2),
+        values.stride(0), values.stride(1), vp.stride(0), vp.stride(1), vp.stride(2),
+        vs.stride(0), vs.stride(1), vs.stride(2), vz.stride(0), vz.stride(1), vz.stride(2),
+        ring_values.stride(0), ring_values.stride(1), ring_values.stride(2),
+        HALF_D=d // 2, DH=triton.next_power_of_2(d // 2), HAS_DIV=divisor is not None, num_warps=1,
+    )
 
 
 @on_input_device

@@ -16,19 +16,9 @@ import triton
 import triton.language as tl
 
 from .act_quant import LAYOUT_CODES, code_positions, fp8_codes, remember_quantized
-from .common import FP8_MAX, fp16_scale, on_input_device, require_device, round_minifloat
+from .common import FP8_MAX, fp16_scale, on_input_device, require_device, round_to_output
 
 MAX_FEATURES = 16384  # one row per program, held in registers
-BF16_MAX = tl.constexpr(float(torch.finfo(torch.bfloat16).max))
-
-
-@triton.jit
-def _round_to_output(x, y_ptr):
-    """fp32 -> the output's 16-bit type, round to nearest even. bf16 is rounded arithmetically first: the
-    interpreter's fp32 -> bf16 cast truncates (the GPU's rounds; both then agree)."""
-    if y_ptr.dtype.element_ty == tl.bfloat16:
-        x = round_minifloat(x, 7, -126, BF16_MAX, False)
-    return x.to(y_ptr.dtype.element_ty)
 
 
 @triton.jit
@@ -39,9 +29,9 @@ def _rmsnorm_kernel(x_ptr, w_ptr, y_ptr, q_ptr, s_ptr, K, eps, stride_xm, stride
     mask = k < K
     x = tl.load(x_ptr + row * stride_xm + k, mask=mask, other=0.0).to(tl.float32)
     variance = tl.sum(x * x, axis=0) / K
-    normed = _round_to_output(x * tl.math.rsqrt(variance + eps), y_ptr)
+    normed = round_to_output(x * tl.math.rsqrt(variance + eps), y_ptr)
     w = tl.load(w_ptr + k, mask=mask, other=0.0)
-    y = _round_to_output(w.to(tl.float32) * normed.to(tl.float32), y_ptr)
+    y = round_to_output(w.to(tl.float32) * normed.to(tl.float32), y_ptr)
     tl.store(y_ptr + row * stride_ym + k, y, mask=mask)
     if LAYOUT != 0:
         yf = y.to(tl.float32)

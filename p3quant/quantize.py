@@ -10,6 +10,7 @@ from torch import nn
 from .config import P3Config
 from .nn.backends import get_backend
 from .nn.linear import P3Linear
+from .nn.mlp import fuse_mlps
 from .nn.norm import fuse_norms
 from .nn.patching import attach_attention, replace_linears, uses_p3_attention
 
@@ -35,6 +36,7 @@ def quantize(model: nn.Module, config: P3Config | None = None, calibration: Cali
             apply_awq(model, config, calibration, tokenizer)
         names = replace_linears(model, config)
         fuse_norms(model)
+        fuse_mlps(model)
     else:
         names = []
     if uses_p3_attention(config):

@@ -73,6 +73,9 @@ def test_decode_attention_matches_reference(monkeypatch, b, h, hkv, d, n, r, smo
     out = p3_decode_attention(q, kv, mask, 0.11, softcap, rounding, num_splits=splits)
     assert out.shape == (b, h, 1, d) and torch.isfinite(out).all()
     assert ((out - ref).norm() / ref.norm()).item() < TOL
+    # the split sum rounded once to the 16-bit type, as out.to(torch.bfloat16) rounds the float32 result
+    out16 = p3_decode_attention(q, kv, mask, 0.11, softcap, rounding, num_splits=splits, out_dtype=torch.bfloat16)
+    assert out16.dtype == torch.bfloat16 and torch.equal(out16, out.to(torch.bfloat16))
 
 
 def test_backend_routes_decode_and_prefill_with_hf_masks():
@@ -101,6 +104,8 @@ def test_decode_attention_rejects_bad_inputs():
         p3_decode_attention(torch.randn(1, 4, 2, 32), kv, None, 1.0)
     with pytest.raises(ValueError, match="multiple"):
         p3_decode_attention(torch.randn(1, 3, 1, 32), kv, None, 1.0)
+    with pytest.raises(TypeError, match="out_dtype"):
+        p3_decode_attention(q, kv, None, 1.0, out_dtype=torch.int8)
 
 
 @pytest.mark.parametrize("b,h,t,d", [(2, 3, 21, 40), (1, 2, 37, 128)])

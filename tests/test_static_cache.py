@@ -115,8 +115,9 @@ def test_greedy_decoder_steps_give_generate_tokens_and_stop_at_capacity():
 
 @pytest.mark.parametrize("residual_window", [1, 3])
 def test_fused_decode_append_equals_the_torch_path(monkeypatch, residual_window):
-    """The one-launch decode append (kernels.kv_append.append_rows_at: quantize into the device-side slot and copy
-    into the ring) leaves storage, ring and count exactly as the torch path (quantize_rows + index_copy_)."""
+    """The one-launch decode append (kernels.kv_append.append_kv_at: quantize keys and values into the device-side
+    slot and copy them into the rings) leaves storage, rings and count exactly as the torch path (quantize_rows +
+    index_copy_)."""
     from p3quant.nn import kv_cache
 
     gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, (1,))))
@@ -146,7 +147,7 @@ def test_fused_decode_append_equals_the_torch_path(monkeypatch, residual_window)
 
 
 def test_fused_decode_append_rejects_bad_storage():
-    from p3quant.kernels.kv_append import append_rows_at
+    from p3quant.kernels.kv_append import append_kv_at, append_rows_at
 
     x = torch.randn(1, 2, 1, 8)
     packed, scales, zeros = torch.zeros(1, 2, 4, 4, dtype=torch.uint8), torch.zeros(1, 2, 4, 1, dtype=torch.float16), torch.zeros(1, 2, 4, 1, dtype=torch.uint8)
@@ -157,3 +158,10 @@ def test_fused_decode_append_rejects_bad_storage():
         append_rows_at(x, pos.int(), packed, scales, zeros, ring)
     with pytest.raises(ValueError, match="same number"):
         append_rows_at(x, pos, packed, scales[:, :, :3], zeros, ring)
+    storage = (packed, scales, zeros)
+    with pytest.raises(ValueError, match="both be"):
+        append_kv_at(x, torch.randn(1, 2, 2, 8), pos, storage, storage, ring, ring)
+    with pytest.raises(ValueError, match="rings must have one shape"):
+        append_kv_at(x, x, pos, storage, storage, ring, torch.zeros(1, 2, 3, 8))
+    with pytest.raises(ValueError, match="divisor"):
+        append_kv_at(x, x, pos, storage, storage, ring, ring, torch.ones(1, 2, 1, 4))

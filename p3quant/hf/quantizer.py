@@ -50,10 +50,12 @@ class P3HfQuantizer(HfQuantizer):
         replace_linears(model, self.quantization_config.p3, names=self.quantization_config.modules, quantize=False)
 
     def _process_model_after_weight_loading(self, model, **kwargs):
+        from ..nn.mlp import fuse_mlps
         from ..nn.norm import fuse_norms
         from ..nn.patching import attach_attention, uses_p3_attention
 
         fuse_norms(model)
+        fuse_mlps(model)
         config = self.quantization_config.p3
         if uses_p3_attention(config):
             attach_attention(model, config)

@@ -58,7 +58,8 @@ class TritonBackend(Backend):
         total = kv.keys.packed.shape[2] if kv.length is not None else (
             (kv.keys.packed.shape[2] if kv.keys is not None else 0) + kv.residual_keys.shape[2])
         mask = decode_mask(attention_mask, query.shape[0], total)
-        return p3_decode_attention(query, kv, mask, scaling, softcap, fmt.prob_rounding)
+        out_dtype = query.dtype if query.dtype in (torch.bfloat16, torch.float16) else torch.float32
+        return p3_decode_attention(query, kv, mask, scaling, softcap, fmt.prob_rounding, out_dtype=out_dtype)
 
 
 register_backend("triton", TritonBackend)

@@ -78,6 +78,9 @@ class _Int4Store:
             ring.index_copy_(2, position % ring.shape[2], x)
         self.length += 1
 
+    def storage(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.packed, self.scales, self.zeros
+
     def view(self, head_dim: int, length: int | None = None) -> Int4Tensor:
         """The first `length` (default: all stored) tokens, as views."""
         length = self.length if length is None else length
@@ -120,6 +123,22 @@ def prompt_smoothing(keys: torch.Tensor, token_mask: torch.Tensor | None) -> tor
 def _use_append_kernel(x: torch.Tensor) -> bool:
     """The Triton KV-append kernel serves CUDA tensors whose rows are contiguous, when Triton is installed."""
     return x.is_cuda and x.stride(-1) == 1 and triton_available()
+
+
+def write_pair_at(key_store: _Int4Store, value_store: _Int4Store, position: torch.Tensor, keys: torch.Tensor,
+                  values: torch.Tensor, ring_keys: torch.Tensor, ring_values: torch.Tensor,
+                  divisor: torch.Tensor | None) -> None:
+    """_Int4Store.write_at for a decode token's keys (divided by `divisor`) and values: on CUDA one launch for
+    both (kernels.kv_append.append_kv_at), otherwise the two stores' own writes."""
+    if _use_append_kernel(keys) and keys.shape == values.shape and ring_keys.shape == ring_values.shape:
+        from ..kernels.kv_append import append_kv_at
+
+        append_kv_at(keys, values, position, key_store.storage(), value_store.storage(), ring_keys, ring_values, divisor)
+        key_store.length += 1
+        value_store.length += 1
+    else:
+        key_store.write_at(position, keys, ring_keys, divisor)
+        value_store.write_at(position, values, ring_values)
 
 
 def _grow(t: torch.Tensor, capacity: int) -> torch.Tensor:

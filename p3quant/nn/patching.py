@@ -11,6 +11,7 @@ from torch import nn
 
 from ..config import P3Config
 from .attention import ATTENTION_NAME, P3AttentionState, capture_rope, register_p3_attention
+from .fused_rope import attach_fused_rope
 from .kv_cache import P3Cache
 from .linear import P3Linear
 
@@ -88,6 +89,7 @@ def attach_attention(model: nn.Module, config: P3Config) -> None:
     for module in modules:
         if not hasattr(module, "p3_attention"):
             module.register_forward_pre_hook(capture_rope, with_kwargs=True)
+            attach_fused_rope(module)
         module.p3_attention = P3AttentionState(config, config.backend)
     if hasattr(model, "set_attn_implementation"):
         model.set_attn_implementation(ATTENTION_NAME)

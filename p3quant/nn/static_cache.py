@@ -20,7 +20,7 @@ from transformers.cache_utils import Cache
 
 from ..attention_math import QuantizedKV
 from ..config import P3Config
-from .kv_cache import P3Cache, P3CacheLayer, _Int4Store, prompt_smoothing
+from .kv_cache import P3Cache, P3CacheLayer, _Int4Store, prompt_smoothing, write_pair_at
 
 
 def check_static_config(config: P3Config) -> None:
@@ -108,8 +108,8 @@ class P3StaticCacheLayer(P3CacheLayer):
 
     def _commit_one(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         """One decode token at the device-side position: capturable in a CUDA graph."""
-        self.key_store.write_at(self.length_t, keys, self.ring_keys, self.smoothing)
-        self.value_store.write_at(self.length_t, values, self.ring_values)
+        write_pair_at(self.key_store, self.value_store, self.length_t, keys, values, self.ring_keys, self.ring_values,
+                      self.smoothing)
         self.length_t.add_(1)
 
     def quantized_kv(self, device_length: bool = False) -> QuantizedKV:

@@ -1,0 +1,82 @@
+"""The fused SiLU(gate) * up (kernels/silu_mul.py, P3GatedMLP) against transformers' MLP arithmetic, and its FP8
+hand-off to the down projection."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import p3quant
+from p3quant.kernels import act_quant
+from p3quant.kernels.silu_mul import silu_mul
+from p3quant.nn.mlp import P3GatedMLP
+
+
+def _ulps(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (a.view(torch.int16).int() - b.view(torch.int16).int()).abs()
+
+
+@pytest.mark.parametrize("m,k,layout,dtype", [(1, 384, "split", torch.bfloat16), (4, 200, "halves", torch.bfloat16),
+                                              (3, 96, None, torch.float16)])
+def test_silu_mul_matches_pytorch_and_quantizes_its_output(m, k, layout, dtype):
+    gate = (torch.randn(m, 1, k) * torch.logspace(-2, 1.5, k)).to(dtype)
+    up = (torch.randn(m, 1, k) * 3).to(dtype)
+    want = F.silu(gate) * up  # PyTorch rounds after the SiLU and after the product, as the kernel does
+    act_quant._last = None
+    got = silu_mul(gate, up, layout)
+    assert got.shape == want.shape and got.dtype == want.dtype
+    # the exponential may differ by an ulp, which can move the rounded SiLU by one ulp and the product by one more
+    ulps = _ulps(got, want)
+    assert ulps.max() <= 2 and (ulps > 0).float().mean() < 0.05
+    if layout is None:
+        assert act_quant._last is None
+        return
+    x2 = got.view(m, k)
+    codes, scales = act_quant.quantize_activation_once(got, x2, layout)  # must be the remembered entry
+    assert act_quant._last[0] is got
+    fresh_codes, fresh_scales = torch.empty_like(codes), torch.empty_like(scales)
+    act_quant._QUANTIZERS[layout][0](x2, fresh_codes, fresh_scales)
+    assert torch.equal(codes, fresh_codes) and torch.equal(scales, fresh_scales)
+
+
+def test_silu_mul_rejects_bad_inputs():
+    g = torch.randn(2, 64, dtype=torch.bfloat16)
+    with pytest.raises(TypeError, match="16-bit"):
+        silu_mul(g.float(), g.float())
+    with pytest.raises(TypeError, match="16-bit"):
+        silu_mul(g, g.half())
+    with pytest.raises(ValueError, match="one shape"):
+        silu_mul(g, g[:, :32])
+    with pytest.raises(ValueError, match="layout"):
+        silu_mul(g, g, "rows")
+
+
+def test_quantize_wraps_llama_mlps_and_triton_backend_uses_the_kernel(monkeypatch):
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=64, head_dim=16)
+    model = LlamaForCausalLM(config).eval().to(torch.bfloat16)
+    reference = LlamaForCausalLM(config).eval().to(torch.bfloat16)
+    reference.load_state_dict(model.state_dict())
+    p3quant.quantize(model, p3quant.P3Config.preset("ablation-a-fp8", weight_group_size=32))
+    p3quant.quantize(reference, p3quant.P3Config.preset("ablation-a-fp8", weight_group_size=32))
+    mlps = [m for m in model.modules() if isinstance(m, P3GatedMLP)]
+    assert len(mlps) == 2
+    assert set(model.state_dict()) == set(reference.state_dict())  # same keys: the projections kept their names
+    x = torch.randn(1, 1, 64, dtype=torch.bfloat16)
+    mlp = mlps[0]
+    with torch.no_grad():  # torch backend: exactly the unfused arithmetic
+        assert torch.equal(mlp(x), mlp.down_proj(mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)))
+    calls = []
+    import p3quant.kernels.silu_mul as silu_module
+
+    def spy(gate, up, layout):
+        calls.append(layout)
+        return F.silu(gate) * up
+
+    monkeypatch.setattr(silu_module, "silu_mul", spy)
+    p3quant.set_backend(model, "triton")
+    with torch.no_grad():
+        mlp(x)
+        assert calls == ["split"]  # W4A8 down projection, one token: the GEMV's layout
+        mlp(x.expand(3, 1, 64))
+        assert calls[-1] == "halves"
