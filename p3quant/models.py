@@ -126,6 +126,24 @@ def _one_gguf_parse() -> Iterator[None]:
         gguf.GGUFReader = original
 
 
+_PROBE_TEXT = "The capital of France is a city of art and history"
+
+
+def _check_tokenizer(name: str, tokenizer) -> None:
+    """Refuse a converted tokenizer that splits plain English into single characters: with transformers 5.17,
+    Gemma-3's GGUF tokenizer saves and reloads that way (the weights convert fine; 5.24 gets both right), and
+    the model would then read nothing but letters and answer nonsense."""
+    import transformers
+
+    pieces = len(tokenizer(_PROBE_TEXT, add_special_tokens=False)["input_ids"])
+    if pieces > len(_PROBE_TEXT.split()) * 2:
+        raise RuntimeError(
+            f"{name}: transformers {transformers.__version__} converted the GGUF tokenizer into {pieces} pieces for "
+            f"{len(_PROBE_TEXT)} characters of English (a character-level tokenizer), which would make the model "
+            "generate nonsense; upgrade transformers (5.24 converts it correctly: pip install -U transformers)"
+        )
+
+
 def _convert(name: str, source: ModelSource, target: Path) -> None:
     """GGUF -> dequantized FP32 safetensors + tokenizer in `target`, written atomically (temp folder + rename)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -147,6 +165,7 @@ def _convert(name: str, source: ModelSource, target: Path) -> None:
         out = scratch / "model"
         model.save_pretrained(out)
         tokenizer.save_pretrained(out)
+        _check_tokenizer(name, AutoTokenizer.from_pretrained(out))  # as load() will read it back
         provenance = {
             "name": name,
             "description": source.description,

@@ -115,3 +115,14 @@ def test_missing_package_gives_pip_command(monkeypatch, tmp_path):
 
 def _missing_part(name):
     raise importlib.metadata.PackageNotFoundError(name)
+
+
+def test_character_level_tokenizer_conversion_is_refused():
+    """transformers 5.17 saves Gemma-3's GGUF tokenizer as one that splits text into characters: refuse it."""
+    from p3quant import models
+
+    by_char = lambda text, add_special_tokens=False: {"input_ids": list(range(len(text)))}  # noqa: E731
+    by_word = lambda text, add_special_tokens=False: {"input_ids": list(range(len(text.split())))}  # noqa: E731
+    with pytest.raises(RuntimeError, match="character-level tokenizer.*upgrade transformers"):
+        models._check_tokenizer("gemma3-270m", by_char)
+    models._check_tokenizer("gemma3-270m", by_word)
