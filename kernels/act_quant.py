@@ -48,6 +48,18 @@ def fp8_codes(x, scale):
 
 
 @triton.jit
+def store_row_with_codes(y, y_row_ptr, q_row_ptr, s_ptr, row, k, mask, K, LAYOUT: tl.constexpr):
+    """Store a fused kernel's 16-bit output row y (at offsets k) and, with a LAYOUT, its per-token FP8 scale and
+    codes computed from the rounded values (bit-exact with _act_quant_kernel on y)."""
+    tl.store(y_row_ptr + k, y, mask=mask)
+    if LAYOUT != 0:
+        yf = y.to(tl.float32)
+        scale = fp16_scale(tl.math.div_rn(tl.max(tl.abs(yf), axis=0), FP8_MAX))
+        tl.store(s_ptr + row, scale)
+        tl.store(q_row_ptr + code_positions(k, K, LAYOUT), fp8_codes(yf, scale).to(q_row_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _act_quant_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, BLOCK_K: tl.constexpr, LAYOUT: tl.constexpr):
     """One row's scale and codes, stored as q's dtype (FP8, or fp16 / fp32 holding the same values exactly)."""
     row = tl.program_id(0)
@@ -137,6 +149,18 @@ def _reuse_key(source: torch.Tensor, x: torch.Tensor, layout: str) -> tuple | No
     except RuntimeError:  # inference tensors do not track versions
         return None
     return (version, layout, tuple(x.shape), x.device, _capturing(x.device))
+
+
+def code_buffers(layout: str | None, y: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """(LAYOUT code, codes, scales) for a fused kernel writing y [M, K] and, with a layout, its FP8 codes (the
+    buffers are y itself when there is none: the kernel then never touches them)."""
+    if layout is None:
+        return 0, y, y
+    if layout not in LAYOUT_CODES:
+        raise ValueError(f"layout must be one of {sorted(LAYOUT_CODES)} or None, got {layout!r}")
+    m, k = y.shape
+    codes = torch.empty((m, k), dtype=torch.float32 if layout == "split" else torch.float16, device=y.device)
+    return LAYOUT_CODES[layout], codes, torch.empty((m,), dtype=torch.float32, device=y.device)
 
 
 def remember_quantized(source: torch.Tensor, layout: str, codes: torch.Tensor, scales: torch.Tensor) -> None:

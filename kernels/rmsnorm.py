@@ -15,8 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .act_quant import LAYOUT_CODES, code_positions, fp8_codes, remember_quantized
-from .common import FP8_MAX, fp16_scale, on_input_device, require_device, round_to_output
+from .act_quant import code_buffers, remember_quantized, store_row_with_codes
+from .common import on_input_device, require_device, round_to_output
 
 MAX_FEATURES = 16384  # one row per program, held in registers
 
@@ -32,13 +32,7 @@ def _rmsnorm_kernel(x_ptr, w_ptr, y_ptr, q_ptr, s_ptr, K, eps, stride_xm, stride
     normed = round_to_output(x * tl.math.rsqrt(variance + eps), y_ptr)
     w = tl.load(w_ptr + k, mask=mask, other=0.0)
     y = round_to_output(w.to(tl.float32) * normed.to(tl.float32), y_ptr)
-    tl.store(y_ptr + row * stride_ym + k, y, mask=mask)
-    if LAYOUT != 0:
-        yf = y.to(tl.float32)
-        scale = fp16_scale(tl.math.div_rn(tl.max(tl.abs(yf), axis=0), FP8_MAX))
-        tl.store(s_ptr + row, scale)
-        tl.store(q_ptr + row * stride_qm + code_positions(k, K, LAYOUT), fp8_codes(yf, scale).to(q_ptr.dtype.element_ty),
-                 mask=mask)
+    store_row_with_codes(y, y_ptr + row * stride_ym, q_ptr + row * stride_qm, s_ptr, row, k, mask, K, LAYOUT)
 
 
 @on_input_device
@@ -52,17 +46,13 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, layout: str | No
     k = x.shape[-1]
     if weight.shape != (k,) or k > MAX_FEATURES or k % 8:
         raise ValueError(f"{what}: weight must be [{k}] with {k} <= {MAX_FEATURES} features, a multiple of 8; got {tuple(weight.shape)}")
-    if layout is not None and layout not in LAYOUT_CODES:
-        raise ValueError(f"{what}: layout must be one of {sorted(LAYOUT_CODES)} or None, got {layout!r}")
     x2 = x.reshape(-1, k)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     m = x2.shape[0]
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     y2 = y.view(m, k)
-    code = LAYOUT_CODES[layout] if layout is not None else 0
-    codes = torch.empty((m, k), dtype=torch.float32 if layout == "split" else torch.float16, device=x.device) if code else y2
-    scales = torch.empty((m,), dtype=torch.float32, device=x.device) if code else y2
+    code, codes, scales = code_buffers(layout, y2)
     if m:
         block = triton.next_power_of_2(k)
         _rmsnorm_kernel[(m,)](x2, weight, y2, codes, scales, k, float(eps), x2.stride(0), y2.stride(0), codes.stride(0),

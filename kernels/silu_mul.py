@@ -15,10 +15,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .act_quant import LAYOUT_CODES, code_positions, fp8_codes, remember_quantized
-from .common import FP8_MAX, fp16_scale, on_input_device, require_device, round_to_output
+from .act_quant import code_buffers, remember_quantized, store_row_with_codes
+from .common import on_input_device, require_device, round_to_output
 
-MAX_FEATURES = 32768  # one row per program, held in registers
+MAX_FEATURES = 16384  # one row per program, held in registers (wider MLPs take the unfused path)
 
 
 @triton.jit
@@ -31,13 +31,7 @@ def _silu_mul_kernel(g_ptr, u_ptr, y_ptr, q_ptr, s_ptr, K, stride_gm, stride_um,
     u = tl.load(u_ptr + row * stride_um + k, mask=mask, other=0.0).to(tl.float32)
     silu = round_to_output(tl.math.div_rn(g, 1.0 + tl.exp(-g)), y_ptr)
     y = round_to_output(silu.to(tl.float32) * u, y_ptr)
-    tl.store(y_ptr + row * stride_ym + k, y, mask=mask)
-    if LAYOUT != 0:
-        yf = y.to(tl.float32)
-        scale = fp16_scale(tl.math.div_rn(tl.max(tl.abs(yf), axis=0), FP8_MAX))
-        tl.store(s_ptr + row, scale)
-        tl.store(q_ptr + row * stride_qm + code_positions(k, K, LAYOUT), fp8_codes(yf, scale).to(q_ptr.dtype.element_ty),
-                 mask=mask)
+    store_row_with_codes(y, y_ptr + row * stride_ym, q_ptr + row * stride_qm, s_ptr, row, k, mask, K, LAYOUT)
 
 
 @on_input_device
@@ -52,17 +46,13 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor, layout: str | None = None) ->
     if up.shape != gate.shape or k > MAX_FEATURES or k % 8:
         raise ValueError(f"{what}: gate and up must have one shape [..., K] with K <= {MAX_FEATURES}, a multiple of 8; "
                          f"got {tuple(gate.shape)} and {tuple(up.shape)}")
-    if layout is not None and layout not in LAYOUT_CODES:
-        raise ValueError(f"{what}: layout must be one of {sorted(LAYOUT_CODES)} or None, got {layout!r}")
     g2, u2 = gate.reshape(-1, k), up.reshape(-1, k)
     g2 = g2 if g2.stride(-1) == 1 else g2.contiguous()
     u2 = u2 if u2.stride(-1) == 1 else u2.contiguous()
     m = g2.shape[0]
     y = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
     y2 = y.view(m, k)
-    code = LAYOUT_CODES[layout] if layout is not None else 0
-    codes = torch.empty((m, k), dtype=torch.float32 if layout == "split" else torch.float16, device=gate.device) if code else y2
-    scales = torch.empty((m,), dtype=torch.float32, device=gate.device) if code else y2
+    code, codes, scales = code_buffers(layout, y2)
     if m:
         block = triton.next_power_of_2(k)
         _silu_mul_kernel[(m,)](g2, u2, y2, codes, scales, k, g2.stride(0), u2.stride(0), y2.stride(0), codes.stride(0),

@@ -1,0 +1,25 @@
+"""Shared checks for the fused kernels that hand FP8 codes to the next W4A8 layer (act_quant.remember_quantized)."""
+
+import torch
+
+from p3quant.kernels import act_quant
+
+
+def ulps_16bit(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Distance in units in the last place between two 16-bit tensors of one dtype (same signs assumed)."""
+    return (a.view(torch.int16).int() - b.view(torch.int16).int()).abs()
+
+
+def assert_handoff(out: torch.Tensor, layout: str | None) -> None:
+    """A fused kernel's output `out` [..., K] left exactly act_quant's codes and scales of it in `layout` for the
+    next linear layer (and nothing without a layout)."""
+    if layout is None:
+        assert act_quant._last is None
+        return
+    k = out.shape[-1]
+    x2 = out.view(-1, k)
+    codes, scales = act_quant.quantize_activation_once(out, x2, layout)  # must be the remembered entry
+    assert act_quant._last[0] is out
+    fresh_codes, fresh_scales = torch.empty_like(codes), torch.empty_like(scales)
+    act_quant._QUANTIZERS[layout][0](x2, fresh_codes, fresh_scales)
+    assert torch.equal(codes, fresh_codes) and torch.equal(scales, fresh_scales)
