@@ -69,3 +69,19 @@ def test_quantize_wraps_llama_mlps_and_triton_backend_uses_the_kernel(monkeypatc
         assert calls == ["split"]  # W4A8 down projection, one token: the GEMV's layout
         mlp(x.expand(3, 1, 64))
         assert calls[-1] == "halves"
+
+
+def test_modules_with_accelerate_hooks_are_not_replaced():
+    """A dispatched model's hooks live on its modules: fusing would drop them, so those modules stay."""
+    from accelerate.hooks import ModelHook, add_hook_to_module
+
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=64, head_dim=16)
+    model = LlamaForCausalLM(config).eval()
+    hooked = model.model.layers[0]
+    add_hook_to_module(hooked.mlp, ModelHook())
+    add_hook_to_module(hooked.input_layernorm, ModelHook())
+    p3quant.quantize(model, p3quant.P3Config.preset("w4a8kv4p8", weight_group_size=32))
+    assert type(hooked.mlp).__name__ == "LlamaMLP" and hasattr(hooked.mlp, "_hf_hook")
+    assert type(hooked.input_layernorm).__name__ == "LlamaRMSNorm"
+    assert isinstance(model.model.layers[1].mlp, P3GatedMLP)

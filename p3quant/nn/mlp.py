@@ -39,11 +39,14 @@ class P3GatedMLP(nn.Module):
 
 
 def fuse_mlps(model: nn.Module) -> int:
-    """Replace the Llama-style SiLU MLPs whose three projections are P3Linear by P3GatedMLP; returns how many."""
+    """Replace the Llama-style SiLU MLPs whose three projections are P3Linear by P3GatedMLP; returns how many.
+    MLPs carrying an accelerate hook (device placement of a dispatched model) are left as they are: replacing
+    the module would drop the hook."""
     count = 0
     for parent in list(model.modules()):
         mlp = getattr(parent, "mlp", None)
-        if (type(mlp).__name__ in LLAMA_STYLE_MLPS and type(getattr(mlp, "act_fn", None)).__name__ in _SILU
+        if (type(mlp).__name__ in LLAMA_STYLE_MLPS and not hasattr(mlp, "_hf_hook")
+                and type(getattr(mlp, "act_fn", None)).__name__ in _SILU
                 and all(isinstance(getattr(mlp, name, None), P3Linear) for name in ("gate_proj", "up_proj", "down_proj"))):
             parent.mlp = P3GatedMLP(mlp)
             count += 1

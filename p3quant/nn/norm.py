@@ -46,13 +46,14 @@ class P3RMSNorm(nn.Module):
 
 def fuse_norms(model: nn.Module) -> int:
     """Wrap the input and post-attention norms of Llama-style decoder layers whose q_proj / gate_proj are
-    P3Linear in P3RMSNorm; returns how many were wrapped."""
+    P3Linear in P3RMSNorm; returns how many were wrapped. Norms carrying an accelerate hook (device placement of
+    a dispatched model) are left as they are: replacing the module would drop the hook."""
     count = 0
     for layer in model.modules():
         for norm_name, consumer in (("input_layernorm", getattr(getattr(layer, "self_attn", None), "q_proj", None)),
                                     ("post_attention_layernorm", getattr(getattr(layer, "mlp", None), "gate_proj", None))):
             norm = getattr(layer, norm_name, None)
-            if type(norm).__name__ in LLAMA_STYLE_NORMS and isinstance(consumer, P3Linear):
+            if type(norm).__name__ in LLAMA_STYLE_NORMS and isinstance(consumer, P3Linear) and not hasattr(norm, "_hf_hook"):
                 setattr(layer, norm_name, P3RMSNorm(norm, consumer))
                 count += 1
     return count
