@@ -15,8 +15,8 @@ query head and token, about a quarter of what re-reading the packed keys would c
    P' = P * (S_V / M) in UE4M4 (nearest-even or half-up, as fmt.prob_rounding; one division per token, and
    P = exp(s - max) * (1 / sum)), multiplies it with the centered value codes on tensor cores (fp16, exact)
    and scales by M; the residual split multiplies E4M4(P) with the 16-bit values.
-The split outputs share one normaliser: _combine_kernel sums them in split order and writes the output in the
-caller's dtype (one launch instead of a reduction and a cast).
+The split outputs share one normaliser: _combine_kernel sums them and writes the output in the caller's dtype
+(one launch instead of a reduction and a cast).
 """
 
 from __future__ import annotations
@@ -228,14 +228,19 @@ def _pv_kernel(
 
 
 @triton.jit
-def _combine_kernel(part_ptr, out_ptr, S1, D, BLOCK_D: tl.constexpr):
-    """out[row] = sum of part[row, s] over the splits s in order, rounded once to out's dtype."""
+def _combine_kernel(part_ptr, out_ptr, S1, D, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+    """out[row] = sum of part[row, s] over the splits s (BLOCK_S splits per load, so that a long context's many
+    splits cost a few dependent loads, not one each), rounded once to out's dtype."""
     row = tl.program_id(0).to(tl.int64)
+    offs_s = tl.arange(0, BLOCK_S)
     offs = tl.arange(0, BLOCK_D)
     mask = offs < D
     total = tl.zeros([BLOCK_D], tl.float32)
-    for s in range(0, S1):
-        total += tl.load(part_ptr + (row * S1 + s) * D + offs, mask=mask, other=0.0)
+    for s0 in range(0, S1, BLOCK_S):
+        splits = s0 + offs_s
+        tile = tl.load(part_ptr + (row * S1 + splits[:, None]) * D + offs[None, :],
+                       mask=(splits < S1)[:, None] & mask[None, :], other=0.0)
+        total += tl.sum(tile, axis=0)
     tl.store(out_ptr + row * D + offs, round_to_output(total, out_ptr), mask=mask)
 
 
@@ -371,7 +376,7 @@ def p3_decode_attention(
         SP=triton.next_power_of_2(s1), HALF_UP=prob_rounding == "half_up", DEVICE_LEN=device_len, num_warps=4, **shape,
     )
     out = torch.empty((bsz, heads, 1, d), dtype=out_dtype, device=dev)
-    _combine_kernel[(bsz * heads,)](partial, out, s1, d, BLOCK_D=triton.next_power_of_2(d), num_warps=1)
+    _combine_kernel[(bsz * heads,)](partial, out, s1, d, BLOCK_S=16, BLOCK_D=triton.next_power_of_2(d), num_warps=4)
     return out
 
 

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import triton
 
 from p3quant.attention_math import AttentionFormats, QuantizedKV, p3_attention_reference
 from p3quant.formats import Int4Tensor
@@ -147,3 +148,14 @@ def test_split_heuristic_covers_every_token():
     for splits in (None, 1, 2, 5, 100):
         out = decode_attention.p3_decode_attention(q, kv, None, 0.3, num_splits=splits, block_t=32)
         assert ((out - ref).norm() / ref.norm()).item() < TOL
+
+
+@pytest.mark.parametrize("splits,d,dtype", [(37, 40, torch.float32), (16, 128, torch.bfloat16), (3, 64, torch.float16)])
+def test_split_combine_sums_every_split(splits, d, dtype):
+    """_combine_kernel: sums [rows, splits, D] over the splits (several loads of 16 splits when there are many)
+    and rounds once to the output dtype."""
+    part = torch.randn(6, splits, d)
+    out = torch.full((6, d), float("nan"), dtype=dtype)
+    decode_attention._combine_kernel[(6,)](part, out, splits, d, BLOCK_S=16, BLOCK_D=triton.next_power_of_2(d))
+    want = part.double().sum(1)
+    assert torch.allclose(out.double(), want, rtol=2.0**-7 if dtype != torch.float32 else 1e-6, atol=1e-5)

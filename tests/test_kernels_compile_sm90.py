@@ -56,7 +56,7 @@ out["silu_mul"] = compile_ptx(silu_mul._silu_mul_kernel, ["*bf16", "*bf16", "*bf
                               dict(BLOCK_K=16384, LAYOUT=1), divisible=("K", "stride_gm", "stride_um", "stride_ym", "stride_qm"),
                               num_warps=16)
 out["rope"] = compile_ptx(rope._rope_kernel, ["*bf16"] * 6 + ["i32"] * 17, dict(D=128, HP=32, HKVP=8, DP=128), num_warps=4)
-out["combine"] = compile_ptx(decode_attention._combine_kernel, ["*fp32", "*bf16", "i32", "i32"], dict(BLOCK_D=128), num_warps=1)
+out["combine"] = compile_ptx(decode_attention._combine_kernel, ["*fp32", "*bf16", "i32", "i32"], dict(BLOCK_S=16, BLOCK_D=128), num_warps=4)
 out["kv_at"] = compile_ptx(kv_append._int4_kv_at_kernel, ["*bf16", "*fp32", "*u8", "*fp16", "*u8", "*bf16", "*bf16", "*u8", "*fp16",
                                                            "*u8", "*bf16", "*i64"] + ["i32"] * 32,
                            dict(HALF_D=64, DH=64, HAS_DIV=True), num_warps=1)
