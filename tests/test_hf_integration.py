@@ -36,6 +36,9 @@ def _tiny(arch: str) -> nn.Module:
         ))
     else:
         raise ValueError(arch)
+    # generate() must not stop early: random weights can draw EOS first, which would shorten one call's output
+    # (or end a row alone but pad it in a batch; seen: seed 3644239127)
+    model.generation_config.eos_token_id = None
     return model.eval()
 
 
