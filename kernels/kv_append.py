@@ -22,9 +22,9 @@ def _int4_rows(
     s_xb, s_xh, s_xt, s_db, s_dh, s_pb, s_ph, s_pt, s_sb, s_sh, s_st, s_zb, s_zh, s_zt, s_rb, s_rh, s_rt,
     HALF_D: tl.constexpr, DH: tl.constexpr, BLOCK_T: tl.constexpr, HAS_DIV: tl.constexpr, AT_DEVICE_POS: tl.constexpr,
 ):
-    """Rows (b, h) = divmod(program_id(0), H), tokens t_block * BLOCK_T .. + BLOCK_T - 1. AT_DEVICE_POS: row t goes to storage slot pos + t (pos read from pos_ptr, so the launch
-    does not depend on it and can be captured in a CUDA graph), and x itself also to the 16-bit ring slot
-    (pos + t) % R."""
+    """Rows (b, h) = divmod(program_id(0), H), tokens t_block * BLOCK_T .. + BLOCK_T - 1. AT_DEVICE_POS: row t
+    goes to storage slot pos + t (pos read from pos_ptr, so the launch does not depend on it and can be captured
+    in a CUDA graph), and x itself also to the 16-bit ring slot (pos + t) % R."""
     pid = tl.program_id(0)
     b = pid // H
     h = pid % H
@@ -62,17 +62,16 @@ def _int4_rows(
     tl.store(z_ptr + b * s_zb + h * s_zh + out_t * s_zt, zero.to(tl.uint8), mask=t_mask)
 
 
-
-
 @triton.jit
 def _int4_rows_kernel(
-    x_ptr, div_ptr, p_ptr, s_ptr, z_ptr, pos_ptr, ring_ptr, T, H, R,
-    s_xb, s_xh, s_xt, s_db, s_dh, s_pb, s_ph, s_pt, s_sb, s_sh, s_st, s_zb, s_zh, s_zt, s_rb, s_rh, s_rt,
-    HALF_D: tl.constexpr, DH: tl.constexpr, BLOCK_T: tl.constexpr, HAS_DIV: tl.constexpr, AT_DEVICE_POS: tl.constexpr,
+    x_ptr, div_ptr, p_ptr, s_ptr, z_ptr, T, H,
+    s_xb, s_xh, s_xt, s_db, s_dh, s_pb, s_ph, s_pt, s_sb, s_sh, s_st, s_zb, s_zh, s_zt,
+    HALF_D: tl.constexpr, DH: tl.constexpr, BLOCK_T: tl.constexpr, HAS_DIV: tl.constexpr,
 ):
-    _int4_rows(x_ptr, div_ptr, p_ptr, s_ptr, z_ptr, pos_ptr, ring_ptr, T, H, R, tl.program_id(1),
-               s_xb, s_xh, s_xt, s_db, s_dh, s_pb, s_ph, s_pt, s_sb, s_sh, s_st, s_zb, s_zh, s_zt, s_rb, s_rh, s_rt,
-               HALF_D, DH, BLOCK_T, HAS_DIV, AT_DEVICE_POS)
+    """Rows at their own token positions (prefill, dynamic cache): no ring, no device position."""
+    _int4_rows(x_ptr, div_ptr, p_ptr, s_ptr, z_ptr, x_ptr, x_ptr, T, H, 1, tl.program_id(1),
+               s_xb, s_xh, s_xt, s_db, s_dh, s_pb, s_ph, s_pt, s_sb, s_sh, s_st, s_zb, s_zh, s_zt, 0, 0, 0,
+               HALF_D, DH, BLOCK_T, HAS_DIV, False)
 
 
 @triton.jit
@@ -130,25 +129,9 @@ def _check_rows(what: str, x: torch.Tensor, packed: torch.Tensor, scales: torch.
         raise ValueError(f"{what}: input and packed storage must be contiguous along head_dim")
 
 
-def _launch_rows(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                 divisor: torch.Tensor | None, position: torch.Tensor | None = None, ring: torch.Tensor | None = None) -> None:
-    b, h, t, d = x.shape
+def _check_divisor(what: str, divisor: torch.Tensor | None, b: int, h: int, d: int) -> None:
     if divisor is not None and (divisor.shape != (b, h, 1, d) or divisor.dtype != torch.float32 or divisor.stride(-1) != 1):
-        raise ValueError(f"KV append: divisor must be float32 [{b}, {h}, 1, {d}] contiguous along D, got {tuple(divisor.shape)} {divisor.dtype}")
-    if x.numel() == 0:
-        return
-    div = divisor if divisor is not None else x
-    at_pos = position is not None
-    ring_arg = ring if at_pos else x
-    block_t = 16
-    _int4_rows_kernel[(b * h, triton.cdiv(t, block_t))](
-        x, div, packed, scales, zeros, position if at_pos else x, ring_arg, t, h, ring_arg.shape[2],
-        x.stride(0), x.stride(1), x.stride(2), div.stride(0), div.stride(1),
-        packed.stride(0), packed.stride(1), packed.stride(2), scales.stride(0), scales.stride(1), scales.stride(2),
-        zeros.stride(0), zeros.stride(1), zeros.stride(2), ring_arg.stride(0), ring_arg.stride(1), ring_arg.stride(2),
-        HALF_D=d // 2, DH=triton.next_power_of_2(d // 2), BLOCK_T=block_t, HAS_DIV=divisor is not None,
-        AT_DEVICE_POS=at_pos, num_warps=4,
-    )
+        raise ValueError(f"{what}: divisor must be float32 [{b}, {h}, 1, {d}] contiguous along D, got {tuple(divisor.shape)} {divisor.dtype}")
 
 
 @on_input_device
@@ -160,8 +143,20 @@ def quantize_int4_rows_into(
     uint8 in place. The outputs may be strided views into preallocated cache storage."""
     what = "quantize_int4_rows_into"
     _check_rows(what, x, packed, scales, zeros)
+    b, h, t, d = x.shape
+    _check_divisor(what, divisor, b, h, d)
     require_device(what, x, packed, scales, zeros, divisor)
-    _launch_rows(x, packed, scales, zeros, divisor)
+    if x.numel() == 0:
+        return
+    div = divisor if divisor is not None else x
+    block_t = 16
+    _int4_rows_kernel[(b * h, triton.cdiv(t, block_t))](
+        x, div, packed, scales, zeros, t, h,
+        x.stride(0), x.stride(1), x.stride(2), div.stride(0), div.stride(1),
+        packed.stride(0), packed.stride(1), packed.stride(2), scales.stride(0), scales.stride(1), scales.stride(2),
+        zeros.stride(0), zeros.stride(1), zeros.stride(2),
+        HALF_D=d // 2, DH=triton.next_power_of_2(d // 2), BLOCK_T=block_t, HAS_DIV=divisor is not None, num_warps=4,
+    )
 
 
 def _check_append_at(what: str, x: torch.Tensor, position: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor,
@@ -179,29 +174,17 @@ def _check_append_at(what: str, x: torch.Tensor, position: torch.Tensor, packed:
 
 
 @on_input_device
-def append_rows_at(
-    x: torch.Tensor, position: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-    ring: torch.Tensor, divisor: torch.Tensor | None = None,
-) -> None:
-    """The static cache's decode append in one launch: x [B, H, T, D] quantized as quantize_int4_rows_into into
-    storage slots position .. position + T - 1 (packed [B, H, capacity, D/2], scales / zeros [B, H, capacity, 1];
-    position a [1] int64 device tensor, read by the kernel), and x itself into the 16-bit ring [B, H, R, D] at
-    slots (position + t) % R. Nothing depends on the position on the host, so the call can be captured in a
-    CUDA graph. The caller keeps position + T within the storage."""
-    what = "append_rows_at"
-    _check_append_at(what, x, position, packed, scales, zeros, ring)
-    require_device(what, x, packed, scales, zeros, ring, position, divisor)
-    _launch_rows(x, packed, scales, zeros, divisor, position, ring)
-
-
-@on_input_device
 def append_kv_at(
     keys: torch.Tensor, values: torch.Tensor, position: torch.Tensor, key_storage: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
     value_storage: tuple[torch.Tensor, torch.Tensor, torch.Tensor], ring_keys: torch.Tensor, ring_values: torch.Tensor,
     divisor: torch.Tensor | None = None,
 ) -> None:
-    """append_rows_at for one decode token's keys (divided by `divisor`) and values [B, H, 1, D] in a single
-    launch; key_storage / value_storage are (packed, scales, zeros) as append_rows_at takes them."""
+    """The static cache's decode append in one launch: one token's keys (divided by `divisor` [B, H, 1, D] float32)
+    and values [B, H, 1, D] quantized as quantize_int4_rows_into into storage slot `position` (a [1] int64 device
+    tensor, read by the kernel) of key_storage / value_storage = (packed [B, H, capacity, D/2], scales and zeros
+    [B, H, capacity, 1]), and the 16-bit tokens themselves into the rings [B, H, R, D] at slot position % R.
+    Nothing depends on the position on the host, so the call can be captured in a CUDA graph. The caller keeps
+    the position within the storage."""
     what = "append_kv_at"
     if keys.shape != values.shape or keys.dim() != 4 or keys.shape[2] != 1:
         raise ValueError(f"{what}: keys and values must both be [B, H, 1, D], got {tuple(keys.shape)} and {tuple(values.shape)}")
@@ -210,8 +193,7 @@ def append_kv_at(
     if ring_keys.shape != ring_values.shape:
         raise ValueError(f"{what}: the key and value rings must have one shape, got {tuple(ring_keys.shape)} and {tuple(ring_values.shape)}")
     b, h, _, d = keys.shape
-    if divisor is not None and (divisor.shape != (b, h, 1, d) or divisor.dtype != torch.float32 or divisor.stride(-1) != 1):
-        raise ValueError(f"{what}: divisor must be float32 [{b}, {h}, 1, {d}] contiguous along D, got {tuple(divisor.shape)} {divisor.dtype}")
+    _check_divisor(what, divisor, b, h, d)
     require_device(what, keys, values, position, ring_keys, ring_values, divisor, *key_storage, *value_storage)
     if keys.numel() == 0:
         return

@@ -147,18 +147,18 @@ def test_fused_decode_append_equals_the_torch_path(monkeypatch, residual_window)
 
 
 def test_fused_decode_append_rejects_bad_storage():
-    from p3quant.kernels.kv_append import append_kv_at, append_rows_at
+    from p3quant.kernels.kv_append import append_kv_at
 
     x = torch.randn(1, 2, 1, 8)
     packed, scales, zeros = torch.zeros(1, 2, 4, 4, dtype=torch.uint8), torch.zeros(1, 2, 4, 1, dtype=torch.float16), torch.zeros(1, 2, 4, 1, dtype=torch.uint8)
     ring, pos = torch.zeros(1, 2, 2, 8), torch.zeros(1, dtype=torch.int64)
-    with pytest.raises(ValueError, match="ring must be"):
-        append_rows_at(x, pos, packed, scales, zeros, ring.to(torch.float16))
-    with pytest.raises(ValueError, match="position must be"):
-        append_rows_at(x, pos.int(), packed, scales, zeros, ring)
-    with pytest.raises(ValueError, match="same number"):
-        append_rows_at(x, pos, packed, scales[:, :, :3], zeros, ring)
     storage = (packed, scales, zeros)
+    with pytest.raises(ValueError, match="ring must be"):
+        append_kv_at(x, x, pos, storage, storage, ring.to(torch.float16), ring.to(torch.float16))
+    with pytest.raises(ValueError, match="position must be"):
+        append_kv_at(x, x, pos.int(), storage, storage, ring, ring)
+    with pytest.raises(ValueError, match="same number"):
+        append_kv_at(x, x, pos, (packed, scales[:, :, :3], zeros), storage, ring, ring)
     with pytest.raises(ValueError, match="both be"):
         append_kv_at(x, torch.randn(1, 2, 2, 8), pos, storage, storage, ring, ring)
     with pytest.raises(ValueError, match="rings must have one shape"):

@@ -31,7 +31,6 @@ def _fused(original: Callable) -> Callable:
             return apply_rotary(q, k, cos, sin)
         return original(q, k, cos, sin, *args, **kwargs)
 
-    apply_rotary_pos_emb.p3_fused = True
     return apply_rotary_pos_emb
 
 
@@ -43,9 +42,9 @@ def _install(module: nn.Module, args: tuple, kwargs: dict) -> None:
         return
     name = type(module).__module__
     namespace = sys.modules[name].__dict__
-    if name not in _ORIGINALS:
+    if name not in _ORIGINALS:  # first call: the name still holds transformers' function (hooks always restore it)
         current = namespace.get("apply_rotary_pos_emb")
-        if current is None or getattr(current, "p3_fused", False):
+        if current is None:
             return
         _ORIGINALS[name], _FUSED[name] = current, _fused(current)
     namespace["apply_rotary_pos_emb"] = _FUSED[name]

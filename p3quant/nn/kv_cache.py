@@ -63,19 +63,12 @@ class _Int4Store:
 
     def write_at(self, position: torch.Tensor, x: torch.Tensor, ring: torch.Tensor, divisor: torch.Tensor | None = None) -> None:
         """Quantize one token per row, x [B, H, 1, D], into the slot at `position` ([1] int64 on x's device), and
-        put x itself into the 16-bit ring [B, H, R, D] at slot position % R.
-
-        The index stays on the device, so the write can be captured in a CUDA graph. On CUDA it is one launch
-        (kernels.kv_append.append_rows_at) instead of a quantize kernel and four index copies.
-        """
-        if _use_append_kernel(x):
-            from ..kernels.kv_append import append_rows_at
-
-            append_rows_at(x, position, self.packed, self.scales, self.zeros, ring, divisor)
-        else:
-            for storage, rows in zip((self.packed, self.scales, self.zeros), quantize_rows(x, divisor)):
-                storage.index_copy_(2, position, rows)
-            ring.index_copy_(2, position % ring.shape[2], x)
+        put x itself into the 16-bit ring [B, H, R, D] at slot position % R (PyTorch ops; write_pair_at uses one
+        kernel launch for keys and values together on CUDA). The index stays on the device, so the write can be
+        captured in a CUDA graph."""
+        for storage, rows in zip((self.packed, self.scales, self.zeros), quantize_rows(x, divisor)):
+            storage.index_copy_(2, position, rows)
+        ring.index_copy_(2, position % ring.shape[2], x)
         self.length += 1
 
     def storage(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
