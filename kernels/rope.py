@@ -4,6 +4,9 @@ HF computes q * cos + rotate_half(q) * sin (and the same for k) as about ten sma
 negation, concatenation, sums); in a decode step that is a third of a layer's launches. This kernel does the same
 16-bit arithmetic per element, rounding after each product and after the sum as PyTorch's 16-bit ops do (the
 products of two 16-bit values are exact in fp32, so each rounding equals PyTorch's): the result is identical.
+The products are rounded arithmetically (common.round_minifloat), not by casts: from fp16 casts the compiler
+narrows the ops to fp16 and contracts product and sum into one fp16 FMA, which skips a rounding (seen on an H200:
+the fp16 result differed from transformers' where bf16 matched).
 """
 
 from __future__ import annotations
@@ -12,7 +15,16 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import interpreting, on_input_device, round_to_output
+from .common import BF16_MAX, FP16_MAX, interpreting, on_input_device, round_minifloat, round_to_output
+
+
+@triton.jit
+def _rounded_product(a, b, y_ptr):
+    """a * b rounded to y's 16-bit type, kept in fp32 (see the module docstring for why not by a cast)."""
+    if y_ptr.dtype.element_ty == tl.bfloat16:
+        return round_minifloat(a * b, 7, -126, BF16_MAX, False)
+    else:
+        return round_minifloat(a * b, 10, -14, FP16_MAX, False)
 
 
 @triton.jit
@@ -26,8 +38,8 @@ def _rotate_rows(x_ptr, y_ptr, c, s, b, t, heads, s_xb, s_xh, s_xt, s_yb, s_yh, 
     x = tl.load(row + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
     partner = tl.load(row + ((offs_d + D // 2) % D)[None, :], mask=mask, other=0.0).to(tl.float32)
     rotated = tl.where((offs_d < D // 2)[None, :], -partner, partner)  # rotate_half: cat(-x2, x1)
-    first = round_to_output(x * c[None, :], y_ptr).to(tl.float32)
-    second = round_to_output(rotated * s[None, :], y_ptr).to(tl.float32)
+    first = _rounded_product(x, c[None, :], y_ptr)
+    second = _rounded_product(rotated, s[None, :], y_ptr)
     tl.store(y_ptr + b * s_yb + offs_h[:, None] * s_yh + t * s_yt + offs_d[None, :], round_to_output(first + second, y_ptr),
              mask=mask)
 
