@@ -91,14 +91,6 @@ def quantize_activation_fp8_halves(x: torch.Tensor, codes: torch.Tensor, scales:
 
 
 @on_input_device
-def quantize_activation_fp8_halves_e4m3(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> None:
-    """Hot-path variant for the FP8 tensor-core decode GEMV (no checks; callers validate): x [M, K] (K % 8 == 0,
-    unit stride) -> codes float8_e4m3fn [M, K] in half-plane order (see quantize_activation_fp8_halves), scales
-    fp32 [M]."""
-    _quantize_into(x, codes, scales, _HALVES)
-
-
-@on_input_device
 def quantize_activation_fp8_split(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> None:
     """Hot-path variant for the decode GEMV (no checks; callers validate): x [M, K] (K % 8 == 0, unit stride)
     -> codes fp32 [M, K] de-interleaved by k % 8: code k at (k % 8) * (K // 8) + k // 8 (exact E4M3 values),
@@ -136,7 +128,6 @@ def halves_16bit(x: torch.Tensor, out: torch.Tensor, scales: torch.Tensor) -> No
 
 _QUANTIZERS = {"split": (quantize_activation_fp8_split, torch.float32),
                "halves": (quantize_activation_fp8_halves, torch.float16),
-               "halves_e4m3": (quantize_activation_fp8_halves_e4m3, torch.float8_e4m3fn),
                "halves_bf16": (halves_16bit, torch.bfloat16), "halves_fp16": (halves_16bit, torch.float16)}
 # The previous decode-sized input and its quantized form, (source, key, (codes, scales)): one tuple replaced in a
 # single assignment, so concurrent callers never mix entries (see quantize_activation_once).
@@ -149,9 +140,7 @@ def _capturing(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
-# FP8 layouts by name, for kernels that quantize on the fly: (LAYOUT code, dtype holding the codes)
-LAYOUT_CODES = {"split": (_SPLIT, torch.float32), "halves": (_HALVES, torch.float16),
-                "halves_e4m3": (_HALVES, torch.float8_e4m3fn)}
+LAYOUT_CODES = {"split": _SPLIT, "halves": _HALVES}  # FP8 layouts by name, for kernels that quantize on the fly
 
 
 def _reuse_key(source: torch.Tensor, x: torch.Tensor, layout: str) -> tuple | None:
@@ -170,9 +159,8 @@ def code_buffers(layout: str | None, y: torch.Tensor) -> tuple[int, torch.Tensor
     if layout not in LAYOUT_CODES:
         raise ValueError(f"layout must be one of {sorted(LAYOUT_CODES)} or None, got {layout!r}")
     m, k = y.shape
-    code, dtype = LAYOUT_CODES[layout]
-    codes = torch.empty((m, k), dtype=dtype, device=y.device)
-    return code, codes, torch.empty((m,), dtype=torch.float32, device=y.device)
+    codes = torch.empty((m, k), dtype=torch.float32 if layout == "split" else torch.float16, device=y.device)
+    return LAYOUT_CODES[layout], codes, torch.empty((m,), dtype=torch.float32, device=y.device)
 
 
 def remember_quantized(source: torch.Tensor, layout: str, codes: torch.Tensor, scales: torch.Tensor) -> None:
@@ -185,7 +173,7 @@ def remember_quantized(source: torch.Tensor, layout: str, codes: torch.Tensor, s
 
 def quantize_activation_once(source: torch.Tensor, x: torch.Tensor, layout: str) -> tuple[torch.Tensor, torch.Tensor]:
     """FP8 codes and token scales of x (= `source` viewed as [M, K]) in `layout` ("split" for the GEMV, "halves"
-    for the small-M kernel, "halves_e4m3" for the FP8 tensor-core GEMV; "halves_bf16" / "halves_fp16": W4A16's unquantized activations in that order, scales
+    for the small-M kernel; "halves_bf16" / "halves_fp16": W4A16's unquantized activations in that order, scales
     unused), reusing the previous call's result when it quantized the same tensor unchanged.
 
     The q/k/v projections (and gate/up) of a decoder layer receive one hidden-state tensor; quantizing it once

@@ -31,7 +31,6 @@ from p3quant.formats import BitMoDTensor, Int4Tensor
 from .act_quant import quantize_activation_fp8, quantize_activation_once
 from .common import bitmod_special2, clamped_rows, decode_tables, decode_w4, decode_word16, dot16, fp8_dot_supported, interpreting, on_input_device, require_device
 from .dequant_w4 import dequantize_w4
-from .gemv_fp8 import MAX_M as FP8_GEMV_MAX_M, SUPPORTED_GROUPS as FP8_GEMV_GROUPS, gemv_fp8
 from .w4_mma import rows_epilogue, w4_mma_matmul
 
 SUPPORTED_GROUPS = (32, 64, 128)
@@ -323,9 +322,6 @@ def _cfg(num_warps: int, num_stages: int, **kw: int) -> triton.Config:
 GEMV_OVERRIDE: tuple[int, int, int, int] | None = None
 # inline-PTX decode in the GEMV and the small-M kernel; checks switch it off to compare with the pure-Triton decode
 GEMV_USE_ASM = True
-# W4A8 with M <= 8 and groups of 64 or 128 on GPUs with FP8 tensor cores: the FP8 tensor-core GEMV (gemv_fp8.py);
-# False restores the CUDA-core GEMV (M = 1) and the small-M kernel, which benchmarks/bench_decode_gemm.py times.
-GEMV_FP8 = True
 
 
 def _gemv_config(n: int) -> tuple[int, int, int, int]:
@@ -422,18 +418,11 @@ def _prepared(weight: BitMoDTensor | Int4Tensor, what: str) -> _Prepared:
     return prep
 
 
-def _uses_gemv_fp8(m: int, group: int, device: torch.device) -> bool:
-    return GEMV_FP8 and m <= FP8_GEMV_MAX_M and group in FP8_GEMV_GROUPS and fp8_dot_supported(device)
-
-
-def activation_layout(m: int, activation_format: str, group: int, device: torch.device) -> str | None:
-    """The FP8 code layout w4_matmul quantizes M rows into for W4A8 with weight group size `group` on `device`
-    (act_quant: "halves_e4m3" for the FP8 tensor-core GEMV, "split" for the CUDA-core GEMV, "halves" for the
-    small-M kernel), or None where it quantizes in plain order or not at all."""
+def activation_layout(m: int, activation_format: str) -> str | None:
+    """The FP8 code layout w4_matmul quantizes M rows into for W4A8 (act_quant: "split" for the M = 1 GEMV,
+    "halves" for the small-M kernel), or None where it quantizes in plain order or not at all."""
     if activation_format != "fp8_e4m3":
         return None
-    if _uses_gemv_fp8(m, group, device):
-        return "halves_e4m3"
     return "halves" if MMA_MIN_M <= m <= MMA_MAX_M else "split" if m == 1 else None  # w4_matmul's order
 
 
@@ -501,19 +490,15 @@ def w4_matmul(
     a_fp8 = activation_format == "fp8_e4m3"
     is_bitmod, packed, scales, aux = prep.is_bitmod, prep.packed, prep.scales, prep.aux
     bias_arg = bias if bias is not None else scales
-    if a_fp8 and _uses_gemv_fp8(m, prep.group, x.device):
-        a, xs = quantize_activation_once(x, x2, "halves_e4m3")
-        gemv_fp8(a, xs, prep.words, scales, aux, bias, y, prep.group, is_bitmod, GEMV_USE_ASM and not interp)
-        return y.reshape(*lead, n)
     if MMA_MIN_M <= m <= MMA_MAX_M:
-        layout = activation_layout(m, activation_format, prep.group, x.device) or ("halves_fp16" if x2.dtype == torch.float16 else "halves_bf16")
+        layout = activation_layout(m, activation_format) or ("halves_fp16" if x2.dtype == torch.float16 else "halves_bf16")
         a, xs = quantize_activation_once(x, x2, layout)
         w4_mma_matmul(a, xs if a_fp8 else None, prep.words, scales, aux, bias, y, prep.group, is_bitmod,
                       GEMV_USE_ASM and not interp)
         return y.reshape(*lead, n)
     if m == 1:  # decode GEMV: fixed launch parameters, no autotuner
         if a_fp8:
-            a, xs = quantize_activation_once(x, x2, "split")
+            a, xs = quantize_activation_once(x, x2, activation_layout(m, activation_format))
             block_n, block_k, warps, stages = _gemv_config(n)
             block_k = max(block_k, prep.group)
             _w4_gemv_kernel[(triton.cdiv(n, block_n), 1)](

@@ -35,7 +35,7 @@ class P3GatedMLP(nn.Module):
 
         if k > MAX_FEATURES:
             return down(self.act_fn(gate) * up)
-        return down(silu_mul(gate, up, activation_layout(gate.numel() // k, down.activation_format, down.group_size, x.device)))
+        return down(silu_mul(gate, up, activation_layout(gate.numel() // k, down.activation_format)))
 
 
 def fuse_mlps(model: nn.Module) -> int:
