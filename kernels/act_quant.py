@@ -60,6 +60,35 @@ def store_row_with_codes(y, y_row_ptr, q_row_ptr, s_ptr, row, k, mask, K, LAYOUT
 
 
 @triton.jit
+def _codes_from_chunk_amax_kernel(y_ptr, amax_ptr, q_ptr, s_ptr, K, CHUNKS, stride_ym, stride_qm,
+                                  BLOCK_K: tl.constexpr, CP: tl.constexpr, LAYOUT: tl.constexpr):
+    """Program (row, chunk): the row's scale from the per-chunk amax values a producer kernel wrote (chunk 0
+    stores it), then the chunk's codes (bit-exact with _act_quant_kernel on y)."""
+    row = tl.program_id(0)
+    chunk = tl.program_id(1)
+    parts = tl.load(amax_ptr + row * CHUNKS + tl.arange(0, CP), mask=tl.arange(0, CP) < CHUNKS, other=0.0)
+    scale = fp16_scale(tl.math.div_rn(tl.max(parts, axis=0), FP8_MAX))
+    if chunk == 0:
+        tl.store(s_ptr + row, scale)
+    k = chunk * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask = k < K
+    y = tl.load(y_ptr + row * stride_ym + k, mask=mask, other=0.0).to(tl.float32)
+    tl.store(q_ptr + row * stride_qm + code_positions(k, K, LAYOUT), fp8_codes(y, scale).to(q_ptr.dtype.element_ty), mask=mask)
+
+
+def codes_from_chunk_amax(y: torch.Tensor, chunk_amax: torch.Tensor, block_k: int, layout: int, codes: torch.Tensor,
+                          scales: torch.Tensor) -> None:
+    """FP8 codes and scales of y [M, K] (16-bit, unit stride) in `layout` from chunk_amax [M, chunks], the max |y|
+    of each block_k-wide chunk, written by the kernel that produced y: the quantization spreads over M x chunks
+    programs instead of one per row (a 14336-wide row costs one SM ~10 us)."""
+    m, k = y.shape
+    chunks = chunk_amax.shape[1]
+    _codes_from_chunk_amax_kernel[(m, chunks)](y, chunk_amax, codes, scales, k, chunks, y.stride(0), codes.stride(0),
+                                               BLOCK_K=block_k, CP=triton.next_power_of_2(chunks), LAYOUT=layout,
+                                               num_warps=4)
+
+
+@triton.jit
 def _act_quant_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, BLOCK_K: tl.constexpr, LAYOUT: tl.constexpr):
     """One row's scale and codes, stored as q's dtype (FP8, or fp16 / fp32 holding the same values exactly)."""
     row = tl.program_id(0)

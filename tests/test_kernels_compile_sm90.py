@@ -52,10 +52,12 @@ for layout, q_type in ((0, "*fp8e4nv"), (1, "*fp32"), (2, "*fp16")):  # in order
     out[f"act_quant_{layout}"] = compile_ptx(act_quant._act_quant_kernel, ["*bf16", q_type, "*fp32", "i32", "i32", "i32"],
                                              dict(BLOCK_K=4096, LAYOUT=layout), divisible=("K", "stride_xm", "stride_qm"),
                                              num_warps=8)
-out["silu_mul"] = compile_ptx(silu_mul._silu_mul_kernel, ["*bf16", "*bf16", "*bf16", "*fp32", "*fp32"] + ["i32"] * 5,
-                              dict(BLOCK_K=16384, LAYOUT=1), divisible=("K", "stride_gm", "stride_um", "stride_ym", "stride_qm"),
-                              num_warps=16)
-out["rope"] = compile_ptx(rope._rope_kernel, ["*bf16"] * 6 + ["i32"] * 17, dict(D=128, HP=32, HKVP=8, DP=128), num_warps=4)
+out["silu_mul"] = compile_ptx(silu_mul._silu_mul_kernel, ["*bf16", "*bf16", "*bf16", "*fp32"] + ["i32"] * 5,
+                              dict(BLOCK_K=1024, WANT_AMAX=True), divisible=("K", "stride_gm", "stride_um", "stride_ym"),
+                              num_warps=4)
+out["chunk_codes"] = compile_ptx(act_quant._codes_from_chunk_amax_kernel, ["*bf16", "*fp32", "*fp32", "*fp32"] + ["i32"] * 4,
+                                 dict(BLOCK_K=1024, CP=16, LAYOUT=1), divisible=("K", "stride_ym", "stride_qm"), num_warps=4)
+out["rope"] = compile_ptx(rope._rope_kernel, ["*bf16"] * 6 + ["i32"] * 17, dict(D=128, HB=4, DP=128), num_warps=1)
 out["combine"] = compile_ptx(decode_attention._combine_kernel, ["*fp32", "*bf16", "i32", "i32"], dict(BLOCK_S=16, BLOCK_D=128), num_warps=4)
 out["kv_at"] = compile_ptx(kv_append._int4_kv_at_kernel, ["*bf16", "*fp32", "*u8", "*fp16", "*u8", "*bf16", "*bf16", "*u8", "*fp16",
                                                            "*u8", "*bf16", "*i64"] + ["i32"] * 32,
@@ -93,4 +95,5 @@ def test_gpu_kernels_compile_for_hopper_with_their_inline_ptx():
     assert all("st.global" in ptx[f"act_quant_{layout}"] for layout in range(3))
     assert "prmt.b32" in ptx["gemv"] and "sub.rn.f16x2" in ptx["gemv"]  # the M = 1 GEMV's BitMoD decode
     assert "st.global" in ptx["rope"] and "st.global" in ptx["combine"] and "st.global" in ptx["kv_at"]
-    assert "ex2.approx" in ptx["silu_mul"] and "div.rn.f32" in ptx["silu_mul"]  # SiLU, then the FP8 codes' division
+    assert "ex2.approx" in ptx["silu_mul"] and "div.rn.f32" in ptx["silu_mul"]  # SiLU's exponential and division
+    assert "div.rn.f32" in ptx["chunk_codes"] and "st.global" in ptx["chunk_codes"]  # the FP8 codes' division

@@ -31,10 +31,8 @@ class P3GatedMLP(nn.Module):
                 or up.dtype != gate.dtype or k % 8):
             return down(self.act_fn(gate) * up)
         from ..kernels.gemm_w4 import activation_layout
-        from ..kernels.silu_mul import MAX_FEATURES, silu_mul
+        from ..kernels.silu_mul import silu_mul
 
-        if k > MAX_FEATURES:
-            return down(self.act_fn(gate) * up)
         return down(silu_mul(gate, up, activation_layout(gate.numel() // k, down.activation_format)))
 
 
