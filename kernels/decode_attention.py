@@ -16,7 +16,9 @@ query head and token, about a quarter of what re-reading the packed keys would c
    P = exp(s - max) * (1 / sum)), multiplies it with the centered value codes on tensor cores (fp16, exact)
    and scales by M; the residual split multiplies E4M4(P) with the 16-bit values.
 The split outputs share one normaliser: _combine_kernel sums them and writes the output in the caller's dtype
-(one launch instead of a reduction and a cast).
+(one launch instead of a reduction and a cast). A decode split is often a single block of tokens, so each
+kernel loads its next block before the work that block does not depend on (the device-side token count, the
+query's quantization, the split statistics): their latencies overlap instead of adding up.
 """
 
 from __future__ import annotations
@@ -55,6 +57,44 @@ def _centered_nibbles(packed, zeros):
 
 
 @triton.jit
+def _key_block(kp_ptr, ks_ptr, kz_ptr, vs_ptr, mask_ptr, b, kvh, t0, t_lim,
+               s_kpb, s_kph, s_kpt, s_ksb, s_ksh, s_kst, s_kzb, s_kzh, s_kzt, s_vsb, s_vsh, s_vst, s_mb,
+               HALF_D: tl.constexpr, DH: tl.constexpr, BLOCK_T: tl.constexpr, HAS_MASK: tl.constexpr):
+    """Packed keys, their zero points and scales, the value scales and the mask bytes of tokens t0 .. t0 +
+    BLOCK_T - 1 below t_lim (zeros past it)."""
+    offs_t = t0 + tl.arange(0, BLOCK_T)
+    offs_d = tl.arange(0, DH)
+    t_mask = offs_t < t_lim
+    kp = tl.load(kp_ptr + b * s_kpb + kvh * s_kph + offs_t[:, None] * s_kpt + offs_d[None, :],
+                 mask=t_mask[:, None] & (offs_d < HALF_D)[None, :], other=0)
+    kz = tl.load(kz_ptr + b * s_kzb + kvh * s_kzh + offs_t * s_kzt, mask=t_mask, other=0)
+    ks = tl.load(ks_ptr + b * s_ksb + kvh * s_ksh + offs_t * s_kst, mask=t_mask, other=0.0)
+    vs = tl.load(vs_ptr + b * s_vsb + kvh * s_vsh + offs_t * s_vst, mask=t_mask, other=0.0)
+    mk = kz
+    if HAS_MASK:
+        mk = tl.load(mask_ptr + b * s_mb + offs_t, mask=t_mask, other=0)
+    return kp, kz, ks, vs, mk
+
+
+@triton.jit
+def _value_block(vp_ptr, vs_ptr, vz_ptr, sc_ptr, b, kvh, heads, g_mask, t0, t_lim,
+                 s_vpb, s_vph, s_vpt, s_vsb, s_vsh, s_vst, s_vzb, s_vzh, s_vzt, s_scb, s_sch,
+                 HALF_D: tl.constexpr, DH: tl.constexpr, BLOCK_T: tl.constexpr):
+    """The scores, value scales, packed values and their zero points of tokens t0 .. t0 + BLOCK_T - 1 below
+    t_lim (scores -inf, the rest zeros past it)."""
+    offs_t = t0 + tl.arange(0, BLOCK_T)
+    offs_d = tl.arange(0, DH)
+    t_mask = offs_t < t_lim
+    sc = tl.load(sc_ptr + b * s_scb + heads[:, None] * s_sch + offs_t[None, :], mask=g_mask[:, None] & t_mask[None, :],
+                 other=float("-inf"))
+    vs = tl.load(vs_ptr + b * s_vsb + kvh * s_vsh + offs_t * s_vst, mask=t_mask, other=0.0)
+    vp = tl.load(vp_ptr + b * s_vpb + kvh * s_vph + offs_t[:, None] * s_vpt + offs_d[None, :],
+                 mask=t_mask[:, None] & (offs_d < HALF_D)[None, :], other=0)
+    vz = tl.load(vz_ptr + b * s_vzb + kvh * s_vzh + offs_t * s_vzt, mask=t_mask, other=0)
+    return sc, vs, vp, vz
+
+
+@triton.jit
 def _scores_kernel(
     q_ptr, sm_ptr, kp_ptr, ks_ptr, kz_ptr, vs_ptr, rk_ptr, mask_ptr, sc_ptr, mst_ptr, lst_ptr, vmax_ptr, len_ptr,
     n_quant, n_res, chunk, scaling, softcap, HKV, NUM_SPLITS,
@@ -66,10 +106,17 @@ def _scores_kernel(
 ):
     pid = tl.program_id(0)
     split = tl.program_id(1)
-    if DEVICE_LEN:  # static cache: the token count lives on the device; the window is a ring of n_res slots
-        n_quant = tl.load(len_ptr).to(tl.int32) - n_res
     b = pid // HKV
     kvh = pid % HKV
+    # the split's first key block is loaded before anything it does not depend on (the device-side token count,
+    # the query's quantization): a decode split is often one block, so this overlaps their latencies
+    t_start = split * chunk
+    t_lim = tl.minimum(t_start + chunk, n_quant)  # n_quant: the storage capacity with DEVICE_LEN
+    kp, kz, ks, vs, mk = _key_block(kp_ptr, ks_ptr, kz_ptr, vs_ptr, mask_ptr, b, kvh, t_start, t_lim,
+                                    s_kpb, s_kph, s_kpt, s_ksb, s_ksh, s_kst, s_kzb, s_kzh, s_kzt, s_vsb, s_vsh, s_vst,
+                                    s_mb, HALF_D, DH, BLOCK_T, HAS_MASK)
+    if DEVICE_LEN:  # static cache: the token count lives on the device; the window is a ring of n_res slots
+        n_quant = tl.load(len_ptr).to(tl.int32) - n_res
     s1 = NUM_SPLITS + 1
     offs_g = tl.arange(0, GP)
     g_mask = offs_g < G
@@ -101,31 +148,29 @@ def _scores_kernel(
         q8_even = q_even.to(tl.float16)  # FP8 values: exact in fp16
         q8_odd = q_odd.to(tl.float16)
         row_scale = q_scale * scaling
-        t_start = split * chunk
         t_end = tl.minimum(t_start + chunk, n_quant)
         for t0 in range(t_start, t_end, BLOCK_T):
             offs_t = t0 + tl.arange(0, BLOCK_T)
             t_mask = offs_t < t_end
-            kp = tl.load(kp_ptr + b * s_kpb + kvh * s_kph + offs_t[:, None] * s_kpt + offs_d[None, :],
-                         mask=t_mask[:, None] & d_mask[None, :], other=0)
-            kz = tl.load(kz_ptr + b * s_kzb + kvh * s_kzh + offs_t * s_kzt, mask=t_mask, other=0)
-            ks = tl.load(ks_ptr + b * s_ksb + kvh * s_ksh + offs_t * s_kst, mask=t_mask, other=0.0).to(tl.float32)
+            nkp, nkz, nks, nvs, nmk = _key_block(kp_ptr, ks_ptr, kz_ptr, vs_ptr, mask_ptr, b, kvh, t0 + BLOCK_T, t_lim,
+                                                 s_kpb, s_kph, s_kpt, s_ksb, s_ksh, s_kst, s_kzb, s_kzh, s_kzt, s_vsb,
+                                                 s_vsh, s_vst, s_mb, HALF_D, DH, BLOCK_T, HAS_MASK)
             k_lo, k_hi = _centered_nibbles(kp, kz)
             s = tl.dot(q8_even, tl.trans(k_lo)) + tl.dot(q8_odd, tl.trans(k_hi))  # [GP, BLOCK_T]
-            s = s * row_scale[:, None] * ks[None, :]
+            s = s * row_scale[:, None] * ks.to(tl.float32)[None, :]
             if HAS_SOFTCAP:
                 s = _tanh_softcap(s, softcap)
-            vis = t_mask
+            vis = t_mask  # a static cache's slots past the live count hold stale data: masked here
             if HAS_MASK:
-                vis = vis & (tl.load(mask_ptr + b * s_mb + offs_t, mask=t_mask, other=0) != 0)
+                vis = vis & (mk != 0)
             s = tl.where(vis[None, :], s, float("-inf"))
             tl.store(sc_ptr + b * s_scb + heads[:, None] * s_sch + offs_t[None, :], s, mask=g_mask[:, None] & t_mask[None, :])
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             l_i = l_i * tl.exp(m_i - m_safe) + tl.sum(tl.exp(s - m_safe[:, None]), axis=1)
             m_i = m_new
-            vs = tl.load(vs_ptr + b * s_vsb + kvh * s_vsh + offs_t * s_vst, mask=t_mask, other=0.0).to(tl.float32)
-            vmax = tl.maximum(vmax, tl.where(vis, vs, 0.0))
+            vmax = tl.maximum(vmax, tl.where(vis, vs.to(tl.float32), 0.0))
+            kp, kz, ks, vs, mk = nkp, nkz, nks, nvs, nmk
     else:
         qd_even = q_even * q_scale[:, None]  # the dequantized query the reference multiplies with
         qd_odd = q_odd * q_scale[:, None]
@@ -168,14 +213,20 @@ def _pv_kernel(
 ):
     pid = tl.program_id(0)
     split = tl.program_id(1)
-    if DEVICE_LEN:
-        n_quant = tl.load(len_ptr).to(tl.int32) - n_res
     b = pid // HKV
     kvh = pid % HKV
-    s1 = NUM_SPLITS + 1
     offs_g = tl.arange(0, GP)
     g_mask = offs_g < G
     heads = kvh * G + offs_g
+    # the split's first block is loaded before the statistics and the token count (as in _scores_kernel)
+    t_start = split * chunk
+    t_lim = tl.minimum(t_start + chunk, n_quant)
+    sc, vs, vp, vz = _value_block(vp_ptr, vs_ptr, vz_ptr, sc_ptr, b, kvh, heads, g_mask, t_start, t_lim,
+                                  s_vpb, s_vph, s_vpt, s_vsb, s_vsh, s_vst, s_vzb, s_vzh, s_vzt, s_scb, s_sch,
+                                  HALF_D, DH, BLOCK_T)
+    if DEVICE_LEN:
+        n_quant = tl.load(len_ptr).to(tl.int32) - n_res
+    s1 = NUM_SPLITS + 1
     offs_d = tl.arange(0, DH)
     d_mask = offs_d < HALF_D
     offs_s = tl.arange(0, SP)
@@ -192,23 +243,22 @@ def _pv_kernel(
     acc_even = tl.zeros([GP, DH], tl.float32)
     acc_odd = tl.zeros([GP, DH], tl.float32)
     if split < NUM_SPLITS:
-        t_start = split * chunk
         t_end = tl.minimum(t_start + chunk, n_quant)
         for t0 in range(t_start, t_end, BLOCK_T):
             offs_t = t0 + tl.arange(0, BLOCK_T)
-            t_mask = offs_t < t_end
-            s = tl.load(sc_ptr + b * s_scb + heads[:, None] * s_sch + offs_t[None, :], mask=g_mask[:, None] & t_mask[None, :], other=float("-inf"))
+            t_mask = offs_t < t_end  # a static cache's slots past the live count hold stale data
+            nsc, nvs, nvp, nvz = _value_block(vp_ptr, vs_ptr, vz_ptr, sc_ptr, b, kvh, heads, g_mask, t0 + BLOCK_T, t_lim,
+                                              s_vpb, s_vph, s_vpt, s_vsb, s_vsh, s_vst, s_vzb, s_vzh, s_vzt, s_scb,
+                                              s_sch, HALF_D, DH, BLOCK_T)
+            s = tl.where(t_mask[None, :], sc, float("-inf"))
             p = tl.exp(s - m_safe[:, None]) * inv_l[:, None]
-            vs = tl.load(vs_ptr + b * s_vsb + kvh * s_vsh + offs_t * s_vst, mask=t_mask, other=0.0).to(tl.float32)
-            ratio = tl.math.div_rn(vs, v_max)  # per token, as fold_value_scales
+            ratio = tl.math.div_rn(tl.where(t_mask, vs.to(tl.float32), 0.0), v_max)  # per token, as fold_value_scales
             folded = tl.minimum(tl.maximum(p * ratio[None, :], 0.0), 1.0)
             p8 = round_minifloat(folded, 4, -14, UE4M4_MAX, HALF_UP).to(tl.float16)  # exact in fp16
-            vp = tl.load(vp_ptr + b * s_vpb + kvh * s_vph + offs_t[:, None] * s_vpt + offs_d[None, :],
-                         mask=t_mask[:, None] & d_mask[None, :], other=0)
-            vz = tl.load(vz_ptr + b * s_vzb + kvh * s_vzh + offs_t * s_vzt, mask=t_mask, other=0)
             v_lo, v_hi = _centered_nibbles(vp, vz)
             acc_even += tl.dot(p8, v_lo)
             acc_odd += tl.dot(p8, v_hi)
+            sc, vs, vp, vz = nsc, nvs, nvp, nvz
         acc_even = acc_even * v_max
         acc_odd = acc_odd * v_max
     else:

@@ -58,6 +58,12 @@ out["silu_mul"] = compile_ptx(silu_mul._silu_mul_kernel, ["*bf16", "*bf16", "*bf
 out["chunk_codes"] = compile_ptx(act_quant._codes_from_chunk_amax_kernel, ["*bf16", "*fp32", "*fp32", "*fp32"] + ["i32"] * 4,
                                  dict(BLOCK_K=1024, CP=16, LAYOUT=1), divisible=("K", "stride_ym", "stride_qm"), num_warps=4)
 out["rope"] = compile_ptx(rope._rope_kernel, ["*bf16"] * 6 + ["i32"] * 17, dict(D=128, HB=4, DP=128), num_warps=1)
+attention_shape = dict(G=4, GP=16, HALF_D=64, DH=64, BLOCK_T=128, BLOCK_R=16, DEVICE_LEN=True)
+out["scores"] = compile_ptx(decode_attention._scores_kernel, ["*bf16", "*fp32", "*u8", "*fp16", "*u8", "*fp16", "*bf16", "*u8"]
+                            + ["*fp32"] * 4 + ["*i64", "i32", "i32", "i32", "fp32", "fp32", "i32", "i32"] + ["i32"] * 22,
+                            dict(attention_shape, HAS_SMOOTH=True, QUANT_Q=True, HAS_MASK=True, HAS_SOFTCAP=True), num_warps=4)
+out["pv"] = compile_ptx(decode_attention._pv_kernel, ["*u8", "*fp16", "*u8", "*bf16"] + ["*fp32"] * 5 + ["*i64"] + ["i32"] * 19,
+                        dict(attention_shape, SP=64, HALF_UP=False), num_warps=4)
 out["combine"] = compile_ptx(decode_attention._combine_kernel, ["*fp32", "*bf16", "i32", "i32"], dict(BLOCK_S=16, BLOCK_D=128), num_warps=4)
 out["kv_at"] = compile_ptx(kv_append._int4_kv_at_kernel, ["*bf16", "*fp32", "*u8", "*fp16", "*u8", "*bf16", "*bf16", "*u8", "*fp16",
                                                            "*u8", "*bf16", "*i64"] + ["i32"] * 32,
@@ -94,6 +100,7 @@ def test_gpu_kernels_compile_for_hopper_with_their_inline_ptx():
     assert "ld.global" in ptx["epilogue"]
     assert all("st.global" in ptx[f"act_quant_{layout}"] for layout in range(3))
     assert "prmt.b32" in ptx["gemv"] and "sub.rn.f16x2" in ptx["gemv"]  # the M = 1 GEMV's BitMoD decode
+    assert "mma" in ptx["scores"] and "mma" in ptx["pv"]  # q.k and P.V on tensor cores
     assert "st.global" in ptx["rope"] and "st.global" in ptx["combine"] and "st.global" in ptx["kv_at"]
     assert "ex2.approx" in ptx["silu_mul"] and "div.rn.f32" in ptx["silu_mul"]  # SiLU's exponential and division
     assert "div.rn.f32" in ptx["chunk_codes"] and "st.global" in ptx["chunk_codes"]  # the FP8 codes' division

@@ -67,6 +67,9 @@ def test_decode_kernel_reads_length_and_ring(residual_window):
         layer.update(keys[:, :, t : t + 1], values[:, :, t : t + 1])
         layer.commit()
     n = prompt + steps
+    for store in (layer.key_store, layer.value_store):  # slots past the live count must never be read as data
+        store.scales[:, :, n:] = float("nan")
+        store.packed[:, :, n:] = 255
     visible = torch.rand(b, n, generator=gen) > 0.2
     visible[:, -1] = True
     full_mask = torch.zeros(b, capacity, dtype=torch.bool)
