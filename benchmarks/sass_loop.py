@@ -60,9 +60,10 @@ def main() -> None:
     print(f"M = 1 GEMV, config {(block_n, block_k, warps, stages)}, group {group}: {words_per_thread} words per thread per loop step")
     for is_bitmod in (True, False):
         kernel = compile_sm90(
-            gemm_w4._w4_gemv_kernel, ["*fp32", "*fp32", "*i32", "*fp16", "*u8", "*bf16", "*bf16"] + ["i32"] * 8,
-            dict(GROUP=group, BLOCK_N=block_n, BLOCK_K=block_k, IS_BITMOD=is_bitmod, HAS_BIAS=False, USE_ASM=True, EVEN_K=True),
-            divisible=("K", "stride_xm", "stride_wn", "KW"), num_warps=warps, num_stages=stages)
+            gemm_w4._w4_gemv_kernel, ["*fp32", "*fp32", "*i32", "*fp16", "*u8", "*bf16", "*bf16"] + ["i32"] * 7,
+            dict(KW=4096 // 8, GROUP=group, BLOCK_N=block_n, BLOCK_K=block_k, IS_BITMOD=is_bitmod, HAS_BIAS=False,
+                 USE_ASM=True, EVEN_K=True),
+            divisible=("K", "stride_xm", "stride_wn"), num_warps=warps, num_stages=stages)
         ops = loop_opcodes(kernel.asm["cubin"])
         total = sum(ops.values())
         print(f"{'BitMoD' if is_bitmod else 'INT4'}: {total} loop instructions, {total / words_per_thread:.1f} per word; "

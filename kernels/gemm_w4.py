@@ -6,8 +6,9 @@ that group, once per output and group, never per element. Activations are 16-bit
 with a per-token scale (W4A8, see act_quant.py); the token scale is applied once per output.
 
 - M == 1 (decode GEMV): CUDA-core reduction; one program per BLOCK_N outputs walks the whole K, so bias and
-  the output cast are fused. W4A8 decodes two codes per 32-bit instruction with inline PTX on the GPU
-  (_w4_gemv_kernel; a pure-Triton decode under the interpreter); W4A16 runs _w4_gemv_a16_kernel.
+  the output cast are fused. W4A8 decodes each weight straight to a biased fp32 value with byte permutations in
+  inline PTX on the GPU (_w4_gemv_kernel; a pure-Triton decode under the interpreter); W4A16 runs
+  _w4_gemv_a16_kernel.
 - MMA_MIN_M <= M <= MMA_MAX_M (2..64): the tensor-core small-M kernel (w4_mma.py, weights as the left MMA
   operand; W4A8 in fp16, W4A16 in the activations' 16-bit type; exact products).
 - W4A8 at M >= DEQUANT_MIN_M (prefill): the weight dequantized once to fp16 (dequant_w4.py), cuBLAS with fp32
@@ -29,42 +30,40 @@ import triton.language as tl
 from p3quant.formats import BitMoDTensor, Int4Tensor
 
 from .act_quant import quantize_activation_fp8, quantize_activation_once
-from .common import bitmod_special2, clamped_rows, decode_tables, decode_w4, decode_word16, dot16, fp8_dot_supported, interpreting, on_input_device, require_device
+from .common import bitmod_special2, clamped_rows, decode_tables, decode_w4, dot16, fp8_dot_supported, interpreting, on_input_device, require_device
 from .dequant_w4 import dequantize_w4
 from .w4_mma import rows_epilogue, w4_mma_matmul
 
 SUPPORTED_GROUPS = (32, 64, 128)
 
 
-# INT4: decode the nibbles of one int32 word (element 8j + i = nibble i) into 8 exact fp32 values, two codes per
-# 32-bit lop3 / sub.f16x2 (cheaper than the table lookup BitMoD needs). See _w4_gemv_kernel for the exactness.
-_ASM_INT4 = tl.constexpr("""{
-.reg .b32 t, p0, p1, p2, p3;
-.reg .b16 l, h;
-lop3.b32 p0, $8, 0x000F000F, 0x64006400, 0xEA;
-shr.u32 t, $8, 4;
-lop3.b32 p1, t, 0x000F000F, 0x64006400, 0xEA;
-shr.u32 t, $8, 8;
-lop3.b32 p2, t, 0x000F000F, 0x64006400, 0xEA;
-shr.u32 t, $8, 12;
-lop3.b32 p3, t, 0x000F000F, 0x64006400, 0xEA;
-sub.rn.f16x2 p0, p0, $9;
-sub.rn.f16x2 p1, p1, $9;
-sub.rn.f16x2 p2, p2, $9;
-sub.rn.f16x2 p3, p3, $9;
-mov.b32 {l, h}, p0;
-cvt.f32.f16 $0, l;
-cvt.f32.f16 $4, h;
-mov.b32 {l, h}, p1;
-cvt.f32.f16 $1, l;
-cvt.f32.f16 $5, h;
-mov.b32 {l, h}, p2;
-cvt.f32.f16 $2, l;
-cvt.f32.f16 $6, h;
-mov.b32 {l, h}, p3;
-cvt.f32.f16 $3, l;
-cvt.f32.f16 $7, h;
+# The GEMV's decode: one int32 word of 8 codes (element 8j + i = nibble i) into 8 fp32 values 40 + v / 2, v the
+# code's integer weight (BitMoD grid x 2, or INT4 code - zp). prmt looks each code up in common.decode_tables'
+# byte tables of v + 16, doubled here ($9..$12: bytes 2 (v + 16) in [0, 64]; see common.decode_word_ptx for the
+# lookup and its sign-replicate trick), and a second prmt puts each byte under the fp32 exponent of 32 ($13 =
+# 0x42000000): bits 0x42000000 | (2 (v + 16) << 16) are 32 + (v + 16) / 2 exactly (the mantissa's unit there is
+# 2**-18). One prmt per weight instead of a subtraction and an fp16 -> fp32 widening per weight.
+_ASM_BIASED = tl.constexpr("""{
+.reg .b32 wn, wh, wnh, P, N, R;
+xor.b32 wn, $8, 0x88888888;
+shr.u32 wh, $8, 16;
+shr.u32 wnh, wn, 16;
+prmt.b32 P, $9, $10, $8;
+prmt.b32 N, $11, $12, wn;
+or.b32 R, P, N;
+prmt.b32 $0, R, $13, 0x7054;
+prmt.b32 $1, R, $13, 0x7154;
+prmt.b32 $2, R, $13, 0x7254;
+prmt.b32 $3, R, $13, 0x7354;
+prmt.b32 P, $9, $10, wh;
+prmt.b32 N, $11, $12, wnh;
+or.b32 R, P, N;
+prmt.b32 $4, R, $13, 0x7054;
+prmt.b32 $5, R, $13, 0x7154;
+prmt.b32 $6, R, $13, 0x7254;
+prmt.b32 $7, R, $13, 0x7354;
 }""")
+GEMV_BIAS = tl.constexpr(40.0)  # every decoded GEMV weight is 40 + v / 2
 
 
 @triton.jit
@@ -77,36 +76,32 @@ def _ld(ptr, mask, EVEN: tl.constexpr):
 
 
 @triton.jit
-def _nibble(words, i: tl.constexpr, aux, IS_BITMOD: tl.constexpr):
-    return decode_w4((words >> (4 * i)) & 15, aux, IS_BITMOD).to(tl.float32)
+def _biased(words, i: tl.constexpr, aux, IS_BITMOD: tl.constexpr):
+    return GEMV_BIAS + decode_w4((words >> (4 * i)) & 15, aux, IS_BITMOD).to(tl.float32) * 0.5
 
 
 @triton.jit
 def _decode_word(words, aux, R: tl.constexpr, G: tl.constexpr, W: tl.constexpr, IS_BITMOD: tl.constexpr,
                  USE_ASM: tl.constexpr):
-    """8 fp32 tensors (nibble i of each int32 word [R, G, W]): BitMoD grid x 2, or INT4 code - zp; aux [R, G] = the
-    group's selector / zero point."""
+    """8 fp32 tensors 40 + v / 2 (nibble i of each int32 word [R, G, W]; v = BitMoD grid x 2, or INT4 code - zp);
+    aux [R, G] = the group's selector / zero point."""
     shape: tl.constexpr = [R, G, W]
     if USE_ASM:
-        if IS_BITMOD:
-            tp0, tp1, tn0, tn1 = decode_tables(aux, True)
-            c0, c1, c2, c3, c4, c5, c6, c7 = decode_word16(
-                words, tl.broadcast_to(tp0[:, :, None], shape), tl.broadcast_to(tp1[:, :, None], shape),
-                tl.broadcast_to(tn0[:, :, None], shape), tl.broadcast_to(tn1[:, :, None], shape), False)
-            return (c0.to(tl.float32), c1.to(tl.float32), c2.to(tl.float32), c3.to(tl.float32), c4.to(tl.float32),
-                    c5.to(tl.float32), c6.to(tl.float32), c7.to(tl.float32))
-        else:
-            zp2 = tl.broadcast_to(((0x6400 + aux) * 65537)[:, :, None], shape)  # fp16x2 (1024 + zp, 1024 + zp)
-            return tl.inline_asm_elementwise(_ASM_INT4, "=r,=r,=r,=r,=r,=r,=r,=r,r,r", [words, zp2],
-                                             dtype=(tl.float32,) * 8, is_pure=True, pack=1)
+        tp0, tp1, tn0, tn1 = decode_tables(aux, IS_BITMOD)
+        return tl.inline_asm_elementwise(
+            _ASM_BIASED, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r,r,r",
+            [words, tl.broadcast_to((tp0 * 2)[:, :, None], shape), tl.broadcast_to((tp1 * 2)[:, :, None], shape),
+             tl.broadcast_to((tn0 * 2)[:, :, None], shape), tl.broadcast_to((tn1 * 2)[:, :, None], shape),
+             tl.full(shape, 0x42000000, tl.int32)],
+            dtype=(tl.float32,) * 8, is_pure=True, pack=1)
     else:
         a = aux
         if IS_BITMOD:
             a = bitmod_special2(aux)
         a = tl.broadcast_to(a[:, :, None], shape)
-        return (_nibble(words, 0, a, IS_BITMOD), _nibble(words, 1, a, IS_BITMOD), _nibble(words, 2, a, IS_BITMOD),
-                _nibble(words, 3, a, IS_BITMOD), _nibble(words, 4, a, IS_BITMOD), _nibble(words, 5, a, IS_BITMOD),
-                _nibble(words, 6, a, IS_BITMOD), _nibble(words, 7, a, IS_BITMOD))
+        return (_biased(words, 0, a, IS_BITMOD), _biased(words, 1, a, IS_BITMOD), _biased(words, 2, a, IS_BITMOD),
+                _biased(words, 3, a, IS_BITMOD), _biased(words, 4, a, IS_BITMOD), _biased(words, 5, a, IS_BITMOD),
+                _biased(words, 6, a, IS_BITMOD), _biased(words, 7, a, IS_BITMOD))
 
 
 @triton.jit
@@ -122,7 +117,7 @@ def _gemv_epilogue(out, xs_ptr, b_ptr, y_ptr, m, stride_ym, offs_n, n_mask, ROW_
 @triton.jit
 def _w4_gemv_kernel(
     x_ptr, xs_ptr, w_ptr, s_ptr, aux_ptr, b_ptr, y_ptr,
-    N, K, stride_xm, stride_wn, stride_sn, stride_an, stride_ym, KW,
+    N, K, stride_xm, stride_wn, stride_sn, stride_an, stride_ym, KW: tl.constexpr,
     GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     IS_BITMOD: tl.constexpr, HAS_BIAS: tl.constexpr, USE_ASM: tl.constexpr, EVEN_K: tl.constexpr,
 ):
@@ -134,24 +129,25 @@ def _w4_gemv_kernel(
     (act_quant.quantize_activation_fp8_split), so the 8 activation vectors are contiguous 16-byte loads; xs is
     the token scale. (W4A16 runs _w4_gemv_a16_kernel.)
 
-    USE_ASM (GPU) decodes into exact fp16 values, then widens them to fp32:
-    - INT4: lop3 (w >> 4i) & 0x000F000F | 0x64006400 is the fp16 pair (1024 + c_i, 1024 + c_{i+4}) (1024 has
-      a unit ulp, c <= 15 fills the low mantissa bits); sub.f16x2 of (1024 + zp) gives c - zp exactly (an
-      integer of magnitude <= 15 is an fp16 value, and the exact difference is representable, so RN is exact).
-    - BitMoD: common.decode_word16, the per-group byte-table lookup the other kernels share (the special value
-      sits in the table slot of -0, so it needs no correction term).
+    Each weight is decoded to the fp32 value f = 40 + v / 2 (v: BitMoD grid x 2 or INT4 code - zp; USE_ASM on
+    the GPU by _ASM_BIASED's two byte permutations, no conversion instruction; the pure-Triton decode under the
+    interpreter, where inline asm does not run). Per word, the sum starts at -40 x (the word's 8 activations
+    summed, exact in fp32, once per thread and shared by its rows) and adds the 8 exact products f * a, so it is
+    sum(f * a) - 40 sum(a) = sum(v * a) / 2; it is then scaled once by the group scale (x 2 for INT4, whose v is
+    not doubled). Accumulation is fp32 throughout. Every term is a multiple of the word's finest product unit
+    (half the smallest activation's E4M3 quantum), so the word's running sum is exact unless its 8 activations
+    differ in magnitude by more than ~2**10 (an unbiased sum: ~2**13); beyond that fp32 rounds it. On random and
+    outlier activations the results equal the previous, unbiased kernel's bit for bit (interpreter).
     The activation rows fit the tile so that a thread holds all BLOCK_N rows of its words: each activation
-    vector is loaded once per thread and reused for every row (block sizes: _gemv_config).
-    The fp32 products and sums then follow the same order as the interpreter path (pure Triton decode, used
-    when interpreting(): inline asm does not run there). Per word, 8 products are summed, then scaled once by
-    the group scale; accumulation is fp32 throughout.
+    vector is loaded once per thread and reused for every row (block sizes: _gemv_config). The GPU and the
+    interpreter paths run the same fp32 operations in the same order.
     """
     GW: tl.constexpr = GROUP // 8
     NG: tl.constexpr = BLOCK_K // GROUP
     pid_n = tl.program_id(0)
     m = tl.program_id(1)
     offs_n, n_mask, rows = clamped_rows(pid_n, BLOCK_N, N)
-    kw = KW  # K // 8, passed so the compiler sees its divisibility (16-byte activation loads)
+    kw = KW  # K // 8 as a compile-time constant: the 8 activation planes sit at immediate offsets
     ng_total = K // GROUP
     og = tl.arange(0, NG)
     ow = tl.arange(0, GW)
@@ -181,18 +177,27 @@ def _w4_gemv_kernel(
         xm = g_mask[None, :, None]
         # activations [1, NG, GW]: loaded once per thread and broadcast over the program's rows in registers
         x3 = x_row + wi[None, :, :]
-        part = v0 * _ld(x3, xm, EVEN_K)
-        part += v1 * _ld(x3 + kw, xm, EVEN_K)
-        part += v2 * _ld(x3 + 2 * kw, xm, EVEN_K)
-        part += v3 * _ld(x3 + 3 * kw, xm, EVEN_K)
-        part += v4 * _ld(x3 + 4 * kw, xm, EVEN_K)
-        part += v5 * _ld(x3 + 5 * kw, xm, EVEN_K)
-        part += v6 * _ld(x3 + 6 * kw, xm, EVEN_K)
-        part += v7 * _ld(x3 + 7 * kw, xm, EVEN_K)
+        a0 = _ld(x3, xm, EVEN_K)
+        a1 = _ld(x3 + kw, xm, EVEN_K)
+        a2 = _ld(x3 + 2 * kw, xm, EVEN_K)
+        a3 = _ld(x3 + 3 * kw, xm, EVEN_K)
+        a4 = _ld(x3 + 4 * kw, xm, EVEN_K)
+        a5 = _ld(x3 + 5 * kw, xm, EVEN_K)
+        a6 = _ld(x3 + 6 * kw, xm, EVEN_K)
+        a7 = _ld(x3 + 7 * kw, xm, EVEN_K)
+        part = (((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7))) * -GEMV_BIAS
+        part = v0 * a0 + part
+        part = v1 * a1 + part
+        part = v2 * a2 + part
+        part = v3 * a3 + part
+        part = v4 * a4 + part
+        part = v5 * a5 + part
+        part = v6 * a6 + part
+        part = v7 * a7 + part
         acc += part * scale[:, :, None]
     out = tl.sum(tl.sum(acc, axis=2), axis=1)
-    if IS_BITMOD:
-        out = out * 0.5
+    if not IS_BITMOD:
+        out = out * 2.0
     _gemv_epilogue(out, xs_ptr, b_ptr, y_ptr, m, stride_ym, offs_n, n_mask, True, HAS_BIAS)
 
 

@@ -261,19 +261,25 @@ def test_inline_ptx_dequant_equals_dequantize_in_fp16(fmt):
             assert got == expected[n, 8 * w: 8 * w + 8].tolist(), (fmt, n, w)
 
 
-def test_gemv_int4_inline_ptx_decode_is_exact_for_every_code_and_zero_point():
-    """gemm_w4's M = 1 GEMV INT4 decode (fp32 outputs $0..$7 = codes 0..7 of the word in $8; operand $9 the fp16x2
-    pair (1024 + zp, 1024 + zp)). Its BitMoD decode is common.decode_word16, checked above."""
-    aux = torch.arange(16, dtype=torch.int32)
+@pytest.mark.parametrize("fmt", ["bitmod", "int4"])
+def test_gemv_inline_ptx_decode_gives_the_biased_fp32_value_of_every_code(fmt):
+    """gemm_w4's M = 1 GEMV decode (_ASM_BIASED: fp32 outputs $0..$7 for codes 0..7 of the word in $8, operands
+    $9..$12 the doubled decode tables, $13 = 0x42000000): every code under every selector / zero point gives
+    exactly 40 + v / 2, v the integer weight of decode_w4."""
+    is_bitmod = fmt == "bitmod"
+    aux = torch.arange(16, dtype=torch.int32) % (4 if is_bitmod else 16)
+    tables = _tables(aux, is_bitmod)
     codes = torch.arange(16, dtype=torch.int32).repeat(16)
     expected = torch.empty(256, dtype=torch.int32)
-    _decode_ref_kernel[(1,)](codes, aux, expected, IS_BITMOD=False, BLOCK=256)
+    _decode_ref_kernel[(1,)](codes, aux, expected, IS_BITMOD=is_bitmod, BLOCK=256)
     for g in range(16):
         for start in (0, 8):
             word = sum(c << (4 * i) for i, c in enumerate(range(start, start + 8)))
-            regs = _run_ptx(gemm_w4._ASM_INT4.value, {"$9": (0x6400 + int(aux[g])) * 65537, "$8": word})
+            ops = {"$8": word, "$13": 0x42000000}
+            ops.update(zip(("$9", "$10", "$11", "$12"), (2 * t for t in tables[g])))
+            regs = _run_ptx(gemm_w4._ASM_BIASED.value, ops)
             got = [float(_f32(regs[f"${i}"])) for i in range(8)]
-            assert got == [float(expected[16 * g + start + i]) for i in range(8)], g
+            assert got == [40 + float(expected[16 * g + start + i]) / 2 for i in range(8)], (fmt, g, start)
 
 
 def _spy_quantizers(monkeypatch):
