@@ -53,6 +53,15 @@ def loop_opcodes(cubin: bytes) -> collections.Counter:
     raise RuntimeError("no loop found in the kernel")
 
 
+def registers(cubin: bytes) -> int:
+    """Registers per thread of the compiled kernel (they bound how many warps an SM holds)."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as fh:
+        fh.write(cubin)
+        fh.flush()
+        usage = subprocess.run([os.path.join(BIN, "cuobjdump"), "-res-usage", fh.name], capture_output=True, text=True, check=True).stdout
+    return int(re.search(r"REG:(\d+)", usage).group(1))
+
+
 def main() -> None:
     block_n, block_k, warps, stages = gemm_w4._gemv_config(4096)
     group = 128
@@ -66,8 +75,8 @@ def main() -> None:
             divisible=("K", "stride_xm", "stride_wn"), num_warps=warps, num_stages=stages)
         ops = loop_opcodes(kernel.asm["cubin"])
         total = sum(ops.values())
-        print(f"{'BitMoD' if is_bitmod else 'INT4'}: {total} loop instructions, {total / words_per_thread:.1f} per word; "
-              + ", ".join(f"{o} {n}" for o, n in ops.most_common(10)))
+        print(f"{'BitMoD' if is_bitmod else 'INT4'}: {total} loop instructions, {total / words_per_thread:.1f} per word, "
+              f"{registers(kernel.asm['cubin'])} registers per thread; " + ", ".join(f"{o} {n}" for o, n in ops.most_common(10)))
 
 
 if __name__ == "__main__":

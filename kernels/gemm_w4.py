@@ -37,32 +37,34 @@ from .w4_mma import rows_epilogue, w4_mma_matmul
 SUPPORTED_GROUPS = (32, 64, 128)
 
 
-# The GEMV's decode: one int32 word of 8 codes (element 8j + i = nibble i) into 8 fp32 values 40 + v / 2, v the
-# code's integer weight (BitMoD grid x 2, or INT4 code - zp). prmt looks each code up in common.decode_tables'
-# byte tables of v + 16, doubled here ($9..$12: bytes 2 (v + 16) in [0, 64]; see common.decode_word_ptx for the
-# lookup and its sign-replicate trick), and a second prmt puts each byte under the fp32 exponent of 32 ($13 =
-# 0x42000000): bits 0x42000000 | (2 (v + 16) << 16) are 32 + (v + 16) / 2 exactly (the mantissa's unit there is
-# 2**-18). One prmt per weight instead of a subtraction and an fp16 -> fp32 widening per weight.
-_ASM_BIASED = tl.constexpr("""{
+# The GEMV's inner step, one int32 word of 8 codes (element 8j + i = nibble i) times its 8 activations, in inline
+# PTX. Each code becomes the fp32 value f = 40 + v / 2, v its integer weight (BitMoD grid x 2, or INT4 code - zp):
+# prmt looks it up in common.decode_tables' byte tables of v + 16, doubled here (bytes 2 (v + 16) in [0, 64]; see
+# common.decode_word_ptx for the lookup and its sign-replicate trick), and a second prmt puts the byte under the
+# fp32 exponent of 32 (0x42000000): bits 0x42000000 | (2 (v + 16) << 16) are 32 + (v + 16) / 2 exactly (the
+# mantissa's unit there is 2**-18). One prmt per weight instead of a subtraction and an fp16 -> fp32 widening.
+# The FMAs sit in the same asm block: its one output (not eight decoded values) leaves the block, which keeps
+# Triton 3.6 from routing eight tensors through shared memory to change their layout, and halves the registers.
+def _biased_dot_ptx() -> str:
+    """PTX: $0 = $15 + sum over the 8 codes i of word $1 of f_i * a_i (a_i = $7 + i, fp32), f_i = 40 + v_i / 2
+    decoded as described above (tables $2..$5, $6 = 0x42000000); the FMAs in code order."""
+    body = """{
 .reg .b32 wn, wh, wnh, P, N, R;
-xor.b32 wn, $8, 0x88888888;
-shr.u32 wh, $8, 16;
+.reg .f32 f;
+xor.b32 wn, $1, 0x88888888;
+shr.u32 wh, $1, 16;
 shr.u32 wnh, wn, 16;
-prmt.b32 P, $9, $10, $8;
-prmt.b32 N, $11, $12, wn;
-or.b32 R, P, N;
-prmt.b32 $0, R, $13, 0x7054;
-prmt.b32 $1, R, $13, 0x7154;
-prmt.b32 $2, R, $13, 0x7254;
-prmt.b32 $3, R, $13, 0x7354;
-prmt.b32 P, $9, $10, wh;
-prmt.b32 N, $11, $12, wnh;
-or.b32 R, P, N;
-prmt.b32 $4, R, $13, 0x7054;
-prmt.b32 $5, R, $13, 0x7154;
-prmt.b32 $6, R, $13, 0x7254;
-prmt.b32 $7, R, $13, 0x7354;
-}""")
+"""
+    acc = "$15"
+    for half, (sel, seln) in enumerate((("$1", "wn"), ("wh", "wnh"))):
+        body += f"prmt.b32 P, $2, $3, {sel};\nprmt.b32 N, $4, $5, {seln};\nor.b32 R, P, N;\n"
+        for i in range(4):
+            body += f"prmt.b32 f, R, $6, 0x7{i}54;\nfma.rn.f32 $0, f, ${7 + 4 * half + i}, {acc};\n"
+            acc = "$0"
+    return body + "}"
+
+
+_ASM_BIASED_DOT = tl.constexpr(_biased_dot_ptx())
 GEMV_BIAS = tl.constexpr(40.0)  # every decoded GEMV weight is 40 + v / 2
 
 
@@ -81,27 +83,36 @@ def _biased(words, i: tl.constexpr, aux, IS_BITMOD: tl.constexpr):
 
 
 @triton.jit
-def _decode_word(words, aux, R: tl.constexpr, G: tl.constexpr, W: tl.constexpr, IS_BITMOD: tl.constexpr,
-                 USE_ASM: tl.constexpr):
-    """8 fp32 tensors 40 + v / 2 (nibble i of each int32 word [R, G, W]; v = BitMoD grid x 2, or INT4 code - zp);
-    aux [R, G] = the group's selector / zero point."""
+def _word_dot(words, aux, a0, a1, a2, a3, a4, a5, a6, a7, init, R: tl.constexpr, G: tl.constexpr, W: tl.constexpr,
+              IS_BITMOD: tl.constexpr, USE_ASM: tl.constexpr):
+    """init + sum over the 8 codes i of each int32 word [R, G, W] of (40 + v_i / 2) * a_i, in code order (v: BitMoD
+    grid x 2, or INT4 code - zp; aux [R, G] = the group's selector / zero point)."""
     shape: tl.constexpr = [R, G, W]
     if USE_ASM:
         tp0, tp1, tn0, tn1 = decode_tables(aux, IS_BITMOD)
         return tl.inline_asm_elementwise(
-            _ASM_BIASED, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r,r,r",
+            _ASM_BIASED_DOT, "=f,r,r,r,r,r,r,f,f,f,f,f,f,f,f,f",
             [words, tl.broadcast_to((tp0 * 2)[:, :, None], shape), tl.broadcast_to((tp1 * 2)[:, :, None], shape),
              tl.broadcast_to((tn0 * 2)[:, :, None], shape), tl.broadcast_to((tn1 * 2)[:, :, None], shape),
-             tl.full(shape, 0x42000000, tl.int32)],
-            dtype=(tl.float32,) * 8, is_pure=True, pack=1)
+             tl.full(shape, 0x42000000, tl.int32), tl.broadcast_to(a0, shape), tl.broadcast_to(a1, shape),
+             tl.broadcast_to(a2, shape), tl.broadcast_to(a3, shape), tl.broadcast_to(a4, shape),
+             tl.broadcast_to(a5, shape), tl.broadcast_to(a6, shape), tl.broadcast_to(a7, shape),
+             tl.broadcast_to(init, shape)],
+            dtype=tl.float32, is_pure=True, pack=1)
     else:
         a = aux
         if IS_BITMOD:
             a = bitmod_special2(aux)
         a = tl.broadcast_to(a[:, :, None], shape)
-        return (_biased(words, 0, a, IS_BITMOD), _biased(words, 1, a, IS_BITMOD), _biased(words, 2, a, IS_BITMOD),
-                _biased(words, 3, a, IS_BITMOD), _biased(words, 4, a, IS_BITMOD), _biased(words, 5, a, IS_BITMOD),
-                _biased(words, 6, a, IS_BITMOD), _biased(words, 7, a, IS_BITMOD))
+        part = _biased(words, 0, a, IS_BITMOD) * a0 + init
+        part = _biased(words, 1, a, IS_BITMOD) * a1 + part
+        part = _biased(words, 2, a, IS_BITMOD) * a2 + part
+        part = _biased(words, 3, a, IS_BITMOD) * a3 + part
+        part = _biased(words, 4, a, IS_BITMOD) * a4 + part
+        part = _biased(words, 5, a, IS_BITMOD) * a5 + part
+        part = _biased(words, 6, a, IS_BITMOD) * a6 + part
+        part = _biased(words, 7, a, IS_BITMOD) * a7 + part
+        return part
 
 
 @triton.jit
@@ -130,8 +141,8 @@ def _w4_gemv_kernel(
     the token scale. (W4A16 runs _w4_gemv_a16_kernel.)
 
     Each weight is decoded to the fp32 value f = 40 + v / 2 (v: BitMoD grid x 2 or INT4 code - zp; USE_ASM on
-    the GPU by _ASM_BIASED's two byte permutations, no conversion instruction; the pure-Triton decode under the
-    interpreter, where inline asm does not run). Per word, the sum starts at -40 x (the word's 8 activations
+    the GPU by _ASM_BIASED_DOT's two byte permutations, no conversion instruction; the pure-Triton decode under
+    the interpreter, where inline asm does not run). Per word, the sum starts at -40 x (the word's 8 activations
     summed, exact in fp32, once per thread and shared by its rows) and adds the 8 exact products f * a, so it is
     sum(f * a) - 40 sum(a) = sum(v * a) / 2; it is then scaled once by the group scale (x 2 for INT4, whose v is
     not doubled). Accumulation is fp32 throughout. Every term is a multiple of the word's finest product unit
@@ -173,7 +184,6 @@ def _w4_gemv_kernel(
         nxt_words = tl.load(w_rows + (wi + NG * GW)[None, :, :], mask=pf_mask[None, :, None], other=0)
         nxt_scale = tl.load(s_rows + gn[None, :], mask=pf_mask[None, :], other=0.0)
         nxt_aux = tl.load(a_rows + gn[None, :], mask=pf_mask[None, :], other=0)
-        v0, v1, v2, v3, v4, v5, v6, v7 = _decode_word(words, aux, BLOCK_N, NG, GW, IS_BITMOD, USE_ASM)
         xm = g_mask[None, :, None]
         # activations [1, NG, GW]: loaded once per thread and broadcast over the program's rows in registers
         x3 = x_row + wi[None, :, :]
@@ -185,15 +195,8 @@ def _w4_gemv_kernel(
         a5 = _ld(x3 + 5 * kw, xm, EVEN_K)
         a6 = _ld(x3 + 6 * kw, xm, EVEN_K)
         a7 = _ld(x3 + 7 * kw, xm, EVEN_K)
-        part = (((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7))) * -GEMV_BIAS
-        part = v0 * a0 + part
-        part = v1 * a1 + part
-        part = v2 * a2 + part
-        part = v3 * a3 + part
-        part = v4 * a4 + part
-        part = v5 * a5 + part
-        part = v6 * a6 + part
-        part = v7 * a7 + part
+        init = (((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7))) * -GEMV_BIAS
+        part = _word_dot(words, aux, a0, a1, a2, a3, a4, a5, a6, a7, init, BLOCK_N, NG, GW, IS_BITMOD, USE_ASM)
         acc += part * scale[:, :, None]
     out = tl.sum(tl.sum(acc, axis=2), axis=1)
     if not IS_BITMOD:

@@ -168,6 +168,9 @@ def _run_ptx(asm: str, operands: dict[str, int]) -> dict[str, int]:
             regs[dst] = _pack_bf16x2(a[0] * b[0] + c[0], a[1] * b[1] + c[1])
         elif op == "cvt.f32.f16":
             regs[dst] = int(np.array([np.array([val(src[0])], np.uint16).view(np.float16)[0]], np.float32).view(np.uint32)[0])
+        elif op == "fma.rn.f32":  # exact products here (E4M3 x short fp32 values): one rounding, as fma
+            exact = float(_f32(val(src[0]))) * float(_f32(val(src[1]))) + float(_f32(val(src[2])))
+            regs[dst] = int(np.array([exact], np.float32).view(np.uint32)[0])
         elif op == "mul.rn.f32":
             regs[dst] = int(np.array([_f32(val(src[0])) * _f32(val(src[1]))], np.float32).view(np.uint32)[0])
         elif op == "cvt.rn.f16x2.f32":  # d = {a -> upper half, b -> lower half}
@@ -261,25 +264,37 @@ def test_inline_ptx_dequant_equals_dequantize_in_fp16(fmt):
             assert got == expected[n, 8 * w: 8 * w + 8].tolist(), (fmt, n, w)
 
 
+def _bits(x: float) -> int:
+    return int(np.array([x], np.float32).view(np.uint32)[0])
+
+
 @pytest.mark.parametrize("fmt", ["bitmod", "int4"])
-def test_gemv_inline_ptx_decode_gives_the_biased_fp32_value_of_every_code(fmt):
-    """gemm_w4's M = 1 GEMV decode (_ASM_BIASED: fp32 outputs $0..$7 for codes 0..7 of the word in $8, operands
-    $9..$12 the doubled decode tables, $13 = 0x42000000): every code under every selector / zero point gives
-    exactly 40 + v / 2, v the integer weight of decode_w4."""
+def test_gemv_inline_ptx_dot_of_every_code_and_group_parameter(fmt):
+    """gemm_w4's M = 1 GEMV PTX (_ASM_BIASED_DOT: $0 = $15 + sum_i f_i * a_i over the codes of the word in $1, with
+    $2..$5 the doubled decode tables, $6 = 0x42000000, a_i in $7..$14): every code under every selector / zero
+    point decodes to exactly f = 40 + v / 2 (v: decode_w4's integer weight), and the FMAs run in code order."""
     is_bitmod = fmt == "bitmod"
     aux = torch.arange(16, dtype=torch.int32) % (4 if is_bitmod else 16)
     tables = _tables(aux, is_bitmod)
     codes = torch.arange(16, dtype=torch.int32).repeat(16)
     expected = torch.empty(256, dtype=torch.int32)
     _decode_ref_kernel[(1,)](codes, aux, expected, IS_BITMOD=is_bitmod, BLOCK=256)
+    acts = quantize_scaled_fp8(torch.randn(1, 8) * 5).values()[0].tolist()  # exact E4M3 values
     for g in range(16):
         for start in (0, 8):
             word = sum(c << (4 * i) for i, c in enumerate(range(start, start + 8)))
-            ops = {"$8": word, "$13": 0x42000000}
-            ops.update(zip(("$9", "$10", "$11", "$12"), (2 * t for t in tables[g])))
-            regs = _run_ptx(gemm_w4._ASM_BIASED.value, ops)
-            got = [float(_f32(regs[f"${i}"])) for i in range(8)]
-            assert got == [40 + float(expected[16 * g + start + i]) / 2 for i in range(8)], (fmt, g, start)
+            ops = {"$1": word, "$6": 0x42000000, "$15": _bits(-40.0 * sum(acts))}
+            ops.update(zip(("$2", "$3", "$4", "$5"), (2 * t for t in tables[g])))
+            ops.update({f"${7 + i}": _bits(a) for i, a in enumerate(acts)})
+            regs = _run_ptx(gemm_w4._ASM_BIASED_DOT.value, ops)
+            want = np.float32(-40.0 * sum(acts))
+            for i in range(8):
+                f = np.float32(40 + float(expected[16 * g + start + i]) / 2)
+                want = np.float32(float(f) * acts[i] + float(want))
+            assert regs["$0"] == _bits(float(want)), (fmt, g, start)
+            # sum(f a) - 40 sum(a) = sum(v a) / 2: the bias cancels exactly here
+            v = [float(expected[16 * g + start + i]) for i in range(8)]
+            assert float(want) == sum(vi * a for vi, a in zip(v, acts)) / 2
 
 
 def _spy_quantizers(monkeypatch):
