@@ -1,8 +1,9 @@
 """Per-token FP8-E4M3 activation quantization (the A8 of W4A8), bit-exact with quantize_scaled_fp8.
 
 scale = fp16(amax / 448) per row (clamped to fp16's normal range, as formats.grouping.store_scale);
-codes = E4M3(x / scale) rounded to nearest even, saturating. One program per row, two passes over it; the codes
-go to memory in the order the consuming kernel reads them.
+codes = E4M3(x / scale) rounded to nearest even, saturating. One program per row, two passes over it (or, after a
+producer kernel that wrote per-chunk maxima, one program per row and chunk: codes_from_chunk_amax); the codes go
+to memory in the order the consuming kernel reads them.
 """
 
 from __future__ import annotations

@@ -81,11 +81,19 @@ def rne(x):
 def round_minifloat(x, MAN_BITS: tl.constexpr, MIN_EXP: tl.constexpr, MAX_VALUE: tl.constexpr, HALF_UP: tl.constexpr):
     """Value of fp32 `x` rounded to a minifloat grid (MiniFloat.round_to_grid), saturating at +-MAX_VALUE.
 
-    The quantum of x's binade is 2**(max(floor(log2|x|), MIN_EXP) - MAN_BITS); scaling by it is exact.
+    The quantum of x's binade is 2**(max(floor(log2|x|), MIN_EXP) - MAN_BITS); scaling by it is exact. A grid whose
+    smallest quantum lies below fp32's normal range (bf16: 2**-133) rounds |x| < 1 on |x| * 2**64 and scales the
+    result back, both exact. The sign comes from x's sign bit, so -0.0 stays -0.0 as in a cast.
     """
+    SHIFT: tl.constexpr = MIN_EXP - MAN_BITS < -126
     mag = tl.abs(x)
+    lowest = MIN_EXP
+    if SHIFT:  # |x| < 1 is rounded as |x| * 2**64 (no overflow), its grid's exponents raised by 64
+        small = mag < 1.0
+        mag = mag * tl.where(small, 18446744073709551616.0, 1.0)
+        lowest = tl.where(small, MIN_EXP + 64, MIN_EXP)
     exp = ((mag.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
-    exp = tl.maximum(exp, MIN_EXP)
+    exp = tl.maximum(exp, lowest)
     quantum = ((exp - MAN_BITS + 127) << 23).to(tl.float32, bitcast=True)
     inv_quantum = ((127 - exp + MAN_BITS) << 23).to(tl.float32, bitcast=True)
     steps = mag * inv_quantum
@@ -93,8 +101,11 @@ def round_minifloat(x, MAN_BITS: tl.constexpr, MIN_EXP: tl.constexpr, MAX_VALUE:
         steps = (steps + 0.5).to(tl.int32).to(tl.float32)
     else:
         steps = rne(steps)
-    rounded = tl.minimum(steps * quantum, MAX_VALUE)
-    return tl.where(x < 0, -rounded, rounded)
+    rounded = steps * quantum
+    if SHIFT:
+        rounded = rounded * tl.where(small, 5.421010862427522e-20, 1.0)  # 2**-64
+    rounded = tl.minimum(rounded, MAX_VALUE)
+    return tl.where(x.to(tl.int32, bitcast=True) < 0, -rounded, rounded)
 
 
 @triton.jit

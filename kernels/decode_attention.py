@@ -18,7 +18,10 @@ query head and token, about a quarter of what re-reading the packed keys would c
 The split outputs share one normaliser: _combine_kernel sums them and writes the output in the caller's dtype
 (one launch instead of a reduction and a cast). A decode split is often a single block of tokens, so each
 kernel loads its next block before the work that block does not depend on (the device-side token count, the
-query's quantization, the split statistics): their latencies overlap instead of adding up.
+query's quantization, the split statistics): their latencies overlap instead of adding up. With a static cache
+the splits cover its capacity and each loads its first block before it knows the live count, so a cache
+allocated far beyond the tokens it holds reads up to one block per idle split (p3quant.generate sizes it to the
+prompt plus the new tokens).
 """
 
 from __future__ import annotations

@@ -50,18 +50,17 @@ def _biased_dot_ptx() -> str:
     decoded as described above (tables $2..$5, $6 = 0x42000000); the FMAs in code order."""
     body = """{
 .reg .b32 wn, wh, wnh, P, N, R;
-.reg .f32 f;
+.reg .f32 f, s;
 xor.b32 wn, $1, 0x88888888;
 shr.u32 wh, $1, 16;
 shr.u32 wnh, wn, 16;
+mov.f32 s, $15;
 """
-    acc = "$15"
     for half, (sel, seln) in enumerate((("$1", "wn"), ("wh", "wnh"))):
         body += f"prmt.b32 P, $2, $3, {sel};\nprmt.b32 N, $4, $5, {seln};\nor.b32 R, P, N;\n"
         for i in range(4):
-            body += f"prmt.b32 f, R, $6, 0x7{i}54;\nfma.rn.f32 $0, f, ${7 + 4 * half + i}, {acc};\n"
-            acc = "$0"
-    return body + "}"
+            body += f"prmt.b32 f, R, $6, 0x7{i}54;\nfma.rn.f32 s, f, ${7 + 4 * half + i}, s;\n"
+    return body + "mov.f32 $0, s;\n}"
 
 
 _ASM_BIASED_DOT = tl.constexpr(_biased_dot_ptx())

@@ -3,6 +3,7 @@
 import pytest
 import torch
 import triton
+from poison import poisoned_empty
 
 from p3quant.attention_math import AttentionFormats, QuantizedKV, p3_attention_reference
 from p3quant.formats import Int4Tensor
@@ -16,18 +17,6 @@ from p3quant.quantizers import key_smoothing_factor, quantize_keys, quantize_val
 # UE4M4 x INT4 products); only fp32 summation order differs, so outputs agree to ~1e-7 relative. A UE4M4
 # code could flip where an fp32 probability sits on a rounding boundary (about 2**-20 per element).
 TOL = 1e-5
-
-
-def _poisoned_empty(monkeypatch):
-    """Make every torch.empty/empty_like NaN (floats) or all-ones bits (ints) so unwritten outputs show."""
-    real_empty = torch.empty
-
-    def empty(*args, **kwargs):
-        t = real_empty(*args, **kwargs)
-        return t.fill_(float("nan")) if t.is_floating_point() else t.fill_(-1 if t.dtype.is_signed else 255)
-
-    monkeypatch.setattr(torch, "empty", empty)
-    monkeypatch.setattr(torch, "empty_like", lambda t, **kw: empty(t.shape, dtype=kw.get("dtype", t.dtype), device=t.device))
 
 
 def _cache(b, hkv, n, r, d, gen, smooth=True, capacity_pad=5, dtype=torch.bfloat16):
@@ -70,7 +59,7 @@ def test_decode_attention_matches_reference(monkeypatch, b, h, hkv, d, n, r, smo
         mask[2] = False  # a fully masked row gives zeros, as the reference
     fmt = AttentionFormats(prob_rounding=rounding)
     ref = p3_attention_reference(q, kv, mask[:, None, None, :], 0.11, fmt, softcap)
-    _poisoned_empty(monkeypatch)
+    poisoned_empty(monkeypatch)
     out = p3_decode_attention(q, kv, mask, 0.11, softcap, rounding, num_splits=splits)
     assert out.shape == (b, h, 1, d) and torch.isfinite(out).all()
     assert ((out - ref).norm() / ref.norm()).item() < TOL
@@ -117,7 +106,7 @@ def test_kv_append_is_bit_exact(monkeypatch, b, h, t, d):
     k[0, 0, :, 3] = 0  # an all-zero channel: smoothing factor 1, as the reference
     mask = torch.rand(b, t, generator=gen) > 0.2
     ref_s = key_smoothing_factor(k, mask)
-    _poisoned_empty(monkeypatch)
+    poisoned_empty(monkeypatch)
     s = key_smoothing_factor_gpu(k, mask)
     assert torch.equal(s, ref_s)
     cap, start = t + 9, 4

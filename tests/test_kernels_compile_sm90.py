@@ -99,7 +99,7 @@ def test_gpu_kernels_compile_for_hopper_with_their_inline_ptx():
         assert "st.global.v4" in ptx[fmt], fmt  # four fp16 pairs per 16-byte store
     assert "ld.global" in ptx["epilogue"]
     assert all("st.global" in ptx[f"act_quant_{layout}"] for layout in range(3))
-    assert "0x7354" in ptx["gemv"] and "fma.rn.f32" in ptx["gemv"]  # the M = 1 GEMV's decode to fp32 bits and FMAs
+    assert "0x7354" in ptx["gemv"] and "fma.rn.f32 s, f," in ptx["gemv"]  # the M = 1 GEMV's decode + FMAs in PTX
     assert "mma" in ptx["scores"] and "mma" in ptx["pv"]  # q.k and P.V on tensor cores
     assert "st.global" in ptx["rope"] and "st.global" in ptx["combine"] and "st.global" in ptx["kv_at"]
     assert "ex2.approx" in ptx["silu_mul"] and "div.rn.f32" in ptx["silu_mul"]  # SiLU's exponential and division

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from poison import poisoned_empty
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import p3quant
@@ -53,8 +54,8 @@ def test_triton_device_length_attention_in_a_model(residual_window=3):
     assert torch.equal(p3quant.generate(model, ids, 4, attention_mask=mask), expected)
 
 
-@pytest.mark.parametrize("residual_window", [1, 4])
-def test_decode_kernel_reads_length_and_ring(residual_window):
+@pytest.mark.parametrize("residual_window,splits", [(1, 3), (4, 1), (4, 3)])
+def test_decode_kernel_reads_length_and_ring(monkeypatch, residual_window, splits):
     """The kernel on the whole storage with the device-side count equals the reference on the sliced cache."""
     gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, (1,))))
     b, hkv, heads, d, prompt, steps, capacity = 2, 2, 4, 32, 9, 6, 40
@@ -67,15 +68,18 @@ def test_decode_kernel_reads_length_and_ring(residual_window):
         layer.update(keys[:, :, t : t + 1], values[:, :, t : t + 1])
         layer.commit()
     n = prompt + steps
-    for store in (layer.key_store, layer.value_store):  # slots past the live count must never be read as data
-        store.scales[:, :, n:] = float("nan")
-        store.packed[:, :, n:] = 255
+    for store in (layer.key_store, layer.value_store):  # slots past the live quantized count are never data
+        store.scales[:, :, n - residual_window:] = float("nan")
+        store.packed[:, :, n - residual_window:] = 255
     visible = torch.rand(b, n, generator=gen) > 0.2
     visible[:, -1] = True
     full_mask = torch.zeros(b, capacity, dtype=torch.bool)
     full_mask[:, :n] = visible
     q = torch.randn(b, heads, 1, d, generator=gen)
-    got = p3_decode_attention(q, layer.quantized_kv(device_length=True), full_mask, d**-0.5, num_splits=3)
+    poisoned_empty(monkeypatch)  # the kernels' scratch (scores past the live count included) starts as NaN
+    # 16-token blocks: each split prefetches blocks past its live end, some splits hold no live token at all
+    got = p3_decode_attention(q, layer.quantized_kv(device_length=True), full_mask, d**-0.5, num_splits=splits, block_t=16)
+    monkeypatch.undo()
     ref = p3_attention_reference(q, layer.quantized_kv(), visible[:, None, None, :], d**-0.5, AttentionFormats())
     assert ((got - ref).norm() / ref.norm()).item() < 1e-5
 

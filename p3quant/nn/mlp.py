@@ -1,4 +1,4 @@
-"""Gated (SwiGLU) MLPs feeding a W4A8 down projection: SiLU, product and FP8 quantization in one Triton launch."""
+"""Gated (SwiGLU) MLPs feeding a W4A8 down projection: SiLU, product and FP8 quantization fused in Triton."""
 
 from __future__ import annotations
 
@@ -15,9 +15,10 @@ _SILU = frozenset({"SiLU", "SiLUActivation"})
 
 class P3GatedMLP(nn.Module):
     """A Llama-style MLP whose gate, up and down projections are P3Linear (the same submodules, so the state dict
-    keeps its keys). When the down projection runs on the triton backend, SiLU(gate) * up is one kernel
-    (kernels/silu_mul.py) that also writes the FP8 codes the down projection would compute, replacing two
-    PyTorch launches and a quantization launch per decode step; otherwise it computes what the wrapped MLP does."""
+    keeps its keys). When the down projection runs on the triton backend, SiLU(gate) * up and the FP8 codes the
+    down projection would compute come from kernels/silu_mul.py (two launches spread over the GPU, replacing two
+    PyTorch launches and a one-program-per-row quantization per decode step); otherwise it computes what the
+    wrapped MLP does."""
 
     def __init__(self, mlp: nn.Module) -> None:
         super().__init__()
