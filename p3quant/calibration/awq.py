@@ -19,7 +19,6 @@ Next-layer inputs come from the layer's float forward before its search, as in A
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable
 
 import torch
 from torch import nn
