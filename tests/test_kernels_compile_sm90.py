@@ -16,7 +16,7 @@ import json
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from p3quant.kernels import act_quant, decode_attention, dequant_w4, gemm_w4, kv_append, rope, silu_mul, w4_mma
+from p3quant.kernels import act_quant, argmax, decode_attention, dequant_w4, gemm_w4, kv_append, rope, silu_mul, w4_mma
 
 
 def compile_ptx(fn, types, constexprs, divisible=(), **options):
@@ -64,6 +64,9 @@ out["scores"] = compile_ptx(decode_attention._scores_kernel, ["*bf16", "*fp32", 
                             dict(attention_shape, HAS_SMOOTH=True, QUANT_Q=True, HAS_MASK=True, HAS_SOFTCAP=True), num_warps=4)
 out["pv"] = compile_ptx(decode_attention._pv_kernel, ["*u8", "*fp16", "*u8", "*bf16"] + ["*fp32"] * 5 + ["*i64"] + ["i32"] * 19,
                         dict(attention_shape, SP=64, HALF_UP=False), num_warps=4)
+out["argmax_chunks"] = compile_ptx(argmax._chunk_argmax_kernel, ["*bf16", "*fp32", "*i32", "*i32", "i32", "i32", "i32"],
+                                   dict(BLOCK=4096), num_warps=8)
+out["argmax_pick"] = compile_ptx(argmax._pick_kernel, ["*fp32", "*i32", "*i32", "*i64", "i32", "i32"], dict(CP=32), num_warps=1)
 out["combine"] = compile_ptx(decode_attention._combine_kernel, ["*fp32", "*bf16", "i32", "i32"], dict(BLOCK_S=16, BLOCK_D=128), num_warps=4)
 out["kv_at"] = compile_ptx(kv_append._int4_kv_at_kernel, ["*bf16", "*fp32", "*u8", "*fp16", "*u8", "*bf16", "*bf16", "*u8", "*fp16",
                                                            "*u8", "*bf16", "*i64"] + ["i32"] * 32,
@@ -100,6 +103,7 @@ def test_gpu_kernels_compile_for_hopper_with_their_inline_ptx():
     assert "ld.global" in ptx["epilogue"]
     assert all("st.global" in ptx[f"act_quant_{layout}"] for layout in range(3))
     assert "0x7354" in ptx["gemv"] and "fma.rn.f32 s, f," in ptx["gemv"]  # the M = 1 GEMV's decode + FMAs in PTX
+    assert "st.global" in ptx["argmax_chunks"] and "st.global" in ptx["argmax_pick"]
     assert "mma" in ptx["scores"] and "mma" in ptx["pv"]  # q.k and P.V on tensor cores
     assert "st.global" in ptx["rope"] and "st.global" in ptx["combine"] and "st.global" in ptx["kv_at"]
     assert "ex2.approx" in ptx["silu_mul"] and "div.rn.f32" in ptx["silu_mul"]  # SiLU's exponential and division
