@@ -26,9 +26,15 @@ def _row_scale(x_ptr, row, K, stride_xm, BLOCK_K: tl.constexpr):
     return fp16_scale(tl.math.div_rn(tl.max(amax, axis=0), FP8_MAX))
 
 
-# LAYOUT, where code k of a row goes: 0 in order; 1 de-interleaved by k % 8 (the decode GEMV's vector loads);
-# 2 in half-planes k % 8 < 4 | k % 8 >= 4 (the small-M tensor-core kernel).
+# LAYOUT, where code k of a row goes: 0 in order; 1 de-interleaved by k % 8 (the decode GEMV's vector loads),
+# followed by a ninth plane with each word's (8 codes') sum, which the GEMV needs once per word; 2 in half-planes
+# k % 8 < 4 | k % 8 >= 4 (the small-M tensor-core kernel).
 _PLAIN, _SPLIT, _HALVES = 0, 1, 2
+
+
+def codes_width(layout: int, k: int) -> int:
+    """Columns of the codes buffer of a K-wide row in `layout` (the split layout's word sums add K / 8)."""
+    return k + k // 8 if layout == _SPLIT else k
 
 
 @triton.jit
@@ -43,6 +49,17 @@ def code_positions(k, K, LAYOUT: tl.constexpr):
 
 
 @triton.jit
+def store_codes(q_row_ptr, q, k0, k, mask, K, LAYOUT: tl.constexpr, BLOCK: tl.constexpr):
+    """Store codes q (fp32 values) of positions k = k0 + arange(BLOCK) (k0 a multiple of 8) in LAYOUT, and in the
+    split layout also their words' sums (exact in fp32: 8 E4M3 values) in the ninth plane."""
+    tl.store(q_row_ptr + code_positions(k, K, LAYOUT), q.to(q_row_ptr.dtype.element_ty), mask=mask)
+    if LAYOUT == 1:
+        words = k0 // 8 + tl.arange(0, BLOCK // 8)
+        sums = tl.sum(tl.reshape(tl.where(mask, q, 0.0), [BLOCK // 8, 8]), axis=1)
+        tl.store(q_row_ptr + K + words, sums, mask=words < K // 8)
+
+
+@triton.jit
 def fp8_codes(x, scale):
     """E4M3 values of fp32 x / scale, rounded to nearest even, saturating (quantize_scaled_fp8's codes)."""
     return round_minifloat(tl.math.div_rn(x, scale), 3, -6, FP8_MAX, False)
@@ -50,14 +67,14 @@ def fp8_codes(x, scale):
 
 @triton.jit
 def store_row_with_codes(y, y_row_ptr, q_row_ptr, s_ptr, row, k, mask, K, LAYOUT: tl.constexpr):
-    """Store a fused kernel's 16-bit output row y (at offsets k) and, with a LAYOUT, its per-token FP8 scale and
-    codes computed from the rounded values (bit-exact with _act_quant_kernel on y)."""
+    """Store a fused kernel's 16-bit output row y (at offsets k = arange(BLOCK)) and, with a LAYOUT, its per-token
+    FP8 scale and codes computed from the rounded values (bit-exact with _act_quant_kernel on y)."""
     tl.store(y_row_ptr + k, y, mask=mask)
     if LAYOUT != 0:
         yf = y.to(tl.float32)
         scale = fp16_scale(tl.math.div_rn(tl.max(tl.abs(yf), axis=0), FP8_MAX))
         tl.store(s_ptr + row, scale)
-        tl.store(q_row_ptr + code_positions(k, K, LAYOUT), fp8_codes(yf, scale).to(q_row_ptr.dtype.element_ty), mask=mask)
+        store_codes(q_row_ptr, fp8_codes(yf, scale), 0, k, mask, K, LAYOUT, k.shape[0])
 
 
 @triton.jit
@@ -74,7 +91,7 @@ def _codes_from_chunk_amax_kernel(y_ptr, amax_ptr, q_ptr, s_ptr, K, CHUNKS, stri
     k = chunk * BLOCK_K + tl.arange(0, BLOCK_K)
     mask = k < K
     y = tl.load(y_ptr + row * stride_ym + k, mask=mask, other=0.0).to(tl.float32)
-    tl.store(q_ptr + row * stride_qm + code_positions(k, K, LAYOUT), fp8_codes(y, scale).to(q_ptr.dtype.element_ty), mask=mask)
+    store_codes(q_ptr + row * stride_qm, fp8_codes(y, scale), chunk * BLOCK_K, k, mask, K, LAYOUT, BLOCK_K)
 
 
 def codes_from_chunk_amax(y: torch.Tensor, chunk_amax: torch.Tensor, block_k: int, layout: int, codes: torch.Tensor,
@@ -100,8 +117,7 @@ def _act_quant_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, BLOCK_K: tl.
         k = k0 + offs
         mask = k < K
         x = tl.load(x_ptr + row * stride_xm + k, mask=mask, other=0.0).to(tl.float32)
-        q = fp8_codes(x, scale)
-        tl.store(q_ptr + row * stride_qm + code_positions(k, K, LAYOUT), q.to(q_ptr.dtype.element_ty), mask=mask)
+        store_codes(q_ptr + row * stride_qm, fp8_codes(x, scale), k0, k, mask, K, LAYOUT, BLOCK_K)
 
 
 def _quantize_into(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, layout: int) -> None:
@@ -123,8 +139,8 @@ def quantize_activation_fp8_halves(x: torch.Tensor, codes: torch.Tensor, scales:
 @on_input_device
 def quantize_activation_fp8_split(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> None:
     """Hot-path variant for the decode GEMV (no checks; callers validate): x [M, K] (K % 8 == 0, unit stride)
-    -> codes fp32 [M, K] de-interleaved by k % 8: code k at (k % 8) * (K // 8) + k // 8 (exact E4M3 values),
-    scales fp32 [M]."""
+    -> codes fp32 [M, K + K // 8] de-interleaved by k % 8: code k at (k % 8) * (K // 8) + k // 8 (exact E4M3
+    values), then the sum of word w's 8 codes at K + w; scales fp32 [M]."""
     _quantize_into(x, codes, scales, _SPLIT)
 
 
@@ -189,8 +205,9 @@ def code_buffers(layout: str | None, y: torch.Tensor) -> tuple[int, torch.Tensor
     if layout not in LAYOUT_CODES:
         raise ValueError(f"layout must be one of {sorted(LAYOUT_CODES)} or None, got {layout!r}")
     m, k = y.shape
-    codes = torch.empty((m, k), dtype=torch.float32 if layout == "split" else torch.float16, device=y.device)
-    return LAYOUT_CODES[layout], codes, torch.empty((m,), dtype=torch.float32, device=y.device)
+    code = LAYOUT_CODES[layout]
+    codes = torch.empty((m, codes_width(code, k)), dtype=torch.float32 if layout == "split" else torch.float16, device=y.device)
+    return code, codes, torch.empty((m,), dtype=torch.float32, device=y.device)
 
 
 def remember_quantized(source: torch.Tensor, layout: str, codes: torch.Tensor, scales: torch.Tensor) -> None:
@@ -217,7 +234,8 @@ def quantize_activation_once(source: torch.Tensor, x: torch.Tensor, layout: str)
     if ACTIVATION_REUSE and key is not None and entry is not None and entry[0] is source and entry[1] == key:
         return entry[2]
     quantize, dtype = _QUANTIZERS[layout]
-    codes = torch.empty(x.shape, dtype=dtype, device=x.device)
+    m, k = x.shape
+    codes = torch.empty((m, codes_width(LAYOUT_CODES.get(layout, _PLAIN), k)), dtype=dtype, device=x.device)
     scales = torch.empty((x.shape[0],), dtype=torch.float32, device=x.device)
     quantize(x, codes, scales)
     _last = (source, key, (codes, scales)) if key is not None else None

@@ -136,13 +136,13 @@ def _w4_gemv_kernel(
     Tile [BLOCK_N rows, BLOCK_K / GROUP groups, GROUP / 8 words]: scale and selector / zero point are loaded
     once per (row, group) and broadcast in registers; the activations of a tile are loaded once per program and
     reused for all its rows. W4A8 only: x holds the FP8 code values as fp32, de-interleaved by k % 8
-    (act_quant.quantize_activation_fp8_split), so the 8 activation vectors are contiguous 16-byte loads; xs is
-    the token scale. (W4A16 runs _w4_gemv_a16_kernel.)
+    (act_quant.quantize_activation_fp8_split), so the 8 activation vectors are contiguous 16-byte loads, and a
+    ninth plane with each word's activation sum; xs is the token scale. (W4A16 runs _w4_gemv_a16_kernel.)
 
     Each weight is decoded to the fp32 value f = 40 + v / 2 (v: BitMoD grid x 2 or INT4 code - zp; USE_ASM on
     the GPU by _ASM_BIASED_DOT's two byte permutations, no conversion instruction; the pure-Triton decode under
-    the interpreter, where inline asm does not run). Per word, the sum starts at -40 x (the word's 8 activations
-    summed, exact in fp32, once per thread and shared by its rows) and adds the 8 exact products f * a, so it is
+    the interpreter, where inline asm does not run). Per word, the sum starts at -40 x (x: the word's 8 activations
+    summed, exact in fp32, from the activations' ninth plane) and adds the 8 exact products f * a, so it is
     sum(f * a) - 40 sum(a) = sum(v * a) / 2; it is then scaled once by the group scale (x 2 for INT4, whose v is
     not doubled). Accumulation is fp32 throughout. Every term is a multiple of the word's finest product unit
     (half the smallest activation's E4M3 quantum), so the word's running sum is exact unless its 8 activations
@@ -194,7 +194,7 @@ def _w4_gemv_kernel(
         a5 = _ld(x3 + 5 * kw, xm, EVEN_K)
         a6 = _ld(x3 + 6 * kw, xm, EVEN_K)
         a7 = _ld(x3 + 7 * kw, xm, EVEN_K)
-        init = (((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7))) * -GEMV_BIAS
+        init = _ld(x3 + 8 * kw, xm, EVEN_K) * -GEMV_BIAS  # the words' activation sums (act_quant's ninth plane)
         part = _word_dot(words, aux, a0, a1, a2, a3, a4, a5, a6, a7, init, BLOCK_N, NG, GW, IS_BITMOD, USE_ASM)
         acc += part * scale[:, :, None]
     out = tl.sum(tl.sum(acc, axis=2), axis=1)

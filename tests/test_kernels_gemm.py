@@ -109,10 +109,11 @@ def test_split_activation_quant_matches():
     gen = torch.Generator().manual_seed(5)
     x = (torch.randn(2, 96, generator=gen) * torch.logspace(-6, 3, 96)).to(torch.bfloat16)
     codes, scales = quantize_activation_fp8(x)
-    a, s = torch.empty(2, 96), torch.empty(2)
+    a, s = torch.full((2, 96 + 12), float("nan")), torch.empty(2)
     quantize_activation_fp8_split(x, a, s)
     assert torch.equal(s, scales)
-    assert torch.equal(a.view(2, 8, 12).transpose(1, 2).reshape(2, 96), codes.float())
+    assert torch.equal(a[:, :96].view(2, 8, 12).transpose(1, 2).reshape(2, 96), codes.float())
+    assert torch.equal(a[:, 96:], codes.float().view(2, 12, 8).sum(-1))  # the words' sums, exact
 
 
 def test_bad_inputs_are_rejected(monkeypatch):
