@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import fp16_scale, FP8_MAX, on_input_device, require_device, round_minifloat
+from .common import FP8_MAX, fp8_token_scale, on_input_device, require_device, round_minifloat
 
 
 @triton.jit
@@ -23,7 +23,7 @@ def _row_scale(x_ptr, row, K, stride_xm, BLOCK_K: tl.constexpr):
     for k0 in range(0, K, BLOCK_K):
         x = tl.load(x_ptr + row * stride_xm + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
         amax = tl.maximum(amax, tl.abs(x))
-    return fp16_scale(tl.math.div_rn(tl.max(amax, axis=0), FP8_MAX))
+    return fp8_token_scale(tl.max(amax, axis=0))
 
 
 # LAYOUT, where code k of a row goes: 0 in order; 1 de-interleaved by k % 8 (the decode GEMV's vector loads),
@@ -72,7 +72,7 @@ def store_row_with_codes(y, y_row_ptr, q_row_ptr, s_ptr, row, k, mask, K, LAYOUT
     tl.store(y_row_ptr + k, y, mask=mask)
     if LAYOUT != 0:
         yf = y.to(tl.float32)
-        scale = fp16_scale(tl.math.div_rn(tl.max(tl.abs(yf), axis=0), FP8_MAX))
+        scale = fp8_token_scale(tl.max(tl.abs(yf), axis=0))
         tl.store(s_ptr + row, scale)
         store_codes(q_row_ptr, fp8_codes(yf, scale), 0, k, mask, K, LAYOUT, k.shape[0])
 
@@ -85,7 +85,7 @@ def _codes_from_chunk_amax_kernel(y_ptr, amax_ptr, q_ptr, s_ptr, K, CHUNKS, stri
     row = tl.program_id(0)
     chunk = tl.program_id(1)
     parts = tl.load(amax_ptr + row * CHUNKS + tl.arange(0, CP), mask=tl.arange(0, CP) < CHUNKS, other=0.0)
-    scale = fp16_scale(tl.math.div_rn(tl.max(parts, axis=0), FP8_MAX))
+    scale = fp8_token_scale(tl.max(parts, axis=0))
     if chunk == 0:
         tl.store(s_ptr + row, scale)
     k = chunk * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -206,7 +206,7 @@ def code_buffers(layout: str | None, y: torch.Tensor) -> tuple[int, torch.Tensor
         raise ValueError(f"layout must be one of {sorted(LAYOUT_CODES)} or None, got {layout!r}")
     m, k = y.shape
     code = LAYOUT_CODES[layout]
-    codes = torch.empty((m, codes_width(code, k)), dtype=torch.float32 if layout == "split" else torch.float16, device=y.device)
+    codes = torch.empty((m, codes_width(code, k)), dtype=_QUANTIZERS[layout][1], device=y.device)
     return code, codes, torch.empty((m,), dtype=torch.float32, device=y.device)
 
 

@@ -109,11 +109,20 @@ def round_minifloat(x, MAN_BITS: tl.constexpr, MIN_EXP: tl.constexpr, MAX_VALUE:
 
 
 @triton.jit
+def round_like_output(x, y_ptr):
+    """fp32 x rounded (nearest even) to the 16-bit element type of y_ptr, kept as fp32 (arithmetic, not a cast)."""
+    if y_ptr.dtype.element_ty == tl.bfloat16:
+        return round_minifloat(x, 7, -126, BF16_MAX, False)
+    else:
+        return round_minifloat(x, 10, -14, FP16_MAX, False)
+
+
+@triton.jit
 def round_to_output(x, y_ptr):
     """fp32 -> the 16-bit element type of y_ptr, round to nearest even. bf16 is rounded arithmetically first:
     the interpreter's fp32 -> bf16 cast truncates (the GPU's rounds; both then agree)."""
     if y_ptr.dtype.element_ty == tl.bfloat16:
-        x = round_minifloat(x, 7, -126, BF16_MAX, False)
+        x = round_like_output(x, y_ptr)
     return x.to(y_ptr.dtype.element_ty)
 
 
@@ -123,6 +132,12 @@ def fp16_scale(x):
     as fp32. Rounded arithmetically: the compiled fp32->fp16 cast was seen to break ties differently on an H200."""
     x = tl.minimum(tl.maximum(x, FP16_TINY), FP16_MAX)
     return round_minifloat(x, 10, -14, FP16_MAX, False)
+
+
+@triton.jit
+def fp8_token_scale(amax):
+    """The per-token (or per-head) FP8 scale of a row whose max |x| is amax: fp16(amax / 448), as quantize_scaled_fp8."""
+    return fp16_scale(tl.math.div_rn(amax, FP8_MAX))
 
 
 @triton.jit

@@ -34,7 +34,7 @@ import triton.language as tl
 from p3quant.attention_math import QuantizedKV
 from p3quant.formats import Int4Tensor
 
-from .common import fp16_scale, FP16_TINY, FP8_MAX, interpreting, on_input_device, require_device, round_minifloat, round_to_output
+from .common import fp8_token_scale, FP16_TINY, FP8_MAX, interpreting, on_input_device, require_device, round_minifloat, round_to_output
 
 UE4M4_MAX = tl.constexpr(1.9375)
 _BLOCK_R = 16
@@ -141,7 +141,7 @@ def _scores_kernel(
     q_scale = tl.full([GP], 1.0, tl.float32)
     if QUANT_Q:  # FP8-E4M3 per (token, head), scale = fp16(amax / 448)
         amax = tl.maximum(tl.max(tl.abs(q_even), axis=1), tl.max(tl.abs(q_odd), axis=1))
-        q_scale = fp16_scale(tl.math.div_rn(amax, FP8_MAX))
+        q_scale = fp8_token_scale(amax)
         q_even = round_minifloat(tl.math.div_rn(q_even, q_scale[:, None]), 3, -6, FP8_MAX, False)
         q_odd = round_minifloat(tl.math.div_rn(q_odd, q_scale[:, None]), 3, -6, FP8_MAX, False)
     m_i = tl.full([GP], float("-inf"), tl.float32)

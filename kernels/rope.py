@@ -4,7 +4,7 @@ HF computes q * cos + rotate_half(q) * sin (and the same for k) as about ten sma
 negation, concatenation, sums); in a decode step that is a third of a layer's launches. This kernel does the same
 16-bit arithmetic per element, rounding after each product and after the sum as PyTorch's 16-bit ops do (the
 products of two 16-bit values are exact in fp32, so each rounding equals PyTorch's): the result is identical.
-The products are rounded arithmetically (common.round_minifloat), not by casts: from fp16 casts the compiler
+The products are rounded arithmetically (common.round_like_output), not by casts: from fp16 casts the compiler
 narrows the ops to fp16 and contracts product and sum into one fp16 FMA, which skips a rounding (seen on an H200:
 the fp16 result differed from transformers' where bf16 matched).
 """
@@ -15,21 +15,12 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import BF16_MAX, FP16_MAX, interpreting, on_input_device, round_minifloat, round_to_output
+from .common import interpreting, on_input_device, round_like_output, round_to_output
 
 
 # heads per program: a decode step's few (b, t) rows still spread over several SMs (one program for all 32 query
 # heads of a Llama-3.1-8B token took 4.4 us on an H200)
 HEADS_PER_PROGRAM = 4
-
-
-@triton.jit
-def _rounded_product(a, b, y_ptr):
-    """a * b rounded to y's 16-bit type, kept in fp32 (see the module docstring for why not by a cast)."""
-    if y_ptr.dtype.element_ty == tl.bfloat16:
-        return round_minifloat(a * b, 7, -126, BF16_MAX, False)
-    else:
-        return round_minifloat(a * b, 10, -14, FP16_MAX, False)
 
 
 @triton.jit
@@ -44,8 +35,8 @@ def _rotate_rows(x_ptr, y_ptr, c, s, b, t, h0, heads, s_xb, s_xh, s_xt, s_yb, s_
     x = tl.load(row + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
     partner = tl.load(row + ((offs_d + D // 2) % D)[None, :], mask=mask, other=0.0).to(tl.float32)
     rotated = tl.where((offs_d < D // 2)[None, :], -partner, partner)  # rotate_half: cat(-x2, x1)
-    first = _rounded_product(x, c[None, :], y_ptr)
-    second = _rounded_product(rotated, s[None, :], y_ptr)
+    first = round_like_output(x * c[None, :], y_ptr)
+    second = round_like_output(rotated * s[None, :], y_ptr)
     tl.store(y_ptr + b * s_yb + offs_h[:, None] * s_yh + t * s_yt + offs_d[None, :], round_to_output(first + second, y_ptr),
              mask=mask)
 

@@ -10,6 +10,15 @@ def ulps_16bit(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a.view(torch.int16).int() - b.view(torch.int16).int()).abs()
 
 
+def assert_fused_output(got: torch.Tensor, want: torch.Tensor, layout: str | None, max_ulps: int) -> None:
+    """A fused kernel's 16-bit output against PyTorch's unfused ops: same shape and dtype, at most max_ulps apart
+    and on few elements (< 5%), and its FP8 hand-off in `layout` exact."""
+    assert got.shape == want.shape and got.dtype == want.dtype
+    ulps = ulps_16bit(got, want)
+    assert ulps.max() <= max_ulps and (ulps > 0).float().mean() < 0.05
+    assert_handoff(got, layout)
+
+
 def assert_handoff(out: torch.Tensor, layout: str | None) -> None:
     """A fused kernel's output `out` [..., K] left exactly act_quant's codes and scales of it in `layout` for the
     next linear layer (and nothing without a layout)."""
