@@ -67,8 +67,8 @@ def main() -> None:
     if nfail:
         print("correctness failed: timing anyway, for information")
 
-    sweep = [(8, 1024, 4, 3), (16, 1024, 4, 3), (32, 1024, 4, 3), (16, 512, 4, 4), (32, 512, 4, 4), (16, 2048, 8, 2),
-             (32, 1024, 8, 3), (64, 512, 8, 3), (8, 2048, 4, 2), (16, 1024, 4, 2), (4, 1024, 2, 3), (32, 2048, 8, 2)]
+    sweep = [(4, 1024, 1, 1), (8, 1024, 1, 1), (2, 1024, 1, 1), (4, 2048, 1, 1), (8, 512, 1, 1), (4, 512, 1, 1),
+             (4, 1024, 1, 2), (8, 1024, 2, 1), (16, 1024, 2, 1), (8, 2048, 2, 1), (16, 1024, 4, 3), (8, 1024, 4, 3)]
     if os.environ.get("GEMV_SWEEP"):
         sweep = [tuple(int(v) for v in c.split(",")) for c in os.environ["GEMV_SWEEP"].split(";")]
     names = ("qkv", "o", "gate_up", "down")

@@ -189,12 +189,14 @@ def _capturing(device: torch.device) -> bool:
 LAYOUT_CODES = {"split": _SPLIT, "halves": _HALVES}  # FP8 layouts by name, for kernels that quantize on the fly
 
 
-def _reuse_key(source: torch.Tensor, x: torch.Tensor, layout: str) -> tuple | None:
+def _reuse_key(source: torch.Tensor, layout: str) -> tuple | None:
+    """What must match for a hit: the version counter, the layout, the [M, K] shape, device and capture state."""
     try:
         version = source._version
     except RuntimeError:  # inference tensors do not track versions
         return None
-    return (version, layout, tuple(x.shape), x.device, _capturing(x.device))
+    rows_by_k = (source.numel() // source.shape[-1], source.shape[-1])
+    return (version, layout, rows_by_k, source.device, _capturing(source.device))
 
 
 def code_buffers(layout: str | None, y: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor]:
@@ -214,7 +216,7 @@ def remember_quantized(source: torch.Tensor, layout: str, codes: torch.Tensor, s
     """Record codes and scales of `source` (viewed as [M, K]) in `layout`, computed by another kernel (the fused
     RMSNorm), so that the next linear layer fed with `source` skips its own quantization launch."""
     global _last
-    key = _reuse_key(source, codes, layout)
+    key = _reuse_key(source, layout)
     _last = (source, key, (codes, scales)) if key is not None else None
 
 
@@ -228,7 +230,7 @@ def quantize_activation_once(source: torch.Tensor, x: torch.Tensor, layout: str)
     the same version counter (in-place writes bump it), layout and shape, and the same CUDA-graph capture state:
     a graph captured after an eager call on a static input buffer must record its own quantization. Tensors
     without a version counter (inference mode) are never reused. Only the last input is kept (decode-sized)."""
-    key = _reuse_key(source, x, layout)
+    key = _reuse_key(source, layout)
     global _last
     entry = _last
     if ACTIVATION_REUSE and key is not None and entry is not None and entry[0] is source and entry[1] == key:

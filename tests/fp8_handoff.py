@@ -27,8 +27,10 @@ def assert_handoff(out: torch.Tensor, layout: str | None) -> None:
         return
     k = out.shape[-1]
     x2 = out.view(-1, k)
-    codes, scales = act_quant.quantize_activation_once(out, x2, layout)  # must be the remembered entry
-    assert act_quant._last[0] is out
+    assert act_quant._last is not None and act_quant._last[0] is out
+    remembered = act_quant._last[2]
+    codes, scales = act_quant.quantize_activation_once(out, x2, layout)
+    assert codes is remembered[0] and scales is remembered[1], "the next linear layer quantized again (reuse missed)"
     fresh_codes, fresh_scales = torch.empty_like(codes), torch.empty_like(scales)
     act_quant._QUANTIZERS[layout][0](x2, fresh_codes, fresh_scales)
     assert torch.equal(codes, fresh_codes) and torch.equal(scales, fresh_scales)
