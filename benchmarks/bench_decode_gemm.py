@@ -11,7 +11,6 @@ import os
 import sys
 
 import torch
-import triton
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -48,10 +47,32 @@ def asm_matches_triton() -> list[str]:
     return out
 
 
+def shared_input_rows() -> tuple[list[str], list[tuple]]:
+    """Llama-3.1-8B's q/k/v (4096 + 1024 + 1024 rows) and gate/up (2 x 14336) as one GEMV launch against one launch
+    per weight: bit-equality and CUDA-graph times (activations quantized once, as after the fused RMSNorm)."""
+    checks, rows = [], []
+    for name, ns in (("q/k/v", (4096, 1024, 1024)), ("gate/up", (14336, 14336))):
+        k = 4096
+        copies = min(copies_for(sum(ns) * k // 2), 16)
+        sets = [list(ws) for ws in zip(*(bitmod_weight_copies(n, k, copies) for n in ns))]
+        x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+        fused = g.w4_matmul_shared_input(x, sets[0])
+        separate = [g.w4_matmul(x, w) for w in sets[0]]
+        ok = all(torch.equal(f, s) for f, s in zip(fused, separate))
+        checks.append(f"{'PASS' if ok else 'FAIL'} shared-input GEMV {name} bit-equal to separate launches")
+        act_quant.ACTIVATION_REUSE = True  # one quantization per input, as in a decoder layer
+        one = graph_rotating_us([lambda ws=ws: g.w4_matmul_shared_input(x, ws) for ws in sets])
+        each = graph_rotating_us([lambda ws=ws: [g.w4_matmul(x, w) for w in ws] for ws in sets])
+        act_quant.ACTIVATION_REUSE = False
+        rows.append((name, "+".join(map(str, ns)), one, each, each / one))
+    return checks, rows
+
+
 def main() -> None:
     full = "--full" in sys.argv
     print(environment(), flush=True)
-    lines = gpu_check.check_gemm() + asm_matches_triton()
+    shared_checks, shared_rows = shared_input_rows()
+    lines = gpu_check.check_gemm() + asm_matches_triton() + shared_checks
     for m, k in ((1, 4096), (1, 14336), (1, 1408)):
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16) * torch.logspace(-6, 3, k, device="cuda").to(torch.bfloat16)
         c, s = quantize_activation_fp8(x)
@@ -62,6 +83,8 @@ def main() -> None:
               and torch.equal(a[:, k:], c.float().view(m, k // 8, 8).sum(-1)))
         lines.append(f"{'PASS' if ok else 'FAIL'} split act quant bit-exact M={m} K={k}")
     print("\n".join(lines), flush=True)
+    print("\n## projections of one input: one launch vs one per weight (graph us)\n"
+          + table(["projections", "rows", "one launch us", "separate us", "speedup"], shared_rows), flush=True)
     nfail = sum(l.startswith('FAIL') for l in lines)
     print(f"correctness: {sum(l.startswith('PASS') for l in lines)} PASS, {nfail} FAIL", flush=True)
     if nfail:
@@ -115,15 +138,9 @@ def main() -> None:
             xs = torch.empty(1, device="cuda")
             quantize_activation_fp8_split(x[:1], a, xs)
             y = torch.empty(1, n, device="cuda", dtype=torch.bfloat16)
-            bn, bk, nw, ns = best
-            bk = max(bk, 128)
 
-            def kern(w, a=a, xs=xs, y=y, n=n, k=k, bn=bn, bk=bk, nw=nw, ns=ns):
-                p = g._prepared(w, "bench")
-                g._w4_gemv_kernel[(triton.cdiv(n, bn), 1)](a, xs, p.words, p.scales, p.aux, p.scales, y, n, k, a.stride(0),
-                                                            p.words.stride(0), p.scales.stride(0), p.aux.stride(0), y.stride(0), k // 8,
-                                                            GROUP=128, BLOCK_N=bn, BLOCK_K=bk, IS_BITMOD=True,
-                                                            HAS_BIAS=False, USE_ASM=True, EVEN_K=k % bk == 0, num_warps=nw, num_stages=ns)
+            def kern(w, a=a, xs=xs, y=y):
+                g._gemv_fp8(a, xs, [(g._prepared(w, "bench"), None, y)], True)
             gk = graph_rotating_us([lambda w=w: kern(w) for w in ws[:16]]) if m == 1 else float("nan")
             rows.append((f"{name} {n}x{k}", m, e8, ebf / e8, g8, gbf / g8, wbytes / g8 / 1e6 / copy_bw * 100, gk,
                          wbytes / gk / 1e6 / copy_bw * 100, gbf / gk, g16, gbf / g16, ebf, gbf))

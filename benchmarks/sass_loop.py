@@ -69,8 +69,8 @@ def main() -> None:
     print(f"M = 1 GEMV, config {(block_n, block_k, warps, stages)}, group {group}: {words_per_thread} words per thread per loop step")
     for is_bitmod in (True, False):
         kernel = compile_sm90(
-            gemm_w4._w4_gemv_kernel, ["*fp32", "*fp32", "*i32", "*fp16", "*u8", "*bf16", "*bf16"] + ["i32"] * 7,
-            dict(KW=4096 // 8, GROUP=group, BLOCK_N=block_n, BLOCK_K=block_k, IS_BITMOD=is_bitmod, HAS_BIAS=False,
+            gemm_w4._w4_gemv_kernel, gemm_w4.GEMV_ARG_TYPES,
+            dict(KW=4096 // 8, SEGMENTS=1, GROUP=group, BLOCK_N=block_n, BLOCK_K=block_k, IS_BITMOD=is_bitmod, HAS_BIAS=False,
                  USE_ASM=True, EVEN_K=True),
             divisible=("K", "stride_xm", "stride_wn"), num_warps=warps, num_stages=stages)
         ops = loop_opcodes(kernel.asm["cubin"])

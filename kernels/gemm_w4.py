@@ -124,14 +124,24 @@ def _gemv_epilogue(out, xs_ptr, b_ptr, y_ptr, m, stride_ym, offs_n, n_mask, ROW_
     tl.store(y_ptr + m * stride_ym + offs_n, out.to(y_ptr.dtype.element_ty), mask=n_mask)
 
 
-@triton.jit
+# _w4_gemv_kernel's argument types before its constexprs, for offline sm_90 compiles (tests, benchmarks/sass_loop.py)
+GEMV_ARG_TYPES = ["*fp32", "*fp32", "*i32", "*fp16", "*u8", "*bf16", "*bf16"] + ["i32"] * 7 + ["*i32", "*fp16", "*u8", "*bf16", "*bf16", "i32"] * 2
+
+
+@triton.jit(do_not_specialize=["N", "N1", "N2"])
 def _w4_gemv_kernel(
     x_ptr, xs_ptr, w_ptr, s_ptr, aux_ptr, b_ptr, y_ptr,
-    N, K, stride_xm, stride_wn, stride_sn, stride_an, stride_ym, KW: tl.constexpr,
+    N, K, stride_xm, stride_wn, stride_sn, stride_an, stride_ym,
+    w1_ptr, s1_ptr, aux1_ptr, b1_ptr, y1_ptr, N1, w2_ptr, s2_ptr, aux2_ptr, b2_ptr, y2_ptr, N2,
+    KW: tl.constexpr, SEGMENTS: tl.constexpr,
     GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     IS_BITMOD: tl.constexpr, HAS_BIAS: tl.constexpr, USE_ASM: tl.constexpr, EVEN_K: tl.constexpr,
 ):
     """Decode GEMV over int32 words of 8 codes (code i of word j = element 8j + i; stride_wn in words).
+
+    SEGMENTS (1 to 3) weights of one K fed the same activations (q/k/v, gate/up) run in one launch: the
+    programs of segment 1 (w1_ptr ... N1 rows) follow those of segment 0 (w_ptr ... N rows), then segment 2's;
+    each segment has its own bias and output, and all share the strides.
 
     Tile [BLOCK_N rows, BLOCK_K / GROUP groups, GROUP / 8 words]: scale and selector / zero point are loaded
     once per (row, group) and broadcast in registers; the activations of a tile are loaded once per program and
@@ -156,6 +166,16 @@ def _w4_gemv_kernel(
     NG: tl.constexpr = BLOCK_K // GROUP
     pid_n = tl.program_id(0)
     m = tl.program_id(1)
+    if SEGMENTS > 1:
+        first = tl.cdiv(N, BLOCK_N)
+        if pid_n >= first:
+            pid_n -= first
+            w_ptr, s_ptr, aux_ptr, b_ptr, y_ptr, N = w1_ptr, s1_ptr, aux1_ptr, b1_ptr, y1_ptr, N1
+            if SEGMENTS > 2:
+                second = tl.cdiv(N1, BLOCK_N)
+                if pid_n >= second:
+                    pid_n -= second
+                    w_ptr, s_ptr, aux_ptr, b_ptr, y_ptr, N = w2_ptr, s2_ptr, aux2_ptr, b2_ptr, y2_ptr, N2
     offs_n, n_mask, rows = clamped_rows(pid_n, BLOCK_N, N)
     kw = KW  # K // 8 as a compile-time constant: the 8 activation planes sit at immediate offsets
     ng_total = K // GROUP
@@ -451,6 +471,74 @@ def _dequant_matmul(x: torch.Tensor, weight: BitMoDTensor | Int4Tensor, bias: to
 _MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype")  # fp16 x fp16 -> fp32 output in one cuBLAS call
 
 
+def _checked(what: str, x: torch.Tensor, weight: BitMoDTensor | Int4Tensor, bias: torch.Tensor | None,
+             activation_format: str) -> _Prepared:
+    """The weight's launch metadata, after checking that x, weight and bias fit together and the kernels."""
+    if not isinstance(weight, (BitMoDTensor, Int4Tensor)):
+        raise TypeError(f"{what}: weight must be a BitMoDTensor or Int4Tensor, got {type(weight).__name__}")
+    prep = _prepared(weight, what)
+    if x.device != prep.device or (bias is not None and bias.device != prep.device):
+        raise ValueError(f"{what}: tensors on different devices ({x.device}, weight on {prep.device})")
+    if not interpreting() and not x.is_cuda:
+        raise ValueError(f"{what}: the Triton kernel needs CUDA tensors (got {x.device}); use backend='torch' on CPU")
+    if not x.is_floating_point():
+        raise TypeError(f"{what}: x must be floating point, got {x.dtype}")
+    if x.shape[-1] != prep.k:
+        raise ValueError(f"{what}: x has {x.shape[-1]} features but the weight expects {prep.k}")
+    if activation_format != "fp8_e4m3" and activation_format != "none":
+        raise ValueError(f"{what}: activation_format must be 'fp8_e4m3' or 'none', got {activation_format!r}")
+    if bias is not None and bias.shape != (prep.n,):
+        raise ValueError(f"{what}: bias must have shape ({prep.n},), got {tuple(bias.shape)}")
+    return prep
+
+
+def _gemv_fp8(a: torch.Tensor, xs: torch.Tensor, parts: list[tuple[_Prepared, torch.Tensor | None, torch.Tensor]],
+              use_asm: bool) -> None:
+    """One W4A8 GEMV launch over 1 to 3 weights of one K, format and layout (`parts`: weight, bias, output [1, N]),
+    with a's split FP8 codes and token scale xs."""
+    first = parts[0][0]
+    block_n, block_k, warps, stages = _gemv_config(sum(prep.n for prep, _, _ in parts))
+    block_k = max(block_k, first.group)
+    segments = []
+    for prep, bias, y in parts + parts[:1] * (3 - len(parts)):  # unused segment slots repeat the first
+        segments += [prep.words, prep.scales, prep.aux, bias if bias is not None else prep.scales, y, prep.n]
+    grid = (sum(triton.cdiv(prep.n, block_n) for prep, _, _ in parts), 1)
+    _w4_gemv_kernel[grid](
+        a, xs, *segments[:6], first.k, a.stride(0), first.words.stride(0), first.scales.stride(0), first.aux.stride(0),
+        parts[0][2].stride(0), *segments[6:], KW=first.k // 8, SEGMENTS=len(parts), GROUP=first.group, BLOCK_N=block_n,
+        BLOCK_K=block_k, IS_BITMOD=first.is_bitmod, HAS_BIAS=parts[0][1] is not None, USE_ASM=use_asm,
+        EVEN_K=first.k % block_k == 0, num_warps=warps, num_stages=stages)
+
+
+@on_input_device
+def w4_matmul_shared_input(
+    x: torch.Tensor, weights: list[BitMoDTensor | Int4Tensor], biases: list[torch.Tensor | None] | None = None,
+    activation_format: str = "fp8_e4m3",
+) -> list[torch.Tensor]:
+    """[w4_matmul(x, W_i, b_i) for each i]: the projections of one input (q/k/v, gate/up), equal to separate calls.
+
+    At M = 1 with FP8 activations, up to three weights of one K, format, group and layout (all with a bias or none)
+    run as one GEMV launch: the activations are read and the grid's tail is paid once instead of per weight.
+    """
+    biases = list(biases) if biases is not None else [None] * len(weights)
+    if len(biases) != len(weights):
+        raise ValueError(f"w4_matmul_shared_input: {len(weights)} weights but {len(biases)} biases")
+    preps = [_checked("w4_matmul_shared_input", x, w, b, activation_format) for w, b in zip(weights, biases)]
+    k = x.shape[-1]
+    first = preps[0] if preps else None
+    fused = (2 <= len(preps) <= 3 and x.numel() == k and activation_format == "fp8_e4m3"
+             and all(p.is_bitmod == first.is_bitmod and p.group == first.group and p.words.stride(0) == first.words.stride(0)
+                     and p.scales.stride(0) == first.scales.stride(0) and p.aux.stride(0) == first.aux.stride(0) for p in preps)
+             and len({b is None for b in biases}) == 1)
+    if not fused:
+        return [w4_matmul(x, w, b, activation_format) for w, b in zip(weights, biases)]
+    x2 = x.reshape(1, k)
+    outs = [torch.empty((1, p.n), dtype=x.dtype, device=x.device) for p in preps]
+    a, xs = quantize_activation_once(x, x2 if x2.stride(-1) == 1 else x2.contiguous(), activation_layout(1, activation_format))
+    _gemv_fp8(a, xs, list(zip(preps, biases, outs)), GEMV_USE_ASM and not interpreting())
+    return [y.reshape(*x.shape[:-1], p.n) for y, p in zip(outs, preps)]
+
+
 @on_input_device
 def w4_matmul(
     x: torch.Tensor, weight: BitMoDTensor | Int4Tensor, bias: torch.Tensor | None = None, activation_format: str = "fp8_e4m3",
@@ -462,24 +550,10 @@ def w4_matmul(
     bf16, which rounds it). out_dtype defaults to x.dtype (fp32 x gives fp32 out); `out` ([M, N] contiguous,
     M = x.numel() // K) receives the result when given.
     """
-    what = "w4_matmul"
-    if not isinstance(weight, (BitMoDTensor, Int4Tensor)):
-        raise TypeError(f"{what}: weight must be a BitMoDTensor or Int4Tensor, got {type(weight).__name__}")
-    prep = _prepared(weight, what)
+    prep = _checked("w4_matmul", x, weight, bias, activation_format)
     n, k = prep.n, prep.k
     interp = interpreting()
-    if x.device != prep.device or (bias is not None and bias.device != prep.device):
-        raise ValueError(f"{what}: tensors on different devices ({x.device}, weight on {prep.device})")
-    if not interp and not x.is_cuda:
-        raise ValueError(f"{what}: the Triton kernel needs CUDA tensors (got {x.device}); use backend='torch' on CPU")
-    if not x.is_floating_point():
-        raise TypeError(f"{what}: x must be floating point, got {x.dtype}")
-    if x.shape[-1] != k:
-        raise ValueError(f"{what}: x has {x.shape[-1]} features but the weight expects {k}")
-    if activation_format != "fp8_e4m3" and activation_format != "none":
-        raise ValueError(f"{what}: activation_format must be 'fp8_e4m3' or 'none', got {activation_format!r}")
-    if bias is not None and bias.shape != (n,):
-        raise ValueError(f"{what}: bias must have shape ({n},), got {tuple(bias.shape)}")
+    what = "w4_matmul"
     out_dtype = out_dtype or x.dtype
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k)
@@ -506,13 +580,7 @@ def w4_matmul(
     if m == 1:  # decode GEMV: fixed launch parameters, no autotuner
         if a_fp8:
             a, xs = quantize_activation_once(x, x2, activation_layout(m, activation_format))
-            block_n, block_k, warps, stages = _gemv_config(n)
-            block_k = max(block_k, prep.group)
-            _w4_gemv_kernel[(triton.cdiv(n, block_n), 1)](
-                a, xs, prep.words, scales, aux, bias_arg, y,
-                n, k, a.stride(0), prep.words.stride(0), scales.stride(0), aux.stride(0), y.stride(0), k // 8,
-                GROUP=prep.group, BLOCK_N=block_n, BLOCK_K=block_k, IS_BITMOD=is_bitmod, HAS_BIAS=bias is not None,
-                USE_ASM=GEMV_USE_ASM and not interp, EVEN_K=k % block_k == 0, num_warps=warps, num_stages=stages)
+            _gemv_fp8(a, xs, [(prep, bias, y)], not interp)
         else:
             a = x2 if x2.dtype != torch.float32 else x2.to(torch.bfloat16)
             block_n, block_k, warps, stages = GEMV_A16_CONFIG

@@ -12,6 +12,7 @@ from .nn.backends import get_backend
 from .nn.linear import P3Linear
 from .nn.mlp import fuse_mlps
 from .nn.norm import fuse_norms
+from .nn.shared_input import group_shared_inputs
 from .nn.patching import attach_attention, replace_linears, uses_p3_attention
 
 CalibrationData = Iterable[str] | Iterable[torch.Tensor] | None
@@ -37,6 +38,7 @@ def quantize(model: nn.Module, config: P3Config | None = None, calibration: Cali
         names = replace_linears(model, config)
         fuse_norms(model)
         fuse_mlps(model)
+        group_shared_inputs(model)
     else:
         names = []
     if uses_p3_attention(config):

@@ -45,8 +45,8 @@ for is_bitmod in (True, False):
         divisible=("KW", "s_w", "s_o"), num_warps=4)
 out["epilogue"] = compile_ptx(w4_mma._rows_epilogue_kernel, ["*fp32", "*fp32", "*bf16", "*bf16"] + ["i32"] * 3,
                               dict(SPLIT_K=4, BLOCK=1024, IS_BITMOD=True, HAS_BIAS=True, ROW_SCALE=True), num_warps=4)
-out["gemv"] = compile_ptx(gemm_w4._w4_gemv_kernel, ["*fp32", "*fp32", "*i32", "*fp16", "*u8", "*bf16", "*bf16"] + ["i32"] * 7,
-                          dict(KW=512, GROUP=128, BLOCK_N=4, BLOCK_K=1024, IS_BITMOD=True, HAS_BIAS=False, USE_ASM=True,
+out["gemv"] = compile_ptx(gemm_w4._w4_gemv_kernel, gemm_w4.GEMV_ARG_TYPES,
+                          dict(KW=512, SEGMENTS=1, GROUP=128, BLOCK_N=4, BLOCK_K=1024, IS_BITMOD=True, HAS_BIAS=False, USE_ASM=True,
                                EVEN_K=True), divisible=("K", "stride_xm", "stride_wn"), num_warps=1, num_stages=1)
 for layout, q_type in ((0, "*fp8e4nv"), (1, "*fp32"), (2, "*fp16")):  # in order, split, half-planes
     out[f"act_quant_{layout}"] = compile_ptx(act_quant._act_quant_kernel, ["*bf16", q_type, "*fp32", "i32", "i32", "i32"],

@@ -129,3 +129,38 @@ def test_bad_inputs_are_rejected(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="CUDA"):
         w4_matmul(torch.randn(1, 128), weight)
+
+
+@pytest.mark.parametrize("wfmt,ns,group,with_bias", [("bitmod", (40, 9, 23), 64, True), ("int4", (16, 33), 32, False),
+                                                     ("bitmod", (8, 8, 8), 128, False)])
+def test_shared_input_gemv_equals_separate_calls(monkeypatch, wfmt, ns, group, with_bias):
+    """q/k/v-style weights in one GEMV launch: bit-equal to one w4_matmul per weight, each output its own tensor."""
+    launches = []
+    monkeypatch.setattr(gemm_w4, "_gemv_fp8", lambda *a, _f=gemm_w4._gemv_fp8: launches.append(len(a[2])) or _f(*a))
+    k = 256
+    weights = [_weight(wfmt, n, k, group, None) for n in ns]
+    biases = [torch.randn(n).to(torch.bfloat16) if with_bias else None for n in ns]
+    x = torch.randn(1, 1, k).to(torch.bfloat16) * 3
+    fused = gemm_w4.w4_matmul_shared_input(x, weights, biases)
+    assert launches == [len(ns)]
+    separate = [w4_matmul(x, w, b) for w, b in zip(weights, biases)]
+    for got, want in zip(fused, separate):
+        assert got.shape == want.shape == (1, 1, want.shape[-1]) and got.is_contiguous()
+        assert torch.equal(got, want)
+
+
+def test_shared_input_falls_back_where_one_launch_does_not_apply(monkeypatch):
+    launches = []
+    monkeypatch.setattr(gemm_w4, "_gemv_fp8", lambda *a, _f=gemm_w4._gemv_fp8: launches.append(len(a[2])) or _f(*a))
+    k = 128
+    a, b = _weight("bitmod", 12, k, 64, None), _weight("bitmod", 7, k, 32, None)  # different groups
+    x = torch.randn(1, k).to(torch.bfloat16)
+    outs = gemm_w4.w4_matmul_shared_input(x, [a, b], [torch.randn(12), None])
+    assert launches == [1, 1]  # one launch per weight
+    assert torch.equal(outs[1], w4_matmul(x, b))
+    x3 = torch.randn(3, k).to(torch.bfloat16)  # M > 1: the small-M kernel, once per weight
+    assert all(torch.equal(o, w4_matmul(x3, w)) for o, w in zip(gemm_w4.w4_matmul_shared_input(x3, [a, a]), [a, a]))
+    with pytest.raises(ValueError, match="2 weights but 1 biases"):
+        gemm_w4.w4_matmul_shared_input(x, [a, b], [None])
+    with pytest.raises(ValueError, match="features"):
+        gemm_w4.w4_matmul_shared_input(torch.randn(1, 96), [a, b])

@@ -52,10 +52,12 @@ class P3HfQuantizer(HfQuantizer):
     def _process_model_after_weight_loading(self, model, **kwargs):
         from ..nn.mlp import fuse_mlps
         from ..nn.norm import fuse_norms
+        from ..nn.shared_input import group_shared_inputs
         from ..nn.patching import attach_attention, uses_p3_attention
 
         fuse_norms(model)
         fuse_mlps(model)
+        group_shared_inputs(model)
         config = self.quantization_config.p3
         if uses_p3_attention(config):
             attach_attention(model, config)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from p3quant.kernels.decode_attention import decode_mask, p3_decode_attention
-from p3quant.kernels.gemm_w4 import w4_matmul
+from p3quant.kernels.gemm_w4 import w4_matmul, w4_matmul_shared_input
 
 from ..attention_math import AttentionFormats, QuantizedKV, p3_attention_reference
 from ..formats import Int4Tensor
@@ -48,6 +48,11 @@ class TritonBackend(Backend):
         if activation_format == "int8":
             return w4_matmul(fake_quantize_activation(x, "int8"), weight, bias, "none", out_dtype=x.dtype)
         return w4_matmul(x, weight, bias, activation_format)
+
+    def linear_shared_input(self, x, weights, biases, activation_format):
+        if activation_format == "int8":
+            return super().linear_shared_input(x, weights, biases, activation_format)
+        return w4_matmul_shared_input(x, weights, biases, activation_format)
 
     def attention(self, query, kv, attention_mask, scaling, fmt, softcap=None):
         if not _decode_kernel_applies(query, kv, fmt):

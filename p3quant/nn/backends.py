@@ -33,6 +33,12 @@ class Backend(ABC):
     ) -> torch.Tensor:
         """y = Q_act(x) @ W^T + bias for x [..., in_features]; returns x.dtype [..., out_features]."""
 
+    def linear_shared_input(
+        self, x: torch.Tensor, weights: list[QuantizedWeight], biases: list[torch.Tensor | None], activation_format: str
+    ) -> list[torch.Tensor]:
+        """[linear(x, W_i, b_i) for each i]: layers fed one input (q/k/v, gate/up); backends may fuse them."""
+        return [self.linear(x, w, b, activation_format) for w, b in zip(weights, biases)]
+
     @abstractmethod
     def attention(
         self,

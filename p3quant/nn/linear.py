@@ -48,6 +48,8 @@ class P3Linear(nn.Module):
         extra = "weight_selectors" if weight_format == "bitmod" else "weight_zeros"
         self.register_buffer(extra, torch.zeros(out_features, groups, dtype=torch.uint8, device=device))
         self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype or torch.float32)) if bias else None
+        # set by shared_input.group_shared_inputs: siblings fed the same input, computed together
+        self.shared_input = None
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, config: P3Config, weight: torch.Tensor | None = None) -> "P3Linear":
@@ -89,6 +91,12 @@ class P3Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"P3Linear expects inputs with {self.in_features} features, got shape {tuple(x.shape)}")
+        if self.shared_input is not None:
+            return self.shared_input.output(self, x)
+        return self.compute(x)
+
+    def compute(self, x: torch.Tensor) -> torch.Tensor:
+        """This layer's output alone (forward without its shared-input group)."""
         return get_backend(self.backend, x.device).linear(x, self.qweight, self.bias, self.activation_format)
 
     def packed_nbytes(self) -> int:

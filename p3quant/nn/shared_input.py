@@ -1,0 +1,83 @@
+"""Sibling P3Linear layers fed one input (an attention's q/k/v, an MLP's gate/up) computed in one backend call.
+
+Hugging Face's modules call q_proj(x), k_proj(x) and v_proj(x) one after the other. Grouped, the first member
+called computes every member's output (on the triton backend at decode: one GEMV launch over all their rows,
+kernels.gemm_w4.w4_matmul_shared_input) and keeps the others' until they are called with the same, unchanged
+input. The outputs equal separate calls bit for bit; a member called with another input computes its own.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .backends import get_backend
+from .linear import P3Linear
+
+# (parent attribute, member names): self-attention projections and gated-MLP projections
+_GROUPS = (("self_attn", ("q_proj", "k_proj", "v_proj")), ("mlp", ("gate_proj", "up_proj")))
+
+
+def _input_key(x: torch.Tensor) -> tuple | None:
+    """What must not change between the members' calls: the version counter and the CUDA-graph capture state
+    (inference tensors have no version counter: None, no sharing)."""
+    try:
+        version = x._version
+    except RuntimeError:
+        return None
+    capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
+    return version, capturing
+
+
+class SharedInputGroup:
+    """P3Linear members with one in_features, fed the same input by their parent's forward."""
+
+    def __init__(self, members: list[P3Linear]) -> None:
+        self.members = members
+        self._pending: tuple | None = None  # (input, key, {member index: output}) not yet returned
+
+    def output(self, member: P3Linear, x: torch.Tensor) -> torch.Tensor:
+        """member(x): from the group's pending outputs when they were computed for this x, else by one call that
+        computes every member's output for x."""
+        index = next(i for i, m in enumerate(self.members) if m is member)
+        key = _input_key(x)
+        pending = self._pending
+        if pending is not None and pending[0] is x and pending[1] == key and index in pending[2]:
+            out = pending[2].pop(index)
+            if not pending[2]:
+                self._pending = None
+            return out
+        if key is None or not self._uniform():
+            return member.compute(x)
+        backend = get_backend(member.backend, x.device)
+        outs = backend.linear_shared_input(x, [m.qweight for m in self.members], [m.bias for m in self.members],
+                                           member.activation_format)
+        self._pending = (x, key, {i: y for i, y in enumerate(outs) if i != index})
+        return outs[index]
+
+    def _uniform(self) -> bool:
+        first = self.members[0]
+        return all(m.backend == first.backend and m.activation_format == first.activation_format
+                   and m.in_features == first.in_features for m in self.members)
+
+
+def group_shared_inputs(model: nn.Module) -> int:
+    """Group the q/k/v projections of each self-attention and the gate/up projections of each MLP when all are
+    P3Linear with one in_features and activation format; returns how many groups were formed."""
+    count = 0
+    for layer in list(model.modules()):
+        for parent_name, names in _GROUPS:
+            parent = getattr(layer, parent_name, None)
+            members = [getattr(parent, name, None) for name in names]
+            if parent is None or not all(isinstance(m, P3Linear) for m in members):
+                continue
+            if len({(m.in_features, m.activation_format) for m in members}) != 1:
+                continue
+            group = SharedInputGroup(members)
+            for m in members:
+                m.shared_input = group
+            count += 1
+    return count
+
+
+__all__ = ["SharedInputGroup", "group_shared_inputs"]
