@@ -23,7 +23,8 @@ def _chunk_argmax_kernel(x_ptr, vmax_ptr, imax_ptr, inan_ptr, V, CHUNKS, stride_
     chunk = tl.program_id(1)
     offs = chunk * BLOCK + tl.arange(0, BLOCK)
     mask = offs < V
-    x = tl.load(x_ptr + row * stride_xm + offs, mask=mask, other=float("-inf")).to(tl.float32)
+    x = tl.load(x_ptr + row.to(tl.int64) * stride_xm + offs,  # 64-bit: rows of a [B, T, V] slice lie > 2**31 apart
+                mask=mask, other=float("-inf")).to(tl.float32)
     nan = x != x
     first_nan = tl.min(tl.where(nan & mask, offs, V), axis=0)
     x = tl.where(nan, float("-inf"), x)

@@ -19,6 +19,10 @@ from .act_quant import code_buffers, remember_quantized, store_row_with_codes
 from .common import on_input_device, require_device, round_to_output
 
 MAX_FEATURES = 16384  # one row per program, held in registers
+# A decode step's row is one program on one SM, whose time is its warps' instruction latency (Nsight Compute,
+# H200, K = 4096 at 8 warps: 2 warps per scheduler, an issue every 2.4 cycles): 16 warps halve each warp's
+# elements. WARPS_OVERRIDE (benchmarks only) replaces the choice.
+WARPS_OVERRIDE: int | None = None
 
 
 @triton.jit
@@ -56,7 +60,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, layout: str | No
     if m:
         block = triton.next_power_of_2(k)
         _rmsnorm_kernel[(m,)](x2, weight, y2, codes, scales, k, float(eps), x2.stride(0), y2.stride(0), codes.stride(0),
-                              BLOCK_K=block, LAYOUT=code, num_warps=4 if block <= 2048 else 8)
+                              BLOCK_K=block, LAYOUT=code,
+                              num_warps=WARPS_OVERRIDE or (4 if block <= 2048 else 16))
     if code:
         remember_quantized(y, layout, codes, scales)
     return y

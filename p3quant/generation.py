@@ -8,6 +8,8 @@ loop runs eagerly (any device and backend), which is how it is tested on CPUs.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import nn
 
@@ -60,8 +62,10 @@ class GreedyDecoder:
         if attention_mask is not None:
             self._mask[:, :prompt] = attention_mask
         positions = (self._mask[:, :prompt].cumsum(dim=-1) - 1).clamp(min=0)
+        # only the last position's logits: all of them would be [B, T, vocabulary] (8 GiB at B = 8, T = 4K, 128K)
+        keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
         logits = model(input_ids=input_ids, attention_mask=self._mask, position_ids=positions, use_cache=True,
-                       **self._cache_kw).logits
+                       **self._cache_kw, **keep).logits
         self.tokens = torch.empty(batch, max_new_tokens, dtype=input_ids.dtype, device=device)
         self._token = _greedy(logits[:, -1])
         self.tokens[:, :1] = self._token
