@@ -82,35 +82,50 @@ def run(quick: bool = False) -> tuple[str, list[dict]]:
 
 
 def sweep_launch(batches=(1, 4), context: int = 32768) -> str:
-    """CUDA-graph time of the kernel over (block_t, context splits per (batch, kv-head)) at one context length."""
+    """CUDA-graph time of the kernel over (block_t, context splits per (batch, kv-head), warps) at one context
+    length; the last line names the fastest (block_t, warps) at batch 1 with the default split rule."""
+    import p3quant.kernels.decode_attention as attention
+
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    rows = []
+    rows, default_rule = [], {}
     for b in batches:
         q = torch.randn(b, HEADS, 1, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
         caches = []
         for _ in range(copies_for(b * KV_HEADS * context * (HEAD_DIM + 6))):
             k = torch.randn(b, KV_HEADS, context, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
             caches.append(build_cache(k, torch.randn_like(k)))
-        for block_t in (64, 128, 256):
-            for programs_per_sm in (1, 2, 4, 8):
-                splits = max(1, programs_per_sm * sms // (b * KV_HEADS))
-                us = graph_rotating_us([lambda c=c: p3_decode_attention(q, c, None, HEAD_DIM**-0.5, block_t=block_t, num_splits=splits)
-                                        for c in caches[:16]])
-                rows.append((b, context, block_t, programs_per_sm, splits, us))
+        for warps in (4, 8):
+            attention.NUM_WARPS = warps
+            for block_t in (64, 128, 256):
+                for programs_per_sm in (1, 2, 4, 8):
+                    splits = max(1, programs_per_sm * sms // (b * KV_HEADS))
+                    us = graph_rotating_us([lambda c=c: p3_decode_attention(q, c, None, HEAD_DIM**-0.5, block_t=block_t, num_splits=splits)
+                                            for c in caches[:16]])
+                    rows.append((b, context, warps, block_t, programs_per_sm, splits, us))
+                if b == 1:
+                    default_rule[(block_t, warps)] = graph_rotating_us(
+                        [lambda c=c: p3_decode_attention(q, c, None, HEAD_DIM**-0.5, block_t=block_t) for c in caches[:16]])
+        attention.NUM_WARPS = 4
         del caches
         torch.cuda.empty_cache()
-    return table(["batch", "context", "block_t", "programs / SM", "splits", "P3 graph us"], rows)
+    best = min(default_rule, key=default_rule.get)
+    return (table(["batch", "context", "warps", "block_t", "programs / SM", "splits", "P3 graph us"], rows)
+            + "\nbatch 1, default splits: " + ", ".join(f"{k}: {v:.1f} us" for k, v in default_rule.items())
+            + f"\nBEST block_t warps: {best[0]} {best[1]}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--sweep", action="store_true", help="also time block sizes and context-split counts")
+    parser.add_argument("--sweep", action="store_true", help="also time block sizes, context-split counts and warps")
+    parser.add_argument("--sweep-only", action="store_true", help="the sweep alone")
+    parser.add_argument("--context", type=int, default=32768, help="the sweep's context length")
     args = parser.parse_args()
     print(environment())
-    if args.sweep:
-        print(sweep_launch(), flush=True)
-    print(run(args.quick)[0])
+    if args.sweep or args.sweep_only:
+        print(sweep_launch(context=args.context), flush=True)
+    if not args.sweep_only:
+        print(run(args.quick)[0])
 
 
 if __name__ == "__main__":

@@ -38,6 +38,10 @@ from .common import fp8_token_scale, FP16_TINY, FP8_MAX, interpreting, on_input_
 
 UE4M4_MAX = tl.constexpr(1.9375)
 _BLOCK_R = 16
+# Launch parameters of the scores and P.V passes on a GPU (benchmarks/bench_decode_attention.py --sweep times
+# the alternatives); benchmarks may replace them
+BLOCK_T = 128
+NUM_WARPS = 4
 
 
 @triton.jit
@@ -384,7 +388,7 @@ def p3_decode_attention(
     if q.stride(-1) != 1:
         q = q.contiguous()
 
-    block_t = block_t or (64 if interpreting() else 128)
+    block_t = block_t or (64 if interpreting() else BLOCK_T)
     group = heads // kv_heads
     gp = max(16, triton.next_power_of_2(group))
     blocks = triton.cdiv(n_quant, block_t)
@@ -418,7 +422,7 @@ def p3_decode_attention(
         kz.stride(0), kz.stride(1), kz.stride(2), vs.stride(0), vs.stride(1), vs.stride(2),
         rk.stride(0), rk.stride(1), rk.stride(2), mask_arg.stride(0), scores.stride(0), scores.stride(1),
         HAS_SMOOTH=sm is not None, QUANT_Q=quantized, HAS_MASK=mask is not None, HAS_SOFTCAP=softcap is not None,
-        DEVICE_LEN=device_len, num_warps=4, **shape,
+        DEVICE_LEN=device_len, num_warps=NUM_WARPS, **shape,
     )
     _pv_kernel[grid](
         vp, vs, vz, rv, scores, m_stat, l_stat, v_max, partial, len_arg,
@@ -426,7 +430,7 @@ def p3_decode_attention(
         vp.stride(0), vp.stride(1), vp.stride(2), vs.stride(0), vs.stride(1), vs.stride(2),
         vz.stride(0), vz.stride(1), vz.stride(2), rv.stride(0), rv.stride(1), rv.stride(2),
         scores.stride(0), scores.stride(1),
-        SP=triton.next_power_of_2(s1), HALF_UP=prob_rounding == "half_up", DEVICE_LEN=device_len, num_warps=4, **shape,
+        SP=triton.next_power_of_2(s1), HALF_UP=prob_rounding == "half_up", DEVICE_LEN=device_len, num_warps=NUM_WARPS, **shape,
     )
     out = torch.empty((bsz, heads, 1, d), dtype=out_dtype, device=dev)
     _combine_kernel[(bsz * heads,)](partial, out, s1, d, BLOCK_S=16, BLOCK_D=triton.next_power_of_2(d), num_warps=4)
