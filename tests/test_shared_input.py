@@ -69,3 +69,18 @@ def test_group_recomputes_for_another_or_changed_input():
         members[0](y)
         assert group._pending is None or group._pending[0] is not y
         assert torch.equal(members[1](y), members[1].compute(y))
+
+
+def test_group_leaves_hooked_or_other_device_members_to_their_own_forward():
+    members = _linears(64, (32, 8), "torch")
+    group = SharedInputGroup(members)
+    for m in members:
+        m.shared_input = group
+    x = torch.randn(1, 64, dtype=torch.bfloat16)
+    members[1]._hf_hook = object()  # e.g. accelerate's offload hook: its weight is loaded in its own forward only
+    members[0](x)
+    assert group._pending is None
+    del members[1]._hf_hook
+    members[0](x)
+    assert group._pending is not None
+    assert not group._uniform(torch.device("meta"))

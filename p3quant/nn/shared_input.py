@@ -47,7 +47,7 @@ class SharedInputGroup:
             if not pending[2]:
                 self._pending = None
             return out
-        if key is None or not self._uniform():
+        if key is None or not self._uniform(x.device):
             return member.compute(x)
         backend = get_backend(member.backend, x.device)
         outs = backend.linear_shared_input(x, [m.qweight for m in self.members], [m.bias for m in self.members],
@@ -55,10 +55,13 @@ class SharedInputGroup:
         self._pending = (x, key, {i: y for i, y in enumerate(outs) if i != index})
         return outs[index]
 
-    def _uniform(self) -> bool:
+    def _uniform(self, device: torch.device) -> bool:
+        """Whether one call can compute every member: same backend, activation format and in_features, weights on
+        the input's device, and no accelerate hook (an offloaded member loads its weight only in its own forward)."""
         first = self.members[0]
         return all(m.backend == first.backend and m.activation_format == first.activation_format
-                   and m.in_features == first.in_features for m in self.members)
+                   and m.in_features == first.in_features and m.weight_packed.device == device
+                   and not hasattr(m, "_hf_hook") for m in self.members)
 
 
 def group_shared_inputs(model: nn.Module) -> int:
