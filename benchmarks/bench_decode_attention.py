@@ -94,18 +94,21 @@ def sweep_launch(batches=(1, 4), context: int = 32768) -> str:
         for _ in range(copies_for(b * KV_HEADS * context * (HEAD_DIM + 6))):
             k = torch.randn(b, KV_HEADS, context, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
             caches.append(build_cache(k, torch.randn_like(k)))
-        for warps in (4, 8):
-            attention.NUM_WARPS = warps
-            for block_t in (64, 128, 256):
-                for programs_per_sm in (1, 2, 4, 8):
-                    splits = max(1, programs_per_sm * sms // (b * KV_HEADS))
-                    us = graph_rotating_us([lambda c=c: p3_decode_attention(q, c, None, HEAD_DIM**-0.5, block_t=block_t, num_splits=splits)
-                                            for c in caches[:16]])
-                    rows.append((b, context, warps, block_t, programs_per_sm, splits, us))
-                if b == 1:
-                    default_rule[(block_t, warps)] = graph_rotating_us(
-                        [lambda c=c: p3_decode_attention(q, c, None, HEAD_DIM**-0.5, block_t=block_t) for c in caches[:16]])
-        attention.NUM_WARPS = 4
+        default_warps = attention.NUM_WARPS
+        try:
+            for warps in (4, 8):
+                attention.NUM_WARPS = warps
+                for block_t in (64, 128, 256):
+                    for programs_per_sm in (1, 2, 4, 8):
+                        splits = max(1, programs_per_sm * sms // (b * KV_HEADS))
+                        us = graph_rotating_us([lambda c=c: p3_decode_attention(q, c, None, HEAD_DIM**-0.5, block_t=block_t,
+                                                                                num_splits=splits) for c in caches[:16]])
+                        rows.append((b, context, warps, block_t, programs_per_sm, splits, us))
+                    if b == 1:
+                        default_rule[(block_t, warps)] = graph_rotating_us(
+                            [lambda c=c: p3_decode_attention(q, c, None, HEAD_DIM**-0.5, block_t=block_t) for c in caches[:16]])
+        finally:
+            attention.NUM_WARPS = default_warps
         del caches
         torch.cuda.empty_cache()
     best = min(default_rule, key=default_rule.get)

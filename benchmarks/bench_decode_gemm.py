@@ -61,9 +61,11 @@ def shared_input_rows() -> tuple[list[str], list[tuple]]:
         ok = all(torch.equal(f, s) for f, s in zip(fused, separate))
         checks.append(f"{'PASS' if ok else 'FAIL'} shared-input GEMV {name} bit-equal to separate launches")
         act_quant.ACTIVATION_REUSE = True  # one quantization per input, as in a decoder layer
-        one = graph_rotating_us([lambda ws=ws: g.w4_matmul_shared_input(x, ws) for ws in sets])
-        each = graph_rotating_us([lambda ws=ws: [g.w4_matmul(x, w) for w in ws] for ws in sets])
-        act_quant.ACTIVATION_REUSE = False
+        try:
+            one = graph_rotating_us([lambda ws=ws: g.w4_matmul_shared_input(x, ws) for ws in sets])
+            each = graph_rotating_us([lambda ws=ws: [g.w4_matmul(x, w) for w in ws] for ws in sets])
+        finally:
+            act_quant.ACTIVATION_REUSE = False
         rows.append((name, "+".join(map(str, ns)), one, each, each / one))
     return checks, rows
 

@@ -36,12 +36,14 @@ def main() -> None:
             return norm(x)
 
         base = graph_rotating_us([lambda x=x: reference(x) for x in xs])
-        for warps in (4, 8, 16, 32):
-            rmsnorm.WARPS_OVERRIDE = warps
-            assert torch.equal(rmsnorm.rms_norm(xs[0], norm.weight, 1e-5, "split"), want)
-            us = graph_rotating_us([lambda x=x: rmsnorm.rms_norm(x, norm.weight, 1e-5, layout) for x in xs])
-            rows.append((m, k, warps, us, base, base / us))
-        rmsnorm.WARPS_OVERRIDE = None
+        try:
+            for warps in (4, 8, 16, 32):
+                rmsnorm.WARPS_OVERRIDE = warps
+                assert torch.equal(rmsnorm.rms_norm(xs[0], norm.weight, 1e-5, "split"), want)
+                us = graph_rotating_us([lambda x=x: rmsnorm.rms_norm(x, norm.weight, 1e-5, layout) for x in xs])
+                rows.append((m, k, warps, us, base, base / us))
+        finally:
+            rmsnorm.WARPS_OVERRIDE = None
     print(table(["M", "K", "warps", "fused us", "LlamaRMSNorm + act quant us", "speedup"], rows))
 
 

@@ -63,7 +63,7 @@ def registers(cubin: bytes) -> int:
 
 
 def main() -> None:
-    block_n, block_k, warps, stages = gemm_w4._gemv_config(4096)
+    block_n, block_k, warps, stages = gemm_w4._gemv_config()
     group = 128
     words_per_thread = block_n * block_k // 8 // (32 * warps)
     print(f"M = 1 GEMV, config {(block_n, block_k, warps, stages)}, group {group}: {words_per_thread} words per thread per loop step")

@@ -8,6 +8,8 @@ to memory in the order the consuming kernel reads them.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -195,7 +197,9 @@ def _reuse_key(source: torch.Tensor, layout: str) -> tuple | None:
         version = source._version
     except RuntimeError:  # inference tensors do not track versions
         return None
-    rows_by_k = (source.numel() // source.shape[-1], source.shape[-1])
+    if source.dim() == 0:
+        return None
+    rows_by_k = (math.prod(source.shape[:-1]), source.shape[-1])
     return (version, layout, rows_by_k, source.device, _capturing(source.device))
 
 

@@ -8,7 +8,8 @@ with a per-token scale (W4A8, see act_quant.py); the token scale is applied once
 - M == 1 (decode GEMV): CUDA-core reduction; one program per BLOCK_N outputs walks the whole K, so bias and
   the output cast are fused. W4A8 decodes each weight straight to a biased fp32 value with byte permutations in
   inline PTX on the GPU (_w4_gemv_kernel; a pure-Triton decode under the interpreter); W4A16 runs
-  _w4_gemv_a16_kernel.
+  _w4_gemv_a16_kernel. w4_matmul_shared_input runs up to three W4A8 weights fed one input (q/k/v, gate/up) as one
+  GEMV launch.
 - MMA_MIN_M <= M <= MMA_MAX_M (2..64): the tensor-core small-M kernel (w4_mma.py, weights as the left MMA
   operand; W4A8 in fp16, W4A16 in the activations' 16-bit type; exact products).
 - W4A8 at M >= DEQUANT_MIN_M (prefill): the weight dequantized once to fp16 (dequant_w4.py), cuBLAS with fp32
@@ -141,7 +142,8 @@ def _w4_gemv_kernel(
 
     SEGMENTS (1 to 3) weights of one K fed the same activations (q/k/v, gate/up) run in one launch: the
     programs of segment 1 (w1_ptr ... N1 rows) follow those of segment 0 (w_ptr ... N rows), then segment 2's;
-    each segment has its own bias and output, and all share the strides.
+    each segment has its own bias and output [1, N_i], and all share the weight strides (the output's row
+    stride is segment 0's: a one-row launch never uses it).
 
     Tile [BLOCK_N rows, BLOCK_K / GROUP groups, GROUP / 8 words]: scale and selector / zero point are loaded
     once per (row, group) and broadcast in registers; the activations of a tile are loaded once per program and
@@ -343,7 +345,7 @@ def _cfg(num_warps: int, num_stages: int, **kw: int) -> triton.Config:
     return triton.Config(kw, num_warps=num_warps, num_stages=num_stages)
 
 
-# Decode GEMV launch parameters (BLOCK_N, BLOCK_K, num_warps, num_stages) by output width: fixed, not autotuned,
+# Decode GEMV launch parameters (BLOCK_N, BLOCK_K, num_warps, num_stages): fixed, not autotuned,
 # so a call costs no autotuner lookup. Small BLOCK_N keeps >= ~4 programs per SM on 4096-wide outputs (132 SMs)
 # without split-K. GEMV_OVERRIDE (benchmarks only) replaces the choice.
 GEMV_OVERRIDE: tuple[int, int, int, int] | None = None
@@ -351,11 +353,13 @@ GEMV_OVERRIDE: tuple[int, int, int, int] | None = None
 GEMV_USE_ASM = True
 
 
-def _gemv_config(n: int) -> tuple[int, int, int, int]:
+def _gemv_config() -> tuple[int, int, int, int]:
+    """The W4A8 GEMV's launch parameters. The same for every weight: BLOCK_K sets the fp32 summation order, so
+    one launch over several weights (w4_matmul_shared_input) equals separate launches bit for bit."""
     if GEMV_OVERRIDE is not None:
         return GEMV_OVERRIDE
     # best total of an 8-config sweep on qkv / o / gate_up / down (H200, benchmarks/bench_decode_gemm.py, 2026-11-28,
-    # fourth session): 4 rows x 1024 K per step, one warp; the fastest of the eight on each shape
+    # fourth session; confirmed by the seventh session's 12-config sweep): 4 rows x 1024 K per step, one warp
     return (4, 1024, 1, 1)
 
 
@@ -497,7 +501,7 @@ def _gemv_fp8(a: torch.Tensor, xs: torch.Tensor, parts: list[tuple[_Prepared, to
     """One W4A8 GEMV launch over 1 to 3 weights of one K, format and layout (`parts`: weight, bias, output [1, N]),
     with a's split FP8 codes and token scale xs."""
     first = parts[0][0]
-    block_n, block_k, warps, stages = _gemv_config(sum(prep.n for prep, _, _ in parts))
+    block_n, block_k, warps, stages = _gemv_config()
     block_k = max(block_k, first.group)
     segments = []
     for prep, bias, y in parts + parts[:1] * (3 - len(parts)):  # unused segment slots repeat the first
@@ -528,8 +532,9 @@ def w4_matmul_shared_input(
     first = preps[0] if preps else None
     fused = (2 <= len(preps) <= 3 and x.numel() == k and activation_format == "fp8_e4m3"
              and all(p.is_bitmod == first.is_bitmod and p.group == first.group and p.words.stride(0) == first.words.stride(0)
-                     and p.scales.stride(0) == first.scales.stride(0) and p.aux.stride(0) == first.aux.stride(0) for p in preps)
-             and len({b is None for b in biases}) == 1)
+                     and p.scales.stride(0) == first.scales.stride(0) and p.aux.stride(0) == first.aux.stride(0)
+                     and p.scales.dtype == first.scales.dtype and p.aux.dtype == first.aux.dtype for p in preps)
+             and len({None if b is None else b.dtype for b in biases}) == 1)  # one kernel signature for all segments
     if not fused:
         return [w4_matmul(x, w, b, activation_format) for w, b in zip(weights, biases)]
     x2 = x.reshape(1, k)
@@ -580,7 +585,7 @@ def w4_matmul(
     if m == 1:  # decode GEMV: fixed launch parameters, no autotuner
         if a_fp8:
             a, xs = quantize_activation_once(x, x2, activation_layout(m, activation_format))
-            _gemv_fp8(a, xs, [(prep, bias, y)], not interp)
+            _gemv_fp8(a, xs, [(prep, bias, y)], GEMV_USE_ASM and not interp)
         else:
             a = x2 if x2.dtype != torch.float32 else x2.to(torch.bfloat16)
             block_n, block_k, warps, stages = GEMV_A16_CONFIG

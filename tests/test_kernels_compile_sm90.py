@@ -45,9 +45,11 @@ for is_bitmod in (True, False):
         divisible=("KW", "s_w", "s_o"), num_warps=4)
 out["epilogue"] = compile_ptx(w4_mma._rows_epilogue_kernel, ["*fp32", "*fp32", "*bf16", "*bf16"] + ["i32"] * 3,
                               dict(SPLIT_K=4, BLOCK=1024, IS_BITMOD=True, HAS_BIAS=True, ROW_SCALE=True), num_warps=4)
-out["gemv"] = compile_ptx(gemm_w4._w4_gemv_kernel, gemm_w4.GEMV_ARG_TYPES,
-                          dict(KW=512, SEGMENTS=1, GROUP=128, BLOCK_N=4, BLOCK_K=1024, IS_BITMOD=True, HAS_BIAS=False, USE_ASM=True,
-                               EVEN_K=True), divisible=("K", "stride_xm", "stride_wn"), num_warps=1, num_stages=1)
+for segments in (1, 3):  # one weight; q/k/v-style segments (the segment choice reassigns pointers at run time)
+    out[f"gemv_{segments}"] = compile_ptx(
+        gemm_w4._w4_gemv_kernel, gemm_w4.GEMV_ARG_TYPES,
+        dict(KW=512, SEGMENTS=segments, GROUP=128, BLOCK_N=4, BLOCK_K=1024, IS_BITMOD=True, HAS_BIAS=segments > 1,
+             USE_ASM=True, EVEN_K=True), divisible=("K", "stride_xm", "stride_wn"), num_warps=1, num_stages=1)
 for layout, q_type in ((0, "*fp8e4nv"), (1, "*fp32"), (2, "*fp16")):  # in order, split, half-planes
     out[f"act_quant_{layout}"] = compile_ptx(act_quant._act_quant_kernel, ["*bf16", q_type, "*fp32", "i32", "i32", "i32"],
                                              dict(BLOCK_K=4096, LAYOUT=layout), divisible=("K", "stride_xm", "stride_qm"),
@@ -102,7 +104,8 @@ def test_gpu_kernels_compile_for_hopper_with_their_inline_ptx():
         assert "st.global.v4" in ptx[fmt], fmt  # four fp16 pairs per 16-byte store
     assert "ld.global" in ptx["epilogue"]
     assert all("st.global" in ptx[f"act_quant_{layout}"] for layout in range(3))
-    assert "0x7354" in ptx["gemv"] and "fma.rn.f32 s, f," in ptx["gemv"]  # the M = 1 GEMV's decode + FMAs in PTX
+    for gemv in ("gemv_1", "gemv_3"):
+        assert "0x7354" in ptx[gemv] and "fma.rn.f32 s, f," in ptx[gemv]  # the M = 1 GEMV's decode + FMAs in PTX
     assert "st.global" in ptx["argmax_chunks"] and "st.global" in ptx["argmax_pick"]
     assert "mma" in ptx["scores"] and "mma" in ptx["pv"]  # q.k and P.V on tensor cores
     assert "st.global" in ptx["rope"] and "st.global" in ptx["combine"] and "st.global" in ptx["kv_at"]

@@ -3,6 +3,8 @@
 - linear: the fused dequant-GEMM (kernels.gemm_w4) for BitMoD / INT4 weights with FP8-E4M3 per-token
   activations (W4A8) or 16-bit activations (W4A16). INT8 activations (a baseline format) are fake-quantized
   by the torch quantizer and then run through the W4A16 kernel, which is exact for them.
+- linear_shared_input: projections of one input (q/k/v, gate/up; nn.shared_input) in one GEMV launch at M = 1
+  with FP8 activations (kernels.gemm_w4.w4_matmul_shared_input).
 - attention, decode (one query token): the two-pass flash-decoding kernel (kernels.decode_attention) over the
   packed INT4 cache, with the reference's exact semantics; for a static cache (P3StaticCache) in the
   device-length form that a CUDA graph can capture.
@@ -48,6 +50,9 @@ class TritonBackend(Backend):
         if activation_format == "int8":
             return w4_matmul(fake_quantize_activation(x, "int8"), weight, bias, "none", out_dtype=x.dtype)
         return w4_matmul(x, weight, bias, activation_format)
+
+    def fuses_shared_input(self, x, activation_format):
+        return activation_format == "fp8_e4m3" and x.numel() == x.shape[-1]  # one token: the one-launch GEMV
 
     def linear_shared_input(self, x, weights, biases, activation_format):
         if activation_format == "int8":

@@ -33,6 +33,10 @@ class Backend(ABC):
     ) -> torch.Tensor:
         """y = Q_act(x) @ W^T + bias for x [..., in_features]; returns x.dtype [..., out_features]."""
 
+    def fuses_shared_input(self, x: torch.Tensor, activation_format: str) -> bool:
+        """Whether linear_shared_input computes layers fed x in fewer launches than one linear() each."""
+        return False
+
     def linear_shared_input(
         self, x: torch.Tensor, weights: list[QuantizedWeight], biases: list[torch.Tensor | None], activation_format: str
     ) -> list[torch.Tensor]:
