@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -105,6 +107,23 @@ def test_p3linear_matches_fake_quant_reference() -> None:
     assert "bitmod/g64" in repr(module)
     with pytest.raises(ValueError, match="features"):
         module(torch.randn(2, 100))
+
+
+def test_p3linear_qweight_is_one_object_per_set_of_buffers() -> None:
+    """Kernels keep launch metadata on the weight object: it must outlive a call, and follow buffer changes."""
+    module = P3Linear.from_linear(nn.Linear(128, 32, bias=False), _cfg())
+    first = module.qweight
+    assert module.qweight is first
+    x = torch.randn(2, 128)
+    before = module(x)
+    module.load_quantized(P3Linear.from_linear(nn.Linear(128, 32, bias=False), _cfg()).qweight)  # in place
+    assert module.qweight is first and not torch.equal(module(x), before)  # views: the new codes are seen
+    module.to(torch.float64)  # integer buffers stay the same tensors
+    assert module.qweight is first
+    module.weight_scales = module.weight_scales.clone()  # a new buffer: a new weight object over it
+    again = module.qweight
+    assert again is not first and again.scales.data_ptr() == module.weight_scales.data_ptr()
+    assert copy.deepcopy(module).qweight.packed is not module.weight_packed
 
 
 def test_packed_weights_shrink_model_memory() -> None:

@@ -76,12 +76,20 @@ class P3Linear(nn.Module):
 
     @property
     def qweight(self) -> QuantizedWeight:
-        """The packed weight as a format dataclass (views of the buffers)."""
+        """The packed weight as a format dataclass (views of the buffers). The same object while the buffers are
+        the same tensors: backends keep per-weight launch metadata on it (kernels.gemm_w4._prepared), which a
+        new object per call would rebuild every time."""
+        extra = self.weight_selectors if self.weight_format == "bitmod" else self.weight_zeros
+        buffers = (self.weight_packed, self.weight_scales, extra)
+        cached = self.__dict__.get("_qweight")
+        if cached is not None and all(a is b for a, b in zip(cached[0], buffers)):
+            return cached[1]
         scales = self.weight_scales.view(torch.float16)
         shape = (self.out_features, self.in_features)
-        if self.weight_format == "bitmod":
-            return BitMoDTensor(self.weight_packed, scales, self.weight_selectors, shape, self.group_size)
-        return Int4Tensor(self.weight_packed, scales, self.weight_zeros, shape, self.group_size)
+        fmt = BitMoDTensor if self.weight_format == "bitmod" else Int4Tensor
+        weight = fmt(self.weight_packed, scales, extra, shape, self.group_size)
+        self.__dict__["_qweight"] = (buffers, weight)
+        return weight
 
     @property
     def weight(self) -> torch.Tensor:
