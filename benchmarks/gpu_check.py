@@ -22,7 +22,7 @@ from _common import environment  # noqa: E402
 from p3quant.attention_math import AttentionFormats, QuantizedKV, p3_attention_reference  # noqa: E402
 from p3quant.formats import BITMOD4, INT4, Int4Tensor, quantize_scaled_fp8  # noqa: E402
 from p3quant.kernels.decode_attention import p3_decode_attention  # noqa: E402
-from p3quant.kernels import gemm_w4  # noqa: E402
+from p3quant.kernels import common, gemm_w4  # noqa: E402
 from p3quant.kernels.gemm_w4 import w4_matmul  # noqa: E402
 from p3quant.kernels.kv_append import append_kv, key_smoothing_factor_gpu  # noqa: E402
 from p3quant.quantizers import key_smoothing_factor, quantize_keys, quantize_values  # noqa: E402
@@ -135,6 +135,13 @@ def check_static_generate() -> list[str]:
         graphed = p3quant.generate(model, ids, 40, attention_mask=mask, cuda_graph=True)
         eager = p3quant.generate(model, ids, 40, attention_mask=mask)
         out.append(f"{'PASS' if torch.equal(graphed, eager) else 'FAIL'} static generate R={window}: CUDA-graph tokens == eager tokens")
+        saved, common.USE_PDL = common.USE_PDL, False
+        try:
+            serial = p3quant.generate(model, ids, 40, attention_mask=mask, cuda_graph=True)
+        finally:
+            common.USE_PDL = saved
+        out.append(f"{'PASS' if torch.equal(graphed, serial) else 'FAIL'} static generate R={window}: tokens with programmatic "
+                   f"dependent launch (on: {common.pdl_enabled(ids)}) == without")
         hf = model.generate(ids, attention_mask=mask, max_new_tokens=40, do_sample=False, pad_token_id=0)[:, 300:]
         same = (hf == eager).float().mean().item()
         # the dynamic cache splits the context differently (fp32 summation order), which may flip a late greedy choice

@@ -1,6 +1,8 @@
 """Where a P3 decode step's GPU time goes: kernel time by kernel name (torch.profiler) over the decode steps of
 p3quant.generate on the static cache (eager launches: the same kernels a CUDA-graph replay runs, so their GPU
 durations match), Llama-3.1-8B shape with random weights. Prints a table of the top kernels, per decode token.
+Programmatic dependent launch is switched off here: a kernel launched with it starts early and waits for its
+predecessor, so its measured duration would include that wait.
 
 Run: python benchmarks/profile_decode_step.py [--layers 32] [--context 4096] [--batch 1] [--tokens 16]
 """
@@ -22,7 +24,9 @@ except ImportError:
 
 def kernel_breakdown(layers: int, context: int, batch: int, tokens: int, top: int = 20) -> str:
     import p3quant
+    from p3quant.kernels import common
 
+    common.USE_PDL = False
     model = build_model(layers)
     p3quant.quantize(model, p3quant.P3Config.preset("w4a8kv4p8", backend="triton"))
     ids = torch.randint(0, 128000, (batch, context), device="cuda")

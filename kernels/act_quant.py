@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import FP8_MAX, fp8_token_scale, on_input_device, require_device, round_minifloat
+from .common import FP8_MAX, fp8_token_scale, on_input_device, pdl_launch, pdl_launch_dependents, pdl_wait, require_device, round_minifloat
 
 
 @triton.jit
@@ -81,9 +81,11 @@ def store_row_with_codes(y, y_row_ptr, q_row_ptr, s_ptr, row, k, mask, K, LAYOUT
 
 @triton.jit
 def _codes_from_chunk_amax_kernel(y_ptr, amax_ptr, q_ptr, s_ptr, K, CHUNKS, stride_ym, stride_qm,
-                                  BLOCK_K: tl.constexpr, CP: tl.constexpr, LAYOUT: tl.constexpr):
+                                  BLOCK_K: tl.constexpr, CP: tl.constexpr, LAYOUT: tl.constexpr, PDL: tl.constexpr = False):
     """Program (row, chunk): the row's scale from the per-chunk amax values a producer kernel wrote (chunk 0
     stores it), then the chunk's codes (bit-exact with _act_quant_kernel on y)."""
+    pdl_launch_dependents(PDL)
+    pdl_wait(PDL)
     row = tl.program_id(0)
     chunk = tl.program_id(1)
     parts = tl.load(amax_ptr + row * CHUNKS + tl.arange(0, CP), mask=tl.arange(0, CP) < CHUNKS, other=0.0)
@@ -105,12 +107,15 @@ def codes_from_chunk_amax(y: torch.Tensor, chunk_amax: torch.Tensor, block_k: in
     chunks = chunk_amax.shape[1]
     _codes_from_chunk_amax_kernel[(m, chunks)](y, chunk_amax, codes, scales, k, chunks, y.stride(0), codes.stride(0),
                                                BLOCK_K=block_k, CP=triton.next_power_of_2(chunks), LAYOUT=layout,
-                                               num_warps=4)
+                                               num_warps=4, **pdl_launch(y))
 
 
 @triton.jit
-def _act_quant_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, BLOCK_K: tl.constexpr, LAYOUT: tl.constexpr):
+def _act_quant_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, BLOCK_K: tl.constexpr, LAYOUT: tl.constexpr,
+                      PDL: tl.constexpr = False):
     """One row's scale and codes, stored as q's dtype (FP8, or fp16 / fp32 holding the same values exactly)."""
+    pdl_launch_dependents(PDL)
+    pdl_wait(PDL)
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK_K)
     scale = _row_scale(x_ptr, row, K, stride_xm, BLOCK_K)
@@ -127,7 +132,7 @@ def _quantize_into(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, l
     if m:
         block = min(triton.next_power_of_2(k), 4096)
         _act_quant_kernel[(m,)](x, codes, scales, k, x.stride(0), codes.stride(0), BLOCK_K=block, LAYOUT=layout,
-                                num_warps=4 if block <= 1024 else 8)
+                                num_warps=4 if block <= 1024 else 8, **pdl_launch(x))
 
 
 @on_input_device

@@ -12,13 +12,16 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import interpreting, on_input_device
+from .common import interpreting, on_input_device, pdl_launch, pdl_launch_dependents, pdl_wait
 
 BLOCK = 4096  # values per program
 
 
 @triton.jit
-def _chunk_argmax_kernel(x_ptr, vmax_ptr, imax_ptr, inan_ptr, V, CHUNKS, stride_xm, BLOCK: tl.constexpr):
+def _chunk_argmax_kernel(x_ptr, vmax_ptr, imax_ptr, inan_ptr, V, CHUNKS, stride_xm, BLOCK: tl.constexpr,
+                         PDL: tl.constexpr = False):
+    pdl_launch_dependents(PDL)
+    pdl_wait(PDL)
     row = tl.program_id(0)
     chunk = tl.program_id(1)
     offs = chunk * BLOCK + tl.arange(0, BLOCK)
@@ -37,7 +40,9 @@ def _chunk_argmax_kernel(x_ptr, vmax_ptr, imax_ptr, inan_ptr, V, CHUNKS, stride_
 
 
 @triton.jit
-def _pick_kernel(vmax_ptr, imax_ptr, inan_ptr, out_ptr, V, CHUNKS, CP: tl.constexpr):
+def _pick_kernel(vmax_ptr, imax_ptr, inan_ptr, out_ptr, V, CHUNKS, CP: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_launch_dependents(PDL)
+    pdl_wait(PDL)
     row = tl.program_id(0)
     c = tl.arange(0, CP)
     live = c < CHUNKS
@@ -66,8 +71,9 @@ def argmax_tokens(logits: torch.Tensor) -> torch.Tensor:
         vmax = torch.empty((b, chunks), dtype=torch.float32, device=logits.device)
         imax = torch.empty((b, chunks), dtype=torch.int32, device=logits.device)
         inan = torch.empty_like(imax)
-        _chunk_argmax_kernel[(b, chunks)](logits, vmax, imax, inan, v, chunks, logits.stride(0), BLOCK=BLOCK, num_warps=8)
-        _pick_kernel[(b,)](vmax, imax, inan, out, v, chunks, CP=max(2, triton.next_power_of_2(chunks)), num_warps=1)
+        _chunk_argmax_kernel[(b, chunks)](logits, vmax, imax, inan, v, chunks, logits.stride(0), BLOCK=BLOCK, num_warps=8, **pdl_launch(logits))
+        _pick_kernel[(b,)](vmax, imax, inan, out, v, chunks, CP=max(2, triton.next_power_of_2(chunks)), num_warps=1,
+                           **pdl_launch(logits))
     return out
 
 

@@ -64,6 +64,46 @@ def require_dtype(what: str, name: str, t: torch.Tensor, *dtypes: torch.dtype) -
         raise TypeError(f"{what}: {name} must be {' or '.join(map(str, dtypes))}, got {t.dtype}")
 
 
+# Programmatic dependent launch (Hopper and later): a kernel launched with it may start while the previous kernel
+# in the stream still runs. The decode-step kernels start their successors at once (pdl_launch_dependents),
+# issue only what no earlier kernel writes (the weights), then wait (pdl_wait) for the previous kernel to finish
+# and its writes to become visible before they read or write anything else. Every kernel launched this way waits
+# in all its programs, so the previous kernel's completion implies that of all before it. Benchmarks switch PDL
+# off to measure what it gains; P3QUANT_PDL=0 does so for a process.
+USE_PDL = os.environ.get("P3QUANT_PDL", "1") != "0"
+
+
+@functools.cache
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def pdl_enabled(t: torch.Tensor) -> bool:
+    """Whether kernels reading `t` launch with programmatic dependent launch: a CUDA device of compute capability
+    >= 9.0, not the interpreter, and PDL switched on."""
+    return USE_PDL and t.is_cuda and not interpreting() and _capability(t.device.index) >= (9, 0)
+
+
+def pdl_launch(t: torch.Tensor) -> dict[str, bool]:
+    """Launch keywords of a kernel with a PDL constexpr (see pdl_wait): the constexpr and Triton's launch_pdl."""
+    on = pdl_enabled(t)
+    return {"PDL": on, "launch_pdl": on}
+
+
+@triton.jit
+def pdl_launch_dependents(PDL: tl.constexpr):
+    """Let the next kernel in the stream be scheduled now (it waits in pdl_wait before touching our outputs)."""
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+
+
+@triton.jit
+def pdl_wait(PDL: tl.constexpr):
+    """Wait until the previous kernel in the stream has finished and its writes are visible (no-op without PDL)."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+
+
 def fp8_dot_supported(device: torch.device) -> bool:
     """FP8 x FP8 tensor-core dots need compute capability >= 8.9 (Ada, Hopper); the interpreter emulates them."""
     if interpreting() or device.type != "cuda":

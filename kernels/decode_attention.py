@@ -34,7 +34,8 @@ import triton.language as tl
 from p3quant.attention_math import QuantizedKV
 from p3quant.formats import Int4Tensor
 
-from .common import fp8_token_scale, FP16_TINY, FP8_MAX, interpreting, on_input_device, require_device, round_minifloat, round_to_output
+from .common import (fp8_token_scale, FP16_TINY, FP8_MAX, interpreting, on_input_device, pdl_launch, pdl_launch_dependents, pdl_wait,
+                     require_device, round_minifloat, round_to_output)
 
 UE4M4_MAX = tl.constexpr(1.9375)
 _BLOCK_R = 16
@@ -109,8 +110,10 @@ def _scores_kernel(
     s_vsb, s_vsh, s_vst, s_rkb, s_rkh, s_rkt, s_mb, s_scb, s_sch,
     G: tl.constexpr, GP: tl.constexpr, HALF_D: tl.constexpr, DH: tl.constexpr, BLOCK_T: tl.constexpr,
     BLOCK_R: tl.constexpr, HAS_SMOOTH: tl.constexpr, QUANT_Q: tl.constexpr, HAS_MASK: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, DEVICE_LEN: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, DEVICE_LEN: tl.constexpr, PDL: tl.constexpr = False,
 ):
+    pdl_launch_dependents(PDL)
+    pdl_wait(PDL)  # the cache's newest token and the query come from the kernels just before
     pid = tl.program_id(0)
     split = tl.program_id(1)
     b = pid // HKV
@@ -216,8 +219,10 @@ def _pv_kernel(
     n_quant, n_res, chunk, HKV, NUM_SPLITS,
     s_vpb, s_vph, s_vpt, s_vsb, s_vsh, s_vst, s_vzb, s_vzh, s_vzt, s_rvb, s_rvh, s_rvt, s_scb, s_sch,
     G: tl.constexpr, GP: tl.constexpr, HALF_D: tl.constexpr, DH: tl.constexpr, BLOCK_T: tl.constexpr,
-    BLOCK_R: tl.constexpr, SP: tl.constexpr, HALF_UP: tl.constexpr, DEVICE_LEN: tl.constexpr,
+    BLOCK_R: tl.constexpr, SP: tl.constexpr, HALF_UP: tl.constexpr, DEVICE_LEN: tl.constexpr, PDL: tl.constexpr = False,
 ):
+    pdl_launch_dependents(PDL)
+    pdl_wait(PDL)
     pid = tl.program_id(0)
     split = tl.program_id(1)
     b = pid // HKV
@@ -285,9 +290,11 @@ def _pv_kernel(
 
 
 @triton.jit
-def _combine_kernel(part_ptr, out_ptr, S1, D, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+def _combine_kernel(part_ptr, out_ptr, S1, D, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr = False):
     """out[row] = sum of part[row, s] over the splits s (BLOCK_S splits per load, so that a long context's many
     splits cost a few dependent loads, not one each), rounded once to out's dtype."""
+    pdl_launch_dependents(PDL)
+    pdl_wait(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs_s = tl.arange(0, BLOCK_S)
     offs = tl.arange(0, BLOCK_D)
@@ -422,7 +429,7 @@ def p3_decode_attention(
         kz.stride(0), kz.stride(1), kz.stride(2), vs.stride(0), vs.stride(1), vs.stride(2),
         rk.stride(0), rk.stride(1), rk.stride(2), mask_arg.stride(0), scores.stride(0), scores.stride(1),
         HAS_SMOOTH=sm is not None, QUANT_Q=quantized, HAS_MASK=mask is not None, HAS_SOFTCAP=softcap is not None,
-        DEVICE_LEN=device_len, num_warps=NUM_WARPS, **shape,
+        DEVICE_LEN=device_len, num_warps=NUM_WARPS, **shape, **pdl_launch(q),
     )
     _pv_kernel[grid](
         vp, vs, vz, rv, scores, m_stat, l_stat, v_max, partial, len_arg,
@@ -431,9 +438,11 @@ def p3_decode_attention(
         vz.stride(0), vz.stride(1), vz.stride(2), rv.stride(0), rv.stride(1), rv.stride(2),
         scores.stride(0), scores.stride(1),
         SP=triton.next_power_of_2(s1), HALF_UP=prob_rounding == "half_up", DEVICE_LEN=device_len, num_warps=NUM_WARPS, **shape,
+        **pdl_launch(q),
     )
     out = torch.empty((bsz, heads, 1, d), dtype=out_dtype, device=dev)
-    _combine_kernel[(bsz * heads,)](partial, out, s1, d, BLOCK_S=16, BLOCK_D=triton.next_power_of_2(d), num_warps=4)
+    _combine_kernel[(bsz * heads,)](partial, out, s1, d, BLOCK_S=16, BLOCK_D=triton.next_power_of_2(d), num_warps=4,
+                                      **pdl_launch(q))
     return out
 
 

@@ -31,7 +31,8 @@ import triton.language as tl
 from p3quant.formats import BitMoDTensor, Int4Tensor
 
 from .act_quant import quantize_activation_fp8, quantize_activation_once
-from .common import bitmod_special2, clamped_rows, decode_tables, decode_w4, dot16, fp8_dot_supported, interpreting, on_input_device, require_device
+from .common import (bitmod_special2, clamped_rows, decode_tables, decode_w4, dot16, fp8_dot_supported, interpreting, on_input_device,
+                     pdl_launch, pdl_launch_dependents, pdl_wait, require_device)
 from .dequant_w4 import dequantize_w4
 from .w4_mma import rows_epilogue, w4_mma_matmul
 
@@ -137,6 +138,7 @@ def _w4_gemv_kernel(
     KW: tl.constexpr, SEGMENTS: tl.constexpr,
     GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     IS_BITMOD: tl.constexpr, HAS_BIAS: tl.constexpr, USE_ASM: tl.constexpr, EVEN_K: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """Decode GEMV over int32 words of 8 codes (code i of word j = element 8j + i; stride_wn in words).
 
@@ -163,9 +165,13 @@ def _w4_gemv_kernel(
     The activation rows fit the tile so that a thread holds all BLOCK_N rows of its words: each activation
     vector is loaded once per thread and reused for every row (block sizes: _gemv_config). The GPU and the
     interpreter paths run the same fp32 operations in the same order.
+
+    PDL: launched with programmatic dependent launch, the first K-step's weights, scales and selectors are in
+    flight while the previous kernel (which produces the activations) still runs.
     """
     GW: tl.constexpr = GROUP // 8
     NG: tl.constexpr = BLOCK_K // GROUP
+    pdl_launch_dependents(PDL)
     pid_n = tl.program_id(0)
     m = tl.program_id(1)
     if SEGMENTS > 1:
@@ -195,6 +201,7 @@ def _w4_gemv_kernel(
     nxt_words = _ld(w_rows + wi[None, :, :], g_mask[None, :, None], EVEN_K)
     nxt_scale = _ld(s_rows + og[None, :], g_mask[None, :], EVEN_K)
     nxt_aux = _ld(a_rows + og[None, :], g_mask[None, :], EVEN_K)
+    pdl_wait(PDL)  # the activations, the token scale and the outputs belong to earlier kernels
     for g0 in range(0, ng_total, NG):
         gi = g0 + og
         g_mask = gi < ng_total
@@ -511,7 +518,7 @@ def _gemv_fp8(a: torch.Tensor, xs: torch.Tensor, parts: list[tuple[_Prepared, to
         a, xs, *segments[:6], first.k, a.stride(0), first.words.stride(0), first.scales.stride(0), first.aux.stride(0),
         parts[0][2].stride(0), *segments[6:], KW=first.k // 8, SEGMENTS=len(parts), GROUP=first.group, BLOCK_N=block_n,
         BLOCK_K=block_k, IS_BITMOD=first.is_bitmod, HAS_BIAS=parts[0][1] is not None, USE_ASM=use_asm,
-        EVEN_K=first.k % block_k == 0, num_warps=warps, num_stages=stages)
+        EVEN_K=first.k % block_k == 0, num_warps=warps, num_stages=stages, **pdl_launch(a))
 
 
 @on_input_device

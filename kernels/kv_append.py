@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import fp16_scale, on_input_device, require_device, rne
+from .common import fp16_scale, on_input_device, pdl_launch, pdl_launch_dependents, pdl_wait, require_device, rne
 
 
 @triton.jit
@@ -79,9 +79,11 @@ def _int4_kv_at_kernel(
     k_ptr, div_ptr, kp_ptr, ks_ptr, kz_ptr, rk_ptr, v_ptr, vp_ptr, vs_ptr, vz_ptr, rv_ptr, pos_ptr, H, R,
     s_kb, s_kh, s_db, s_dh, s_kpb, s_kph, s_kpt, s_ksb, s_ksh, s_kst, s_kzb, s_kzh, s_kzt, s_rkb, s_rkh, s_rkt,
     s_vb, s_vh, s_vpb, s_vph, s_vpt, s_vsb, s_vsh, s_vst, s_vzb, s_vzh, s_vzt, s_rvb, s_rvh, s_rvt,
-    HALF_D: tl.constexpr, DH: tl.constexpr, HAS_DIV: tl.constexpr,
+    HALF_D: tl.constexpr, DH: tl.constexpr, HAS_DIV: tl.constexpr, PDL: tl.constexpr = False,
 ):
     """The decode token's key (axis 1 = 0, divided by the smoothing factor) and value (axis 1 = 1) rows."""
+    pdl_launch_dependents(PDL)
+    pdl_wait(PDL)
     if tl.program_id(1) == 0:
         _int4_rows(k_ptr, div_ptr, kp_ptr, ks_ptr, kz_ptr, pos_ptr, rk_ptr, 1, H, R, 0,
                    s_kb, s_kh, 0, s_db, s_dh, s_kpb, s_kph, s_kpt, s_ksb, s_ksh, s_kst, s_kzb, s_kzh, s_kzt, s_rkb, s_rkh, s_rkt,
@@ -207,7 +209,7 @@ def append_kv_at(
         values.stride(0), values.stride(1), vp.stride(0), vp.stride(1), vp.stride(2),
         vs.stride(0), vs.stride(1), vs.stride(2), vz.stride(0), vz.stride(1), vz.stride(2),
         ring_values.stride(0), ring_values.stride(1), ring_values.stride(2),
-        HALF_D=d // 2, DH=triton.next_power_of_2(d // 2), HAS_DIV=divisor is not None, num_warps=1,
+        HALF_D=d // 2, DH=triton.next_power_of_2(d // 2), HAS_DIV=divisor is not None, num_warps=1, **pdl_launch(keys),
     )
 
 

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import interpreting, on_input_device, round_like_output, round_to_output
+from .common import interpreting, on_input_device, pdl_launch, pdl_launch_dependents, pdl_wait, round_like_output, round_to_output
 
 
 # heads per program: a decode step's few (b, t) rows still spread over several SMs (one program for all 32 query
@@ -44,9 +44,11 @@ def _rotate_rows(x_ptr, y_ptr, c, s, b, t, h0, heads, s_xb, s_xh, s_xt, s_yb, s_
 @triton.jit
 def _rope_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, qo_ptr, ko_ptr, T, H, HKV,
                  s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, s_cb, s_ct, s_ob, s_oh, s_ot, s_pb, s_ph, s_pt,
-                 D: tl.constexpr, HB: tl.constexpr, DP: tl.constexpr):
+                 D: tl.constexpr, HB: tl.constexpr, DP: tl.constexpr, PDL: tl.constexpr = False):
     """Program (b * T + t, j) rotates query heads j * HB .. (j + 1) * HB - 1 of token t of sequence b, or, for
     j >= cdiv(H, HB), the key heads (j - cdiv(H, HB)) * HB .. likewise."""
+    pdl_launch_dependents(PDL)
+    pdl_wait(PDL)
     pid = tl.program_id(0)
     j = tl.program_id(1)
     q_blocks = tl.cdiv(H, HB)
@@ -100,7 +102,7 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch
         q, k, cos, sin, q_out, k_out, t, h, hkv,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), cos_b, cos.stride(1),
         q_out.stride(0), q_out.stride(1), q_out.stride(2), k_out.stride(0), k_out.stride(1), k_out.stride(2),
-        D=d, HB=hb, DP=triton.next_power_of_2(d), num_warps=4 if hb * d >= 2048 else 1,
+        D=d, HB=hb, DP=triton.next_power_of_2(d), num_warps=4 if hb * d >= 2048 else 1, **pdl_launch(q),
     )
     return q_out, k_out
 

@@ -19,14 +19,16 @@ import triton
 import triton.language as tl
 
 from .act_quant import code_buffers, codes_from_chunk_amax, remember_quantized
-from .common import on_input_device, require_device, round_to_output
+from .common import on_input_device, pdl_launch, pdl_launch_dependents, pdl_wait, require_device, round_to_output
 
 BLOCK_K = 1024  # features per program
 
 
 @triton.jit
 def _silu_mul_kernel(g_ptr, u_ptr, y_ptr, amax_ptr, K, CHUNKS, stride_gm, stride_um, stride_ym,
-                     BLOCK_K: tl.constexpr, WANT_AMAX: tl.constexpr):
+                     BLOCK_K: tl.constexpr, WANT_AMAX: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_launch_dependents(PDL)
+    pdl_wait(PDL)
     row = tl.program_id(0)
     chunk = tl.program_id(1)
     k = chunk * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -63,7 +65,7 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor, layout: str | None = None) ->
         chunks = triton.cdiv(k, BLOCK_K)
         amax = torch.empty((m, chunks), dtype=torch.float32, device=gate.device) if code else y2
         _silu_mul_kernel[(m, chunks)](g2, u2, y2, amax, k, chunks, g2.stride(0), u2.stride(0), y2.stride(0),
-                                      BLOCK_K=BLOCK_K, WANT_AMAX=bool(code), num_warps=4)
+                                      BLOCK_K=BLOCK_K, WANT_AMAX=bool(code), num_warps=4, **pdl_launch(g2))
         if code:
             codes_from_chunk_amax(y2, amax, BLOCK_K, code, codes, scales)
     if code:

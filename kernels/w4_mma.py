@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import bitmod_special2, clamped_rows, decode_tables, decode_w4, decode_word16
+from .common import bitmod_special2, clamped_rows, decode_tables, decode_w4, decode_word16, pdl_launch, pdl_launch_dependents, pdl_wait
 
 
 @triton.jit
@@ -65,12 +65,14 @@ def _w4_mma_kernel(
     M, N, K, stride_xm, stride_ww, stride_sn, stride_an, stride_ym, groups_per_split,
     GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, SPLIT_K: tl.constexpr,
     IS_BITMOD: tl.constexpr, HAS_BIAS: tl.constexpr, USE_ASM: tl.constexpr, ROW_SCALE: tl.constexpr,
-    BF16: tl.constexpr, NATIVE_BF16: tl.constexpr,
+    BF16: tl.constexpr, NATIVE_BF16: tl.constexpr, PDL: tl.constexpr = False,
 ):
     """x in half-plane order (x[m, :K/2] = lo plane, x[m, K/2:] = hi plane): W4A8 (ROW_SCALE) fp16 FP8 codes with
     token scales xs; W4A16 the 16-bit activations themselves (bf16 if BF16, else fp16), xs unused. SPLIT_K > 1
     writes unscaled fp32 partials part[pid_k, m, n] for _rows_epilogue_kernel."""
     HG: tl.constexpr = GROUP // 2
+    pdl_launch_dependents(PDL)
+    pdl_wait(PDL)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n, n_mask, rows = clamped_rows(pid_n, BLOCK_N, N)
@@ -111,9 +113,12 @@ def _w4_mma_kernel(
 
 @triton.jit
 def _rows_epilogue_kernel(part_ptr, xs_ptr, b_ptr, y_ptr, M, N, stride_ym, SPLIT_K: tl.constexpr,
-                          BLOCK: tl.constexpr, IS_BITMOD: tl.constexpr, HAS_BIAS: tl.constexpr, ROW_SCALE: tl.constexpr):
+                          BLOCK: tl.constexpr, IS_BITMOD: tl.constexpr, HAS_BIAS: tl.constexpr, ROW_SCALE: tl.constexpr,
+                          PDL: tl.constexpr = False):
     """y[m, n] = (sum of part[s, m, n] over s, in split order) * xs[m] (if ROW_SCALE) (* 1/2 for BitMoD) + bias[n],
     cast to y's dtype: the split-K reduction, and (SPLIT_K = 1) the epilogue of the prefill path's fp32 product."""
+    pdl_launch_dependents(PDL)
+    pdl_wait(PDL)
     m = tl.program_id(1).to(tl.int64)  # m * N exceeds int32 for long prefills of wide layers
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < N
@@ -173,7 +178,7 @@ def w4_mma_matmul(x_halves: torch.Tensor, x_scales: torch.Tensor | None, words: 
         m, n, k, x_halves.stride(0), words.stride(0), scales.stride(0), aux.stride(0), y.stride(0), per_split,
         GROUP=group, BLOCK_N=block_n, BLOCK_M=block_m, SPLIT_K=split_k, IS_BITMOD=is_bitmod,
         HAS_BIAS=bias is not None, USE_ASM=use_asm, ROW_SCALE=row_scale, BF16=x_halves.dtype == torch.bfloat16,
-        NATIVE_BF16=y.is_cuda, num_warps=warps, num_stages=stages)
+        NATIVE_BF16=y.is_cuda, num_warps=warps, num_stages=stages, **pdl_launch(y))
     if split_k > 1:
         rows_epilogue(part, x_scales, bias, y, is_bitmod)
 
@@ -194,4 +199,4 @@ def rows_epilogue(part: torch.Tensor, x_scales: torch.Tensor | None, bias: torch
         xs = x_scales[m0:] if x_scales is not None else part
         _rows_epilogue_kernel[(triton.cdiv(n, block), rows)](
             part[:, m0:], xs, bias if bias is not None else xs, y[m0:], m, n, y.stride(0), SPLIT_K=split_k, BLOCK=block,
-            IS_BITMOD=is_bitmod, HAS_BIAS=bias is not None, ROW_SCALE=x_scales is not None, num_warps=4)
+            IS_BITMOD=is_bitmod, HAS_BIAS=bias is not None, ROW_SCALE=x_scales is not None, num_warps=4, **pdl_launch(y))

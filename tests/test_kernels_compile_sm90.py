@@ -16,7 +16,7 @@ import json
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from p3quant.kernels import act_quant, argmax, decode_attention, dequant_w4, gemm_w4, kv_append, rope, silu_mul, w4_mma
+from p3quant.kernels import act_quant, argmax, decode_attention, dequant_w4, gemm_w4, kv_append, rmsnorm, rope, silu_mul, w4_mma
 
 
 def compile_ptx(fn, types, constexprs, divisible=(), **options):
@@ -36,7 +36,7 @@ for name, is_bitmod, block_m, split_k, x_type in (("mma_bitmod=True", True, 16, 
     out[name] = compile_ptx(
         w4_mma._w4_mma_kernel, [x_type] + mma_types[1:],
         dict(GROUP=128, BLOCK_N=64, BLOCK_M=block_m, SPLIT_K=split_k, IS_BITMOD=is_bitmod, HAS_BIAS=True, USE_ASM=True,
-             ROW_SCALE=x_type == "*fp16", BF16=x_type == "*bf16", NATIVE_BF16=True),
+             ROW_SCALE=x_type == "*fp16", BF16=x_type == "*bf16", NATIVE_BF16=True, PDL=True),
         divisible=("K", "stride_xm", "stride_ww", "stride_ym"), num_warps=4, num_stages=4)
 for is_bitmod in (True, False):
     out[f"dequant_bitmod={is_bitmod}"] = compile_ptx(
@@ -44,35 +44,40 @@ for is_bitmod in (True, False):
         dict(GROUP=128, BLOCK_N=16, BLOCK_W=64, IS_BITMOD=is_bitmod, USE_ASM=True),
         divisible=("KW", "s_w", "s_o"), num_warps=4)
 out["epilogue"] = compile_ptx(w4_mma._rows_epilogue_kernel, ["*fp32", "*fp32", "*bf16", "*bf16"] + ["i32"] * 3,
-                              dict(SPLIT_K=4, BLOCK=1024, IS_BITMOD=True, HAS_BIAS=True, ROW_SCALE=True), num_warps=4)
-for segments in (1, 3):  # one weight; q/k/v-style segments (the segment choice reassigns pointers at run time)
-    out[f"gemv_{segments}"] = compile_ptx(
+                              dict(SPLIT_K=4, BLOCK=1024, IS_BITMOD=True, HAS_BIAS=True, ROW_SCALE=True, PDL=True), num_warps=4)
+# one weight (with and without programmatic dependent launch); q/k/v-style segments (the segment choice reassigns
+# pointers at run time)
+for name, segments, pdl in (("gemv_1", 1, True), ("gemv_3", 3, True), ("gemv_1_no_pdl", 1, False)):
+    out[name] = compile_ptx(
         gemm_w4._w4_gemv_kernel, gemm_w4.GEMV_ARG_TYPES,
         dict(KW=512, SEGMENTS=segments, GROUP=128, BLOCK_N=4, BLOCK_K=1024, IS_BITMOD=True, HAS_BIAS=segments > 1,
-             USE_ASM=True, EVEN_K=True), divisible=("K", "stride_xm", "stride_wn"), num_warps=1, num_stages=1)
+             USE_ASM=True, EVEN_K=True, PDL=pdl), divisible=("K", "stride_xm", "stride_wn"), num_warps=1, num_stages=1)
 for layout, q_type in ((0, "*fp8e4nv"), (1, "*fp32"), (2, "*fp16")):  # in order, split, half-planes
     out[f"act_quant_{layout}"] = compile_ptx(act_quant._act_quant_kernel, ["*bf16", q_type, "*fp32", "i32", "i32", "i32"],
-                                             dict(BLOCK_K=4096, LAYOUT=layout), divisible=("K", "stride_xm", "stride_qm"),
+                                             dict(BLOCK_K=4096, LAYOUT=layout, PDL=True), divisible=("K", "stride_xm", "stride_qm"),
                                              num_warps=8)
 out["silu_mul"] = compile_ptx(silu_mul._silu_mul_kernel, ["*bf16", "*bf16", "*bf16", "*fp32"] + ["i32"] * 5,
-                              dict(BLOCK_K=1024, WANT_AMAX=True), divisible=("K", "stride_gm", "stride_um", "stride_ym"),
+                              dict(BLOCK_K=1024, WANT_AMAX=True, PDL=True), divisible=("K", "stride_gm", "stride_um", "stride_ym"),
                               num_warps=4)
 out["chunk_codes"] = compile_ptx(act_quant._codes_from_chunk_amax_kernel, ["*bf16", "*fp32", "*fp32", "*fp32"] + ["i32"] * 4,
-                                 dict(BLOCK_K=1024, CP=16, LAYOUT=1), divisible=("K", "stride_ym", "stride_qm"), num_warps=4)
-out["rope"] = compile_ptx(rope._rope_kernel, ["*bf16"] * 6 + ["i32"] * 17, dict(D=128, HB=4, DP=128), num_warps=1)
-attention_shape = dict(G=4, GP=16, HALF_D=64, DH=64, BLOCK_T=128, BLOCK_R=16, DEVICE_LEN=True)
+                                 dict(BLOCK_K=1024, CP=16, LAYOUT=1, PDL=True), divisible=("K", "stride_ym", "stride_qm"), num_warps=4)
+out["rope"] = compile_ptx(rope._rope_kernel, ["*bf16"] * 6 + ["i32"] * 17, dict(D=128, HB=4, DP=128, PDL=True), num_warps=1)
+attention_shape = dict(G=4, GP=16, HALF_D=64, DH=64, BLOCK_T=128, BLOCK_R=16, DEVICE_LEN=True, PDL=True)
 out["scores"] = compile_ptx(decode_attention._scores_kernel, ["*bf16", "*fp32", "*u8", "*fp16", "*u8", "*fp16", "*bf16", "*u8"]
                             + ["*fp32"] * 4 + ["*i64", "i32", "i32", "i32", "fp32", "fp32", "i32", "i32"] + ["i32"] * 22,
                             dict(attention_shape, HAS_SMOOTH=True, QUANT_Q=True, HAS_MASK=True, HAS_SOFTCAP=True), num_warps=4)
 out["pv"] = compile_ptx(decode_attention._pv_kernel, ["*u8", "*fp16", "*u8", "*bf16"] + ["*fp32"] * 5 + ["*i64"] + ["i32"] * 19,
                         dict(attention_shape, SP=64, HALF_UP=False), num_warps=4)
 out["argmax_chunks"] = compile_ptx(argmax._chunk_argmax_kernel, ["*bf16", "*fp32", "*i32", "*i32", "i32", "i32", "i32"],
-                                   dict(BLOCK=4096), num_warps=8)
-out["argmax_pick"] = compile_ptx(argmax._pick_kernel, ["*fp32", "*i32", "*i32", "*i64", "i32", "i32"], dict(CP=32), num_warps=1)
-out["combine"] = compile_ptx(decode_attention._combine_kernel, ["*fp32", "*bf16", "i32", "i32"], dict(BLOCK_S=16, BLOCK_D=128), num_warps=4)
+                                   dict(BLOCK=4096, PDL=True), num_warps=8)
+out["argmax_pick"] = compile_ptx(argmax._pick_kernel, ["*fp32", "*i32", "*i32", "*i64", "i32", "i32"], dict(CP=32, PDL=True), num_warps=1)
+out["combine"] = compile_ptx(decode_attention._combine_kernel, ["*fp32", "*bf16", "i32", "i32"], dict(BLOCK_S=16, BLOCK_D=128, PDL=True), num_warps=4)
 out["kv_at"] = compile_ptx(kv_append._int4_kv_at_kernel, ["*bf16", "*fp32", "*u8", "*fp16", "*u8", "*bf16", "*bf16", "*u8", "*fp16",
                                                            "*u8", "*bf16", "*i64"] + ["i32"] * 32,
-                           dict(HALF_D=64, DH=64, HAS_DIV=True), num_warps=1)
+                           dict(HALF_D=64, DH=64, HAS_DIV=True, PDL=True), num_warps=1)
+out["rmsnorm"] = compile_ptx(rmsnorm._rmsnorm_kernel, ["*bf16"] * 3 + ["*fp32", "*fp32", "i32", "fp32", "i32", "i32", "i32"],
+                             dict(BLOCK_K=4096, LAYOUT=1, PDL=True), divisible=("K", "stride_xm", "stride_ym", "stride_qm"),
+                             num_warps=16)
 print(json.dumps(out))
 """
 
@@ -111,3 +116,28 @@ def test_gpu_kernels_compile_for_hopper_with_their_inline_ptx():
     assert "st.global" in ptx["rope"] and "st.global" in ptx["combine"] and "st.global" in ptx["kv_at"]
     assert "ex2.approx" in ptx["silu_mul"] and "div.rn.f32" in ptx["silu_mul"]  # SiLU's exponential and division
     assert "div.rn.f32" in ptx["chunk_codes"] and "st.global" in ptx["chunk_codes"]  # the FP8 codes' division
+
+
+def _global_accesses(ptx: str) -> list[tuple[int, str]]:
+    found = ((i, re.match(r"\s*(@!?%p\d+\s+)?((ld|st)\.global)", line)) for i, line in enumerate(ptx.splitlines()))
+    return [(i, m.group(2)) for i, m in found if m]
+
+
+def test_decode_kernels_wait_for_the_previous_kernel_before_touching_its_data():
+    """Programmatic dependent launch: every decode-step kernel lets its successor launch and waits for its
+    predecessor before any global load or store; only the GEMV's first weight tiles and the norm's weight (which no
+    kernel writes) are read before the wait."""
+    ptx = _compile_all()
+    pdl = [name for name in ptx if name not in ("gemv_1_no_pdl",) and not name.startswith("dequant")]
+    for name in pdl:
+        lines = ptx[name].splitlines()
+        waits = [i for i, line in enumerate(lines) if "griddepcontrol.wait" in line]
+        assert len(waits) == 1 and any("griddepcontrol.launch_dependents" in line for line in lines), name
+        early = [op for i, op in _global_accesses(ptx[name]) if i < waits[0]]
+        if name.startswith("gemv"):
+            assert early and all(op.startswith("ld") for op in early), name  # the first K-step's weights, prefetched
+        elif name == "rmsnorm":
+            assert early and all(op.startswith("ld") for op in early), name
+        else:
+            assert not early, (name, early)
+    assert "griddepcontrol" not in ptx["gemv_1_no_pdl"]
