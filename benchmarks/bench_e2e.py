@@ -6,7 +6,7 @@ prefill cancels. bf16 runs twice: eagerly with transformers' default (dynamic) c
 (generate then compiles the decode step with torch.compile, CUDA graphs included). p3quant runs twice: eagerly
 with its P3 cache through transformers' generate, and with p3quant.GreedyDecoder (what p3quant.generate runs)
 over a P3StaticCache, the decode step replayed as a CUDA graph and timed step by step after the prefill; that row
-runs again with programmatic dependent launch switched off ("no PDL"), which measures what PDL gains.
+runs again with programmatic dependent launch switched on ("PDL", off by default), which measures what it gains.
 Run: python benchmarks/bench_e2e.py [--layers L] [--new-tokens N].
 """
 
@@ -64,19 +64,18 @@ def decode_latency(model, batch: int, context: int, new_tokens: int, static: boo
     return sorted(diffs)[0]
 
 
-def static_graph_latency(model, batch: int, context: int, new_tokens: int, pdl: bool = True) -> float:
+def static_graph_latency(model, batch: int, context: int, new_tokens: int, pdl: bool = False) -> float:
     """Seconds per decoded token of p3quant's greedy decoding over a P3StaticCache with CUDA-graph replay.
 
     Timed directly: after the prefill, one eager step and the captured step, three windows of `new_tokens`
     replayed steps each (host launch of the replay and the token copy included, as in p3quant.generate); the
-    median window is kept. pdl=False launches every kernel without programmatic dependent launch.
+    median window is kept. pdl=True launches the kernels with programmatic dependent launch.
     """
     import p3quant
     from p3quant.kernels import common
 
     ids = torch.randint(0, 128000, (batch, context), device="cuda")
-    saved, common.USE_PDL = common.USE_PDL, pdl and common.USE_PDL
-    try:
+    with common.pdl_mode(pdl):
         decoder = p3quant.GreedyDecoder(model, ids, 3 + 3 * new_tokens, cuda_graph=True)
         decoder.step()  # eager: kernels for the static shapes, workspaces
         decoder.step()  # captured, then replayed
@@ -89,8 +88,6 @@ def static_graph_latency(model, batch: int, context: int, new_tokens: int, pdl: 
             torch.cuda.synchronize()
             windows.append((time.perf_counter() - start) / new_tokens)
         decoder.finish()
-    finally:
-        common.USE_PDL = saved
     return sorted(windows)[1]
 
 
@@ -111,7 +108,7 @@ def host_profile(model, context: int, tokens: int = 8, top: int = 30) -> str:
 
 
 LABELS = ("bf16 transformers", "bf16 transformers static+compile", "p3quant W4A8KV4P8 triton", "p3quant W4A8KV4P8 triton static+graph",
-          "p3quant W4A8KV4P8 triton static+graph no PDL")
+          "p3quant W4A8KV4P8 triton static+graph PDL")
 
 
 def run(layers: int = 32, context: int = 4096, new_tokens: int = 32, batches=(1, 8), profile: bool = False,
@@ -135,7 +132,7 @@ def run(layers: int = 32, context: int = 4096, new_tokens: int = 32, batches=(1,
             torch.cuda.reset_peak_memory_stats()
             try:
                 if "static+graph" in label:
-                    latency = static_graph_latency(model, batch, context, new_tokens, pdl=not label.endswith("no PDL"))
+                    latency = static_graph_latency(model, batch, context, new_tokens, pdl=label.endswith(" PDL"))
                 else:
                     latency = decode_latency(model, batch, context, new_tokens, static=label.endswith("compile"))
             except torch.OutOfMemoryError as err:
@@ -150,7 +147,7 @@ def run(layers: int = 32, context: int = 4096, new_tokens: int = 32, batches=(1,
             print(f"{label} batch {batch}: {latency * 1e3:.2f} ms / token", flush=True)  # survives a timeout
     for batch in batches:
         for p3_label in ("p3quant W4A8KV4P8 triton", "p3quant W4A8KV4P8 triton static+graph",
-                         "p3quant W4A8KV4P8 triton static+graph no PDL"):
+                         "p3quant W4A8KV4P8 triton static+graph PDL"):
             p3 = results.get((p3_label, batch))
             for base_label in ("bf16 transformers", "bf16 transformers static+compile"):
                 base = results.get((base_label, batch))

@@ -1,8 +1,8 @@
 """Where a P3 decode step's GPU time goes: kernel time by kernel name (torch.profiler) over the decode steps of
 p3quant.generate on the static cache (eager launches: the same kernels a CUDA-graph replay runs, so their GPU
 durations match), Llama-3.1-8B shape with random weights. Prints a table of the top kernels, per decode token.
-Programmatic dependent launch is switched off here: a kernel launched with it starts early and waits for its
-predecessor, so its measured duration would include that wait.
+Programmatic dependent launch stays off here (P3QUANT_PDL is ignored): a kernel launched with it starts early and
+waits for its predecessor, so its measured duration would include that wait.
 
 Run: python benchmarks/profile_decode_step.py [--layers 32] [--context 4096] [--batch 1] [--tokens 16]
 """

@@ -7,9 +7,10 @@ every backend, including the Triton CPU interpreter (whose fp32->fp8 cast mis-ro
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
-from typing import Callable, TypeVar
+from typing import Callable, Iterator, TypeVar
 
 import torch
 import triton
@@ -68,9 +69,21 @@ def require_dtype(what: str, name: str, t: torch.Tensor, *dtypes: torch.dtype) -
 # in the stream still runs. The decode-step kernels start their successors at once (pdl_launch_dependents),
 # issue only what no earlier kernel writes (the weights), then wait (pdl_wait) for the previous kernel to finish
 # and its writes to become visible before they read or write anything else. Every kernel launched this way waits
-# in all its programs, so the previous kernel's completion implies that of all before it. Benchmarks switch PDL
-# off to measure what it gains; P3QUANT_PDL=0 does so for a process.
-USE_PDL = os.environ.get("P3QUANT_PDL", "1") != "0"
+# in all its programs, so the previous kernel's completion implies that of all before it.
+# Off by default until it has been timed and checked on a GPU (benchmarks/RESULTS.md): P3QUANT_PDL=1 switches it on
+# for a process, pdl_mode() for a block of code.
+USE_PDL = os.environ.get("P3QUANT_PDL", "0") == "1"
+
+
+@contextlib.contextmanager
+def pdl_mode(on: bool) -> Iterator[None]:
+    """Launch the kernels inside the block with (on=True) or without programmatic dependent launch."""
+    global USE_PDL
+    saved, USE_PDL = USE_PDL, on
+    try:
+        yield
+    finally:
+        USE_PDL = saved
 
 
 @functools.cache

@@ -141,3 +141,18 @@ def test_decode_kernels_wait_for_the_previous_kernel_before_touching_its_data():
         else:
             assert not early, (name, early)
     assert "griddepcontrol" not in ptx["gemv_1_no_pdl"]
+
+
+def test_pdl_mode_switches_and_restores_but_never_applies_off_a_gpu():
+    import torch
+
+    from p3quant.kernels import common
+
+    before = common.USE_PDL
+    with common.pdl_mode(not before):
+        assert common.USE_PDL is (not before)
+        with common.pdl_mode(True):
+            assert common.USE_PDL and not common.pdl_enabled(torch.ones(1))  # CPU tensors, the interpreter
+            assert common.pdl_launch(torch.ones(1)) == {"PDL": False, "launch_pdl": False}
+        assert common.USE_PDL is (not before)
+    assert common.USE_PDL is before
