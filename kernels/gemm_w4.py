@@ -84,19 +84,18 @@ def _biased(words, i: tl.constexpr, aux, IS_BITMOD: tl.constexpr):
 
 
 @triton.jit
-def _word_dot(words, aux, a0, a1, a2, a3, a4, a5, a6, a7, init, R: tl.constexpr, G: tl.constexpr, W: tl.constexpr,
+def _word_dot(words, aux, a0, a1, a2, a3, a4, a5, a6, a7, init, G: tl.constexpr, R: tl.constexpr, W: tl.constexpr,
               IS_BITMOD: tl.constexpr, USE_ASM: tl.constexpr):
-    """init + sum over the 8 codes i of each int32 word [R, G, W] of (40 + v_i / 2) * a_i, in code order (v: BitMoD
-    grid x 2, or INT4 code - zp; aux [R, G] = the group's selector / zero point)."""
-    shape: tl.constexpr = [R, G, W]
+    """init + sum over the 8 codes i of each int32 word [G, R, W] of (40 + v_i / 2) * a_i, in code order (v: BitMoD
+    grid x 2, or INT4 code - zp; aux [G, R, 1] = the group's selector / zero point)."""
+    shape: tl.constexpr = [G, R, W]
     if USE_ASM:
         tp0, tp1, tn0, tn1 = decode_tables(aux, IS_BITMOD)
         return tl.inline_asm_elementwise(
             _ASM_BIASED_DOT, "=f,r,r,r,r,r,r,f,f,f,f,f,f,f,f,f",
-            [words, tl.broadcast_to((tp0 * 2)[:, :, None], shape), tl.broadcast_to((tp1 * 2)[:, :, None], shape),
-             tl.broadcast_to((tn0 * 2)[:, :, None], shape), tl.broadcast_to((tn1 * 2)[:, :, None], shape),
-             tl.full(shape, 0x42000000, tl.int32), tl.broadcast_to(a0, shape), tl.broadcast_to(a1, shape),
-             tl.broadcast_to(a2, shape), tl.broadcast_to(a3, shape), tl.broadcast_to(a4, shape),
+            [words, tl.broadcast_to(tp0 * 2, shape), tl.broadcast_to(tp1 * 2, shape), tl.broadcast_to(tn0 * 2, shape),
+             tl.broadcast_to(tn1 * 2, shape), tl.full(shape, 0x42000000, tl.int32), tl.broadcast_to(a0, shape),
+             tl.broadcast_to(a1, shape), tl.broadcast_to(a2, shape), tl.broadcast_to(a3, shape), tl.broadcast_to(a4, shape),
              tl.broadcast_to(a5, shape), tl.broadcast_to(a6, shape), tl.broadcast_to(a7, shape),
              tl.broadcast_to(init, shape)],
             dtype=tl.float32, is_pure=True, pack=1)
@@ -104,7 +103,7 @@ def _word_dot(words, aux, a0, a1, a2, a3, a4, a5, a6, a7, init, R: tl.constexpr,
         a = aux
         if IS_BITMOD:
             a = bitmod_special2(aux)
-        a = tl.broadcast_to(a[:, :, None], shape)
+        a = tl.broadcast_to(a, shape)
         part = _biased(words, 0, a, IS_BITMOD) * a0 + init
         part = _biased(words, 1, a, IS_BITMOD) * a1 + part
         part = _biased(words, 2, a, IS_BITMOD) * a2 + part
@@ -147,9 +146,10 @@ def _w4_gemv_kernel(
     each segment has its own bias and output [1, N_i], and all share the weight strides (the output's row
     stride is segment 0's: a one-row launch never uses it).
 
-    Tile [BLOCK_N rows, BLOCK_K / GROUP groups, GROUP / 8 words]: scale and selector / zero point are loaded
+    Tile [BLOCK_K / GROUP groups, BLOCK_N rows, GROUP / 8 words]: scale and selector / zero point are loaded
     once per (row, group) and broadcast in registers; the activations of a tile are loaded once per program and
-    reused for all its rows. W4A8 only: x holds the FP8 code values as fp32, de-interleaved by k % 8
+    reused for all its rows. Groups lead the tile so that Triton 3.6 gives the weight loads the layout the
+    arithmetic uses (rows first, it staged every prefetched word through shared memory to change layouts). W4A8 only: x holds the FP8 code values as fp32, de-interleaved by k % 8
     (act_quant.quantize_activation_fp8_split), so the 8 activation vectors are contiguous 16-byte loads, and a
     ninth plane with each word's activation sum; xs is the token scale. (W4A16 runs _w4_gemv_a16_kernel.)
 
@@ -188,33 +188,32 @@ def _w4_gemv_kernel(
     kw = KW  # K // 8 as a compile-time constant: the 8 activation planes sit at immediate offsets
     ng_total = K // GROUP
     og = tl.arange(0, NG)
-    ow = tl.arange(0, GW)
-    acc = tl.zeros([BLOCK_N, NG, GW], tl.float32)
+    ow = tl.arange(0, GW)[None, None, :]
+    acc = tl.zeros([NG, BLOCK_N, GW], tl.float32)
     x_row = x_ptr + m * stride_xm
-    w_rows = w_ptr + rows[:, None, None] * stride_wn
-    s_rows = s_ptr + rows[:, None] * stride_sn
-    a_rows = aux_ptr + rows[:, None] * stride_an
+    w_rows = w_ptr + rows[None, :, None] * stride_wn
+    s_rows = s_ptr + rows[None, :, None] * stride_sn
+    a_rows = aux_ptr + rows[None, :, None] * stride_an
     # software prefetch: the next K-step's weights, scales and selectors / zero points are in flight while this
     # step computes (each program has little work, so its loads would otherwise wait alone on DRAM latency)
-    g_mask = og < ng_total
-    wi = og[:, None] * GW + ow[None, :]  # [NG, GW] word index
-    nxt_words = _ld(w_rows + wi[None, :, :], g_mask[None, :, None], EVEN_K)
-    nxt_scale = _ld(s_rows + og[None, :], g_mask[None, :], EVEN_K)
-    nxt_aux = _ld(a_rows + og[None, :], g_mask[None, :], EVEN_K)
+    g3 = og[:, None, None]
+    g_mask = g3 < ng_total
+    nxt_words = _ld(w_rows + g3 * GW + ow, g_mask, EVEN_K)
+    nxt_scale = _ld(s_rows + g3, g_mask, EVEN_K)
+    nxt_aux = _ld(a_rows + g3, g_mask, EVEN_K)
     pdl_wait(PDL)  # the activations, the token scale and the outputs belong to earlier kernels
     for g0 in range(0, ng_total, NG):
-        gi = g0 + og
-        g_mask = gi < ng_total
-        wi = gi[:, None] * GW + ow[None, :]
+        gi = g0 + g3
+        wi = gi * GW + ow  # [NG, 1, GW] word index
         words, scale, aux = nxt_words, nxt_scale.to(tl.float32), nxt_aux.to(tl.int32)
         gn = gi + NG
         pf_mask = gn < ng_total
-        nxt_words = tl.load(w_rows + (wi + NG * GW)[None, :, :], mask=pf_mask[None, :, None], other=0)
-        nxt_scale = tl.load(s_rows + gn[None, :], mask=pf_mask[None, :], other=0.0)
-        nxt_aux = tl.load(a_rows + gn[None, :], mask=pf_mask[None, :], other=0)
-        xm = g_mask[None, :, None]
-        # activations [1, NG, GW]: loaded once per thread and broadcast over the program's rows in registers
-        x3 = x_row + wi[None, :, :]
+        nxt_words = tl.load(w_rows + wi + NG * GW, mask=pf_mask, other=0)
+        nxt_scale = tl.load(s_rows + gn, mask=pf_mask, other=0.0)
+        nxt_aux = tl.load(a_rows + gn, mask=pf_mask, other=0)
+        xm = gi < ng_total
+        # activations [NG, 1, GW]: loaded once per thread and broadcast over the program's rows in registers
+        x3 = x_row + wi
         a0 = _ld(x3, xm, EVEN_K)
         a1 = _ld(x3 + kw, xm, EVEN_K)
         a2 = _ld(x3 + 2 * kw, xm, EVEN_K)
@@ -224,9 +223,9 @@ def _w4_gemv_kernel(
         a6 = _ld(x3 + 6 * kw, xm, EVEN_K)
         a7 = _ld(x3 + 7 * kw, xm, EVEN_K)
         init = _ld(x3 + 8 * kw, xm, EVEN_K) * -GEMV_BIAS  # the words' activation sums (act_quant's ninth plane)
-        part = _word_dot(words, aux, a0, a1, a2, a3, a4, a5, a6, a7, init, BLOCK_N, NG, GW, IS_BITMOD, USE_ASM)
-        acc += part * scale[:, :, None]
-    out = tl.sum(tl.sum(acc, axis=2), axis=1)
+        part = _word_dot(words, aux, a0, a1, a2, a3, a4, a5, a6, a7, init, NG, BLOCK_N, GW, IS_BITMOD, USE_ASM)
+        acc += part * scale
+    out = tl.sum(tl.sum(acc, axis=2), axis=0)
     if not IS_BITMOD:
         out = out * 2.0
     _gemv_epilogue(out, xs_ptr, b_ptr, y_ptr, m, stride_ym, offs_n, n_mask, True, HAS_BIAS)
