@@ -14,7 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import FP8_MAX, fp8_token_scale, on_input_device, pdl_launch, pdl_launch_dependents, pdl_wait, require_device, round_minifloat
+from .common import (FP8_MAX, fp8_token_scale, next_power_of_2, on_input_device, pdl_launch, pdl_launch_dependents,
+                     pdl_wait, require_device, round_minifloat)
 
 
 @triton.jit
@@ -106,7 +107,7 @@ def codes_from_chunk_amax(y: torch.Tensor, chunk_amax: torch.Tensor, block_k: in
     m, k = y.shape
     chunks = chunk_amax.shape[1]
     _codes_from_chunk_amax_kernel[(m, chunks)](y, chunk_amax, codes, scales, k, chunks, y.stride(0), codes.stride(0),
-                                               BLOCK_K=block_k, CP=triton.next_power_of_2(chunks), LAYOUT=layout,
+                                               BLOCK_K=block_k, CP=next_power_of_2(chunks), LAYOUT=layout,
                                                num_warps=4, **pdl_launch(y))
 
 
@@ -130,7 +131,7 @@ def _act_quant_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, BLOCK_K: tl.
 def _quantize_into(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, layout: int) -> None:
     m, k = x.shape
     if m:
-        block = min(triton.next_power_of_2(k), 4096)
+        block = min(next_power_of_2(k), 4096)
         _act_quant_kernel[(m,)](x, codes, scales, k, x.stride(0), codes.stride(0), BLOCK_K=block, LAYOUT=layout,
                                 num_warps=4 if block <= 1024 else 8, **pdl_launch(x))
 

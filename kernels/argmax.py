@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import interpreting, on_input_device, pdl_launch, pdl_launch_dependents, pdl_wait
+from .common import cdiv, interpreting, next_power_of_2, on_input_device, pdl_launch, pdl_launch_dependents, pdl_wait
 
 BLOCK = 4096  # values per program
 
@@ -67,12 +67,12 @@ def argmax_tokens(logits: torch.Tensor) -> torch.Tensor:
     b, v = logits.shape
     out = torch.empty((b, 1), dtype=torch.int64, device=logits.device)
     if b:
-        chunks = triton.cdiv(v, BLOCK)
+        chunks = cdiv(v, BLOCK)
         vmax = torch.empty((b, chunks), dtype=torch.float32, device=logits.device)
         imax = torch.empty((b, chunks), dtype=torch.int32, device=logits.device)
         inan = torch.empty_like(imax)
         _chunk_argmax_kernel[(b, chunks)](logits, vmax, imax, inan, v, chunks, logits.stride(0), BLOCK=BLOCK, num_warps=8, **pdl_launch(logits))
-        _pick_kernel[(b,)](vmax, imax, inan, out, v, chunks, CP=max(2, triton.next_power_of_2(chunks)), num_warps=1,
+        _pick_kernel[(b,)](vmax, imax, inan, out, v, chunks, CP=max(2, next_power_of_2(chunks)), num_warps=1,
                            **pdl_launch(logits))
     return out
 

@@ -24,6 +24,17 @@ BF16_MAX = tl.constexpr(float(torch.finfo(torch.bfloat16).max))
 _RNE_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23: x + M - M rounds |x| < 2**22 to the nearest integer, ties to even
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for launch grids: triton.cdiv's value as a plain function (Triton 3.9 made triton.cdiv a
+    ConstexprFunction, ~2 us per host call; an eager decode step makes dozens of these calls)."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= n (0 for 0), triton.next_power_of_2's value as a plain function (see cdiv)."""
+    return 1 << (n - 1).bit_length() if n > 0 else 0
+
+
 def interpreting() -> bool:
     """True when Triton runs in its CPU interpreter (tests), where CPU tensors are allowed."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"

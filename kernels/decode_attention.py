@@ -34,8 +34,8 @@ import triton.language as tl
 from p3quant.attention_math import QuantizedKV
 from p3quant.formats import Int4Tensor
 
-from .common import (fp8_token_scale, FP16_TINY, FP8_MAX, interpreting, on_input_device, pdl_launch, pdl_launch_dependents, pdl_wait,
-                     require_device, round_minifloat, round_to_output)
+from .common import (cdiv, FP16_TINY, FP8_MAX, fp8_token_scale, interpreting, next_power_of_2, on_input_device,
+                     pdl_launch, pdl_launch_dependents, pdl_wait, require_device, round_minifloat, round_to_output)
 
 UE4M4_MAX = tl.constexpr(1.9375)
 _BLOCK_R = 16
@@ -397,13 +397,13 @@ def p3_decode_attention(
 
     block_t = block_t or (64 if interpreting() else BLOCK_T)
     group = heads // kv_heads
-    gp = max(16, triton.next_power_of_2(group))
-    blocks = triton.cdiv(n_quant, block_t)
+    gp = max(16, next_power_of_2(group))
+    blocks = cdiv(n_quant, block_t)
     if num_splits is None:  # ~4 programs per SM (bench_decode_attention.py --sweep, H200)
         num_splits = min(blocks, max(1, 4 * _num_sms(query.device) // (bsz * kv_heads)))
     num_splits = max(0, min(num_splits, blocks))
-    chunk = block_t * triton.cdiv(blocks, num_splits) if num_splits else block_t
-    num_splits = triton.cdiv(n_quant, chunk) if n_quant else 0
+    chunk = block_t * cdiv(blocks, num_splits) if num_splits else block_t
+    num_splits = cdiv(n_quant, chunk) if n_quant else 0
     s1 = num_splits + 1
     dev = query.device
     scores = torch.empty((bsz, heads, max(total, 1)), dtype=torch.float32, device=dev)
@@ -419,7 +419,7 @@ def p3_decode_attention(
     sm_arg = sm if sm is not None else rk
     mask_arg = mask if mask is not None else rk
     grid = (bsz * kv_heads, s1)
-    shape = dict(G=group, GP=gp, HALF_D=d // 2, DH=triton.next_power_of_2(d // 2), BLOCK_T=block_t, BLOCK_R=_BLOCK_R)
+    shape = dict(G=group, GP=gp, HALF_D=d // 2, DH=next_power_of_2(d // 2), BLOCK_T=block_t, BLOCK_R=_BLOCK_R)
     len_arg = kv.length if device_len else m_stat
     _scores_kernel[grid](
         q, sm_arg, kp, ks, kz, vs, rk, mask_arg, scores, m_stat, l_stat, v_max, len_arg,
@@ -437,11 +437,11 @@ def p3_decode_attention(
         vp.stride(0), vp.stride(1), vp.stride(2), vs.stride(0), vs.stride(1), vs.stride(2),
         vz.stride(0), vz.stride(1), vz.stride(2), rv.stride(0), rv.stride(1), rv.stride(2),
         scores.stride(0), scores.stride(1),
-        SP=triton.next_power_of_2(s1), HALF_UP=prob_rounding == "half_up", DEVICE_LEN=device_len, num_warps=NUM_WARPS, **shape,
+        SP=next_power_of_2(s1), HALF_UP=prob_rounding == "half_up", DEVICE_LEN=device_len, num_warps=NUM_WARPS, **shape,
         **pdl_launch(q),
     )
     out = torch.empty((bsz, heads, 1, d), dtype=out_dtype, device=dev)
-    _combine_kernel[(bsz * heads,)](partial, out, s1, d, BLOCK_S=16, BLOCK_D=triton.next_power_of_2(d), num_warps=4,
+    _combine_kernel[(bsz * heads,)](partial, out, s1, d, BLOCK_S=16, BLOCK_D=next_power_of_2(d), num_warps=4,
                                       **pdl_launch(q))
     return out
 

@@ -18,7 +18,8 @@ import triton.language as tl
 
 from p3quant.formats import BitMoDTensor, Int4Tensor
 
-from .common import bitmod_special2, decode_tables, decode_w4, decode_word_ptx, interpreting, on_input_device, require_device
+from .common import (bitmod_special2, cdiv, decode_tables, decode_w4, decode_word_ptx, interpreting, next_power_of_2,
+                     on_input_device, require_device)
 
 # Operands (pack=1): $0..$3 the pairs, $4 the word, $5..$8 tables, $9 m64, $10 bias, $11 the fp32 scale.
 _ASM_DEQUANT = tl.constexpr(decode_word_ptx(("$0", "$1", "$2", "$3"), "$4", ("$5", "$6", "$7", "$8"), "$9", "$10", "$11"))
@@ -105,8 +106,8 @@ def dequantize_w4(weight: BitMoDTensor | Int4Tensor, dtype: torch.dtype = torch.
     words = packed.view(torch.int32) if packed.is_contiguous() and packed.data_ptr() % 4 == 0 else packed.contiguous().view(torch.int32)
     out = torch.empty((n, k), dtype=dtype, device=packed.device)
     block_n, block_w = (16, 16) if interpreting() else (16, 64)
-    block_w = min(block_w, triton.next_power_of_2(k // 8))
-    grid = (triton.cdiv(n, block_n), triton.cdiv(k // 8, block_w))
+    block_w = min(block_w, next_power_of_2(k // 8))
+    grid = (cdiv(n, block_n), cdiv(k // 8, block_w))
     use_asm = DEQUANT_USE_ASM and not interpreting() and dtype == torch.float16
     _dequant_kernel[grid](words, scales, aux, out, n, k // 8, words.stride(0), scales.stride(0), aux.stride(0), out.stride(0),
                           GROUP=weight.group_size, BLOCK_N=block_n, BLOCK_W=block_w, IS_BITMOD=is_bitmod, USE_ASM=use_asm,

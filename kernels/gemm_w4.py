@@ -31,8 +31,9 @@ import triton.language as tl
 from p3quant.formats import BitMoDTensor, Int4Tensor
 
 from .act_quant import quantize_activation_fp8, quantize_activation_once
-from .common import (bitmod_special2, clamped_rows, decode_tables, decode_w4, dot16, fp8_dot_supported, interpreting, on_input_device,
-                     pdl_launch, pdl_launch_dependents, pdl_wait, require_device)
+from .common import (bitmod_special2, cdiv, clamped_rows, decode_tables, decode_w4, dot16, fp8_dot_supported,
+                     interpreting, next_power_of_2, on_input_device, pdl_launch, pdl_launch_dependents, pdl_wait,
+                     require_device)
 from .dequant_w4 import dequantize_w4
 from .w4_mma import rows_epilogue, w4_mma_matmul
 
@@ -512,7 +513,7 @@ def _gemv_fp8(a: torch.Tensor, xs: torch.Tensor, parts: list[tuple[_Prepared, to
     segments = []
     for prep, bias, y in parts + parts[:1] * (3 - len(parts)):  # unused segment slots repeat the first
         segments += [prep.words, prep.scales, prep.aux, bias if bias is not None else prep.scales, y, prep.n]
-    grid = (sum(triton.cdiv(prep.n, block_n) for prep, _, _ in parts), 1)
+    grid = (sum(cdiv(prep.n, block_n) for prep, _, _ in parts), 1)
     _w4_gemv_kernel[grid](
         a, xs, *segments[:6], first.k, a.stride(0), first.words.stride(0), first.scales.stride(0), first.aux.stride(0),
         parts[0][2].stride(0), *segments[6:], KW=first.k // 8, SEGMENTS=len(parts), GROUP=first.group, BLOCK_N=block_n,
@@ -595,7 +596,7 @@ def w4_matmul(
         else:
             a = x2 if x2.dtype != torch.float32 else x2.to(torch.bfloat16)
             block_n, block_k, warps, stages = GEMV_A16_CONFIG
-            _w4_gemv_a16_kernel[(triton.cdiv(n, block_n), 1)](
+            _w4_gemv_a16_kernel[(cdiv(n, block_n), 1)](
                 a, scales, prep.words, scales, aux, bias_arg, y,
                 n, k, a.stride(0), prep.words.stride(0), scales.stride(0), aux.stride(0), y.stride(0),
                 GROUP=prep.group, BLOCK_N=block_n, BLOCK_K=block_k, IS_BITMOD=is_bitmod, A_FP8=False,
@@ -614,9 +615,9 @@ def w4_matmul(
     cfg = None
     if interp:
         cfg = _prune_block_k(_MM_CONFIGS[bucket][:1], {"GROUP": prep.group})[0]
-    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+    grid = lambda meta: (cdiv(m, meta["BLOCK_M"]) * cdiv(n, meta["BLOCK_N"]),)
     _launch(kernel, cfg, grid, a, xs, packed, scales, aux, bias_arg, y,
             m, n, k, a.stride(0), packed.stride(0), scales.stride(0), aux.stride(0), y.stride(0),
-            triton.next_power_of_2(m) if m <= 256 else 512 * triton.cdiv(m, 512),
+            next_power_of_2(m) if m <= 256 else 512 * cdiv(m, 512),
             FP8_DOT=fp8_dot_supported(x.device), NATIVE_BF16=not interp, **common)
     return y.reshape(*lead, n)

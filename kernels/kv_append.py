@@ -13,7 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import fp16_scale, on_input_device, pdl_launch, pdl_launch_dependents, pdl_wait, require_device, rne
+from .common import (cdiv, fp16_scale, next_power_of_2, on_input_device, pdl_launch, pdl_launch_dependents, pdl_wait,
+                     require_device, rne)
 
 
 @triton.jit
@@ -152,12 +153,12 @@ def quantize_int4_rows_into(
         return
     div = divisor if divisor is not None else x
     block_t = 16
-    _int4_rows_kernel[(b * h, triton.cdiv(t, block_t))](
+    _int4_rows_kernel[(b * h, cdiv(t, block_t))](
         x, div, packed, scales, zeros, t, h,
         x.stride(0), x.stride(1), x.stride(2), div.stride(0), div.stride(1),
         packed.stride(0), packed.stride(1), packed.stride(2), scales.stride(0), scales.stride(1), scales.stride(2),
         zeros.stride(0), zeros.stride(1), zeros.stride(2),
-        HALF_D=d // 2, DH=triton.next_power_of_2(d // 2), BLOCK_T=block_t, HAS_DIV=divisor is not None, num_warps=4,
+        HALF_D=d // 2, DH=next_power_of_2(d // 2), BLOCK_T=block_t, HAS_DIV=divisor is not None, num_warps=4,
     )
 
 
@@ -209,7 +210,7 @@ def append_kv_at(
         values.stride(0), values.stride(1), vp.stride(0), vp.stride(1), vp.stride(2),
         vs.stride(0), vs.stride(1), vs.stride(2), vz.stride(0), vz.stride(1), vz.stride(2),
         ring_values.stride(0), ring_values.stride(1), ring_values.stride(2),
-        HALF_D=d // 2, DH=triton.next_power_of_2(d // 2), HAS_DIV=divisor is not None, num_warps=1, **pdl_launch(keys),
+        HALF_D=d // 2, DH=next_power_of_2(d // 2), HAS_DIV=divisor is not None, num_warps=1, **pdl_launch(keys),
     )
 
 
@@ -228,8 +229,8 @@ def key_smoothing_factor_gpu(prompt_keys: torch.Tensor, mask: torch.Tensor | Non
     require_device(what, prompt_keys, mask)
     out = torch.empty((b, h, 1, d), dtype=torch.float32, device=prompt_keys.device)
     m = mask.contiguous().view(torch.uint8) if mask is not None else out
-    block_d = min(triton.next_power_of_2(d), 128)
-    _smoothing_kernel[(b * h, triton.cdiv(d, block_d))](
+    block_d = min(next_power_of_2(d), 128)
+    _smoothing_kernel[(b * h, cdiv(d, block_d))](
         prompt_keys, m, out, t, h, prompt_keys.stride(0), prompt_keys.stride(1), prompt_keys.stride(2),
         m.stride(0), out.stride(0), out.stride(1), D=d, BLOCK_D=block_d, BLOCK_T=64, HAS_MASK=mask is not None,
         num_warps=4,

@@ -16,7 +16,8 @@ import triton
 import triton.language as tl
 
 from .act_quant import code_buffers, remember_quantized, store_row_with_codes
-from .common import on_input_device, pdl_launch, pdl_launch_dependents, pdl_wait, require_device, round_to_output
+from .common import (next_power_of_2, on_input_device, pdl_launch, pdl_launch_dependents, pdl_wait, require_device,
+                     round_to_output)
 
 MAX_FEATURES = 16384  # one row per program, held in registers
 # A decode step's row is one program on one SM, whose time is its warps' instruction latency (Nsight Compute,
@@ -60,7 +61,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, layout: str | No
     y2 = y.view(m, k)
     code, codes, scales = code_buffers(layout, y2)
     if m:
-        block = triton.next_power_of_2(k)
+        block = next_power_of_2(k)
         _rmsnorm_kernel[(m,)](x2, weight, y2, codes, scales, k, float(eps), x2.stride(0), y2.stride(0), codes.stride(0),
                               BLOCK_K=block, LAYOUT=code,
                               num_warps=WARPS_OVERRIDE or (4 if block <= 2048 else 16), **pdl_launch(x2))

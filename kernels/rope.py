@@ -15,7 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import interpreting, on_input_device, pdl_launch, pdl_launch_dependents, pdl_wait, round_like_output, round_to_output
+from .common import (cdiv, interpreting, next_power_of_2, on_input_device, pdl_launch, pdl_launch_dependents,
+                     pdl_wait, round_like_output, round_to_output)
 
 
 # heads per program: a decode step's few (b, t) rows still spread over several SMs (one program for all 32 query
@@ -97,12 +98,12 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch
     if q.numel() == 0:
         return q_out, k_out
     cos_b = cos.stride(0) if cos.shape[0] == b else 0
-    hb = min(HEADS_PER_PROGRAM, triton.next_power_of_2(max(h, hkv)))
-    _rope_kernel[(b * t, triton.cdiv(h, hb) + triton.cdiv(hkv, hb))](
+    hb = min(HEADS_PER_PROGRAM, next_power_of_2(max(h, hkv)))
+    _rope_kernel[(b * t, cdiv(h, hb) + cdiv(hkv, hb))](
         q, k, cos, sin, q_out, k_out, t, h, hkv,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), cos_b, cos.stride(1),
         q_out.stride(0), q_out.stride(1), q_out.stride(2), k_out.stride(0), k_out.stride(1), k_out.stride(2),
-        D=d, HB=hb, DP=triton.next_power_of_2(d), num_warps=4 if hb * d >= 2048 else 1, **pdl_launch(q),
+        D=d, HB=hb, DP=next_power_of_2(d), num_warps=4 if hb * d >= 2048 else 1, **pdl_launch(q),
     )
     return q_out, k_out
 

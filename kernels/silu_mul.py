@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from .act_quant import code_buffers, codes_from_chunk_amax, remember_quantized
-from .common import on_input_device, pdl_launch, pdl_launch_dependents, pdl_wait, require_device, round_to_output
+from .common import cdiv, on_input_device, pdl_launch, pdl_launch_dependents, pdl_wait, require_device, round_to_output
 
 BLOCK_K = 1024  # features per program
 
@@ -62,7 +62,7 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor, layout: str | None = None) ->
     y2 = y.view(m, k)
     code, codes, scales = code_buffers(layout, y2)
     if m and k:
-        chunks = triton.cdiv(k, BLOCK_K)
+        chunks = cdiv(k, BLOCK_K)
         amax = torch.empty((m, chunks), dtype=torch.float32, device=gate.device) if code else y2
         _silu_mul_kernel[(m, chunks)](g2, u2, y2, amax, k, chunks, g2.stride(0), u2.stride(0), y2.stride(0),
                                       BLOCK_K=BLOCK_K, WANT_AMAX=bool(code), num_warps=4, **pdl_launch(g2))

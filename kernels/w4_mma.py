@@ -22,7 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import bitmod_special2, clamped_rows, decode_tables, decode_w4, decode_word16, pdl_launch, pdl_launch_dependents, pdl_wait
+from .common import (bitmod_special2, cdiv, clamped_rows, decode_tables, decode_w4, decode_word16, next_power_of_2,
+                     pdl_launch, pdl_launch_dependents, pdl_wait)
 
 
 @triton.jit
@@ -162,13 +163,13 @@ def w4_mma_matmul(x_halves: torch.Tensor, x_scales: torch.Tensor | None, words: 
     m, k = x_halves.shape
     n = words.shape[0]
     block_n, warps, stages = MMA_OVERRIDE or MMA_CONFIG
-    block_m = max(16, triton.next_power_of_2(m))
+    block_m = max(16, next_power_of_2(m))
     n_groups = k // group
-    tiles = triton.cdiv(n, block_n)
+    tiles = cdiv(n, block_n)
     if split_k is None:
         split_k = max(1, min(n_groups, 16, (MMA_PROGRAMS_PER_SM * _sm_count(y.device)) // tiles))
-    per_split = triton.cdiv(n_groups, split_k)
-    split_k = triton.cdiv(n_groups, per_split)  # no empty splits
+    per_split = cdiv(n_groups, split_k)
+    split_k = cdiv(n_groups, per_split)  # no empty splits
     part = torch.empty((split_k, m, n), dtype=torch.float32, device=y.device) if split_k > 1 else y
     row_scale = x_scales is not None
     xs_arg = x_scales if row_scale else scales
@@ -193,10 +194,10 @@ def rows_epilogue(part: torch.Tensor, x_scales: torch.Tensor | None, bias: torch
     if not part.is_contiguous() or part.dtype != torch.float32 or y.stride(-1) != 1:
         raise ValueError("rows_epilogue: part must be a contiguous float32 [S, M, N] tensor and y unit-stride along N")
     split_k, m, n = part.shape
-    block = min(1024, triton.next_power_of_2(n))
+    block = min(1024, next_power_of_2(n))
     for m0 in range(0, m, EPILOGUE_ROWS_PER_LAUNCH):
         rows = min(EPILOGUE_ROWS_PER_LAUNCH, m - m0)
         xs = x_scales[m0:] if x_scales is not None else part
-        _rows_epilogue_kernel[(triton.cdiv(n, block), rows)](
+        _rows_epilogue_kernel[(cdiv(n, block), rows)](
             part[:, m0:], xs, bias if bias is not None else xs, y[m0:], m, n, y.stride(0), SPLIT_K=split_k, BLOCK=block,
             IS_BITMOD=is_bitmod, HAS_BIAS=bias is not None, ROW_SCALE=x_scales is not None, num_warps=4, **pdl_launch(y))

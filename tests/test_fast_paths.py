@@ -42,3 +42,15 @@ def test_ue4m4_bit_arithmetic_equals_reference_encoder(rounding: str) -> None:
     assert torch.equal(ue4m4_codes(x, rounding), UE4M4.encode(x, rounding))
     y = torch.rand(200_000) ** 8 * 2.2  # fp32 values down to the subnormals and past the saturation point
     assert torch.equal(ue4m4_codes(y, rounding), UE4M4.encode(y, rounding))
+
+
+def test_host_launch_helpers_equal_triton_on_every_size_up_to_2_pow_16() -> None:
+    import triton
+
+    from p3quant.kernels.common import cdiv, next_power_of_2
+
+    for n in range(0, 2**16 + 2):
+        assert next_power_of_2(n) == triton.next_power_of_2(n), n
+    for a in list(range(0, 300)) + [2**31 - 1, 2**40 + 7]:
+        for b in (1, 2, 3, 7, 16, 128, 1000):
+            assert cdiv(a, b) == triton.cdiv(a, b), (a, b)
