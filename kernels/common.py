@@ -102,16 +102,29 @@ def _capability(index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)
 
 
+@functools.cache
+def _triton_launches_pdl() -> bool:
+    """Whether this Triton's CUDA launcher takes launch_pdl (Triton >= 3.3; the package allows 3.1)."""
+    try:
+        from triton.backends.nvidia.compiler import CUDAOptions
+    except ImportError:
+        return False
+    return "launch_pdl" in getattr(CUDAOptions, "__dataclass_fields__", {})
+
+
 def pdl_enabled(t: torch.Tensor) -> bool:
-    """Whether kernels reading `t` launch with programmatic dependent launch: a CUDA device of compute capability
-    >= 9.0, not the interpreter, and PDL switched on."""
-    return USE_PDL and t.is_cuda and not interpreting() and _capability(t.device.index) >= (9, 0)
+    """Whether kernels reading `t` launch with programmatic dependent launch: PDL switched on, a CUDA device of
+    compute capability >= 9.0 (not the interpreter) and a Triton that can launch that way."""
+    return (USE_PDL and t.is_cuda and not interpreting() and _capability(t.device.index) >= (9, 0)
+            and _triton_launches_pdl())
 
 
 def pdl_launch(t: torch.Tensor) -> dict[str, bool]:
-    """Launch keywords of a kernel with a PDL constexpr (see pdl_wait): the constexpr and Triton's launch_pdl."""
-    on = pdl_enabled(t)
-    return {"PDL": on, "launch_pdl": on}
+    """Launch keywords of a kernel with a PDL constexpr (see pdl_wait): the constexpr, and Triton's launch_pdl
+    option where it is on (older Tritons do not know the option)."""
+    if pdl_enabled(t):
+        return {"PDL": True, "launch_pdl": True}
+    return {"PDL": False}
 
 
 @triton.jit
