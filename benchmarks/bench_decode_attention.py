@@ -1,7 +1,8 @@
 """Decode-attention benchmark: p3quant's fused kernel over the packed INT4 cache (FP8 query, UE4M4 P) vs
 torch SDPA on a bf16 cache, Llama-3.1-8B heads (32 q / 8 kv, head_dim 128), residual window R = 1.
 
-transformers' QuantizedCache needs optimum-quanto or hqq; the row says when they are not installed.
+Also transformers' QuantizedCache (4-bit, hqq or optimum-quanto backend, whichever is installed; eager, as
+transformers runs it), which dequantizes the whole cache to bf16 every step before SDPA.
 Run: python benchmarks/bench_decode_attention.py [--quick]. Prints a markdown table last.
 """
 
@@ -41,14 +42,48 @@ def build_cache(k: torch.Tensor, v: torch.Tensor) -> QuantizedKV:
                        k[:, :, n:].contiguous(), v[:, :, n:].contiguous())
 
 
-def quantized_cache_status() -> str:
-    have = [name for name in ("optimum.quanto", "hqq") if importlib.util.find_spec(name.split(".")[0]) is not None]
-    return "available backends: " + ", ".join(have) if have else "not run: neither optimum-quanto nor hqq is installed here (no network to fetch them)"
+# transformers' QuantizedCache backends that quantize to 4 bits, and the package each needs
+QUANTIZED_CACHE_BACKENDS = {"hqq": "hqq", "quanto": "optimum"}
+QUANTIZED_CACHE_STEPS = 256  # two residual windows: each step's share of the periodic re-quantization is included
+
+
+def quantized_cache_backends() -> list[str]:
+    return [name for name, package in QUANTIZED_CACHE_BACKENDS.items() if importlib.util.find_spec(package) is not None]
+
+
+def quantized_cache_step_us(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str) -> float:
+    """Mean us of one decode step's attention over transformers' QuantizedCache (4-bit, its default groups of 64 and
+    128-token residual window) holding k / v: the cache update, which dequantizes every stored token to bf16, then
+    SDPA, eager as transformers runs it (the cache's shapes change every step: no CUDA graph)."""
+    from transformers import LlamaConfig, QuantizedCache
+
+    config = LlamaConfig(hidden_size=HEADS * HEAD_DIM, num_attention_heads=HEADS, num_key_value_heads=KV_HEADS,
+                         head_dim=HEAD_DIM, num_hidden_layers=1)
+    cache = QuantizedCache(backend=backend, config=config, nbits=4)
+    cache.update(k, v, 0)  # the prompt
+    new_k, new_v = k[:, :, -1:].clone(), v[:, :, -1:].clone()
+
+    def step():
+        keys, values = cache.update(new_k, new_v, 0)
+        return F.scaled_dot_product_attention(q, keys, values, enable_gqa=True)
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    start = torch.cuda.Event(enable_timing=True)
+    end = torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(QUANTIZED_CACHE_STEPS):
+        step()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1e3 / QUANTIZED_CACHE_STEPS
 
 
 def run(quick: bool = False) -> tuple[str, list[dict]]:
     copy_bw = copy_bandwidth_tbs()
-    rows, raw = [], []
+    rows, raw, errors = [], [], []
+    backends = quantized_cache_backends()
     contexts = (4096, 32768) if quick else CONTEXTS
     for b in BATCHES:
         for t in contexts:
@@ -69,16 +104,29 @@ def run(quick: bool = False) -> tuple[str, list[dict]]:
             sdpa_g = graph_rotating_us([lambda k=k, v=v: F.scaled_dot_product_attention(q, k, v, enable_gqa=True) for k, v in kvs[:16]])
             p3_g = graph_rotating_us([lambda c=c: p3_decode_attention(q, c, None, scaling) for c in caches[:16]])
             p3_bytes = b * KV_HEADS * t * (HEAD_DIM + 6) + 2 * b * HEADS * t * 4
-            raw.append(dict(batch=b, context=t, sdpa_us=sdpa, p3_us=p3, sdpa_graph_us=sdpa_g, p3_graph_us=p3_g))
+            qcache = {}
+            for backend in backends:
+                try:
+                    qcache[backend] = quantized_cache_step_us(q, *kvs[0], backend)
+                except Exception as err:  # noqa: BLE001  (a baseline that cannot run here is reported, not fatal)
+                    errors.append(f"QuantizedCache({backend}) batch {b} context {t}: {type(err).__name__}: {str(err)[:120]}")
+                torch.cuda.empty_cache()
+            raw.append(dict(batch=b, context=t, sdpa_us=sdpa, p3_us=p3, sdpa_graph_us=sdpa_g, p3_graph_us=p3_g,
+                            **{f"quantized_cache_{name}_us": us for name, us in qcache.items()}))
             rows.append((b, t, sdpa, p3, sdpa / p3, sdpa_g, bf16_bytes / sdpa_g / 1e6, p3_g, p3_bytes / p3_g / 1e6,
-                         100 * p3_bytes / p3_g / 1e6 / copy_bw, sdpa_g / p3_g))
+                         100 * p3_bytes / p3_g / 1e6 / copy_bw, sdpa_g / p3_g)
+                        + tuple(x for name in backends for x in (qcache.get(name, "error"), qcache[name] / p3 if name in qcache else "")))
             del kvs, caches
             torch.cuda.empty_cache()
     headers = ["batch", "context", "SDPA eager us", "P3 eager us", "eager speedup", "SDPA graph us", "SDPA TB/s", "P3 graph us",
                "P3 TB/s", "P3 % copy BW", "graph speedup"]
-    notes = [f"measured copy bandwidth: {copy_bw:.2f} TB/s; graph = CUDA-graph replay over up to 16 cache copies (GPU time, no host launch cost)", f"transformers QuantizedCache: {quantized_cache_status()}",
+    headers += [h for name in backends for h in (f"QuantizedCache {name} eager us", f"P3 eager x QuantizedCache {name}")]
+    status = (f"4-bit, groups of 64, 128-token residual window, update + SDPA per step, mean of {QUANTIZED_CACHE_STEPS} steps"
+              if backends else "not run: neither hqq nor optimum-quanto is installed (see benchmarks/fetch_baseline_wheels.sh)")
+    notes = [f"measured copy bandwidth: {copy_bw:.2f} TB/s; graph = CUDA-graph replay over up to 16 cache copies (GPU time, no host launch cost)",
+             f"transformers QuantizedCache ({', '.join(backends) or 'no backend'}): {status}",
              "P3 bytes = packed K and V + scales/zeros (134 B per kv-head token) + fp32 scores written and read (32 B per kv-head token)"]
-    return table(headers, rows) + "\n\n" + "\n".join(notes), raw
+    return table(headers, rows) + "\n\n" + "\n".join(notes + errors), raw
 
 
 def sweep_launch(batches=(1, 4), context: int = 32768) -> str:

@@ -1,12 +1,13 @@
 """GEMM benchmark: p3quant's fused W4A8 / W4A16 BitMoD dequant-GEMM vs bf16 cuBLAS, torch's int4 tinygemm
-and FP8 torch._scaled_mm, on Llama-3.1-8B decoder shapes (and 8192x8192) over M = 1..4096.
+and FP8 torch._scaled_mm (and, with --gemlite, GemLite's 4-bit W4A16 / W4A8 layers), on Llama-3.1-8B decoder
+shapes (and 8192x8192) over M = 1..4096.
 
 W4A8 runs the tensor-core small-M kernel at gemm_w4.MMA_MIN_M <= M <= MMA_MAX_M, dequantizes the weight once and
 multiplies with cuBLAS at M >= DEQUANT_MIN_M, and the tiled fused kernel in between; the "small-M", "fused" and
 "dequant" columns time each W4A8 path at every M > 1 (small-M up to MMA_MAX_M) so the thresholds can be read off
 the table.
 
-Run: python benchmarks/bench_gemm.py [--quick]. Prints a markdown table last.
+Run: python benchmarks/bench_gemm.py [--quick] [--gemlite]. Prints a markdown table last.
 """
 
 from __future__ import annotations
@@ -46,6 +47,26 @@ def _tinygemm(n: int, k: int, copies: int):
         return None
 
 
+def _gemlite(n: int, k: int, copies: int) -> tuple[list, list] | tuple[None, str]:
+    """GemLite's 4-bit asymmetric group-128 layers (W4A16, and W4A8 with dynamic per-token FP8 activations) on random
+    codes, one per weight copy; (None, reason) where gemlite is missing or cannot build them."""
+    try:
+        from gemlite.helper import A8W4_HQQ_INT_dynamic, A16W4_HQQ_INT
+    except ImportError as err:
+        return None, f"not run: {err} (benchmarks/fetch_baseline_wheels.sh fetches it)"
+    a16, a8 = [], []
+    try:
+        for _ in range(copies):
+            codes = torch.randint(0, 16, (n, k), dtype=torch.uint8, device="cuda")
+            scales = torch.rand(n, k // GROUP, device="cuda", dtype=torch.bfloat16) * 0.01 + 0.001
+            zeros = torch.full((n, k // GROUP), 8.0, device="cuda", dtype=torch.bfloat16)
+            a16.append(A16W4_HQQ_INT(device="cuda", dtype=torch.bfloat16).from_weights(codes, scales, zeros))
+            a8.append(A8W4_HQQ_INT_dynamic(device="cuda", dtype=torch.bfloat16).from_weights(codes, scales, zeros))
+    except Exception as err:  # noqa: BLE001  (a baseline that cannot run here is reported, not fatal)
+        return None, f"failed: {type(err).__name__}: {str(err)[:120]}"
+    return a16, a8
+
+
 def _forced(path: str, fn):
     """Time fn with the W4A8 path for M > 1 forced to "mma" (small-M), "fused" (tiled) or "dequant"."""
     def call():
@@ -59,10 +80,12 @@ def _forced(path: str, fn):
     return call
 
 
-def run(quick: bool = False) -> tuple[str, list[dict]]:
-    """Benchmark every shape and M; returns the markdown table and the raw rows."""
+def run(quick: bool = False, gemlite: bool = False) -> tuple[str, list[dict]]:
+    """Benchmark every shape and M (with GemLite's W4A16 / W4A8 layers if `gemlite`); returns the markdown table
+    and the raw rows."""
     copy_bw = copy_bandwidth_tbs()
     rows, raw = [], []
+    gemlite_note = "GemLite: not requested (--gemlite)"
     ms = (1, 16, 64, 256, 1024, 4096) if quick else MS
     for name, (n, k) in SHAPES.items():
         wbytes = n * k // 2 + n * (k // GROUP) * 3
@@ -72,6 +95,11 @@ def run(quick: bool = False) -> tuple[str, list[dict]]:
         tiny = _tinygemm(n, k, copies_for(n * k // 2))
         fp8w = [d.to(torch.float8_e4m3fn) for d in dense]
         scale_b = torch.ones(1, n, device="cuda")
+        gl16 = gl8 = None
+        if gemlite:
+            gl16, gl8 = _gemlite(n, k, copies_for(wbytes))
+            gemlite_note = ("GemLite (4-bit asymmetric, groups of 128; its own autotuning): W4A16 and W4A8 dynamic FP8"
+                            if gl16 is not None else f"GemLite: {gl8}")
         for m in ms:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             p3 = bench_rotating([lambda w=w: w4_matmul(x, w, None, "fp8_e4m3") for w in weights])
@@ -91,31 +119,40 @@ def run(quick: bool = False) -> tuple[str, list[dict]]:
                 xa = x.to(torch.float8_e4m3fn)
                 scale_a = torch.ones(m, 1, device="cuda")
                 f8 = bench_rotating([lambda d=d: torch._scaled_mm(xa, d.t(), scale_a, scale_b, out_dtype=torch.bfloat16) for d in fp8w])
+            g16 = g8 = float("nan")
+            if gl16 is not None:
+                g16 = bench_rotating([lambda layer=layer: layer(x) for layer in gl16])
+                g8 = bench_rotating([lambda layer=layer: layer(x) for layer in gl8])
             moved = wbytes + m * k * 4 + m * n * 2
             tbs = moved / p3 / 1e6
             raw.append(dict(shape=name, n=n, k=k, m=m, p3_us=p3, mma_us=mma, fused_us=fused, dequant_us=dq, a16_us=a16, bf16_us=bf16,
-                            tinygemm_us=tg, fp8_us=f8, tbs=tbs))
-            rows.append((f"{name} {n}x{k}", m, p3, tbs, 100 * tbs / copy_bw, bf16, bf16 / p3, mma, fused, dq, a16, bf16 / a16, tg, bf16 / tg, f8))
+                            tinygemm_us=tg, fp8_us=f8, gemlite_a16_us=g16, gemlite_a8_us=g8, tbs=tbs))
+            rows.append((f"{name} {n}x{k}", m, p3, tbs, 100 * tbs / copy_bw, bf16, bf16 / p3, mma, fused, dq, a16, bf16 / a16, tg, bf16 / tg, f8,
+                         g16, bf16 / g16, g8, bf16 / g8))
     headers = ["shape NxK", "M", "P3 W4A8 us", "TB/s", "% copy BW", "bf16 us", "W4A8 x bf16", "W4A8 small-M us", "W4A8 fused us",
                "W4A8 dequant+cuBLAS us",
-               "W4A16 us", "W4A16 x bf16", "tinygemm us", "tinygemm x bf16", "fp8 scaled_mm us"]
+               "W4A16 us", "W4A16 x bf16", "tinygemm us", "tinygemm x bf16", "fp8 scaled_mm us",
+               "GemLite W4A16 us", "GemLite W4A16 x bf16", "GemLite W4A8 us", "GemLite W4A8 x bf16"]
     summary = [f"measured copy bandwidth: {copy_bw:.2f} TB/s (read + write); W4A8 small-M kernel for M = {gemm_w4.MMA_MIN_M}.."
-               f"{gemm_w4.MMA_MAX_M}, dequant path from M = {gemm_w4.DEQUANT_MIN_M}"]
+               f"{gemm_w4.MMA_MAX_M}, dequant path from M = {gemm_w4.DEQUANT_MIN_M}", gemlite_note]
     for m in (1, 16, 64, 256, 1024, 4096):
         sel = [r for r in raw if r["m"] == m and r["shape"] != "sq8192"]
         if sel:
             mean = sum(r["bf16_us"] / r["p3_us"] for r in sel) / len(sel)
             tg = [r["bf16_us"] / r["tinygemm_us"] for r in sel]
-            summary.append(f"M={m}: mean speedup over bf16 on the 4 Llama shapes: W4A8 {mean:.2f}x, tinygemm {sum(tg) / len(tg):.2f}x")
+            gl = [r["bf16_us"] / r["gemlite_a8_us"] for r in sel]
+            summary.append(f"M={m}: mean speedup over bf16 on the 4 Llama shapes: W4A8 {mean:.2f}x, tinygemm {sum(tg) / len(tg):.2f}x, "
+                           f"GemLite W4A8 {sum(gl) / len(gl):.2f}x")
     return table(headers, rows) + "\n\n" + "\n".join(summary), raw
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--gemlite", action="store_true", help="also time GemLite's W4A16 and W4A8 layers (its autotuning takes minutes)")
     args = parser.parse_args()
     print(environment())
-    text, _ = run(args.quick)
+    text, _ = run(args.quick, args.gemlite)
     print(text)
 
 
