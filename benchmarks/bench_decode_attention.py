@@ -9,7 +9,6 @@ Run: python benchmarks/bench_decode_attention.py [--quick]. Prints a markdown ta
 from __future__ import annotations
 
 import argparse
-import importlib.util
 
 import torch
 import torch.nn.functional as F
@@ -42,13 +41,14 @@ def build_cache(k: torch.Tensor, v: torch.Tensor) -> QuantizedKV:
                        k[:, :, n:].contiguous(), v[:, :, n:].contiguous())
 
 
-# transformers' QuantizedCache backends that quantize to 4 bits, and the package each needs
-QUANTIZED_CACHE_BACKENDS = {"hqq": "hqq", "quanto": "optimum"}
 QUANTIZED_CACHE_STEPS = 256  # two residual windows: each step's share of the periodic re-quantization is included
 
 
 def quantized_cache_backends() -> list[str]:
-    return [name for name, package in QUANTIZED_CACHE_BACKENDS.items() if importlib.util.find_spec(package) is not None]
+    """transformers' 4-bit QuantizedCache backends whose packages are installed (hqq, optimum-quanto)."""
+    from transformers.utils import is_hqq_available, is_optimum_quanto_available
+
+    return [name for name, available in (("hqq", is_hqq_available), ("quanto", is_optimum_quanto_available)) if available()]
 
 
 def quantized_cache_step_us(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str) -> float:
@@ -121,7 +121,9 @@ def run(quick: bool = False) -> tuple[str, list[dict]]:
     headers = ["batch", "context", "SDPA eager us", "P3 eager us", "eager speedup", "SDPA graph us", "SDPA TB/s", "P3 graph us",
                "P3 TB/s", "P3 % copy BW", "graph speedup"]
     headers += [h for name in backends for h in (f"QuantizedCache {name} eager us", f"P3 eager x QuantizedCache {name}")]
-    status = (f"4-bit, groups of 64, 128-token residual window, update + SDPA per step, mean of {QUANTIZED_CACHE_STEPS} steps"
+    status = (f"4-bit, groups of 64, 128-token residual window, update + SDPA per step, mean of {QUANTIZED_CACHE_STEPS} steps; "
+              "its time includes appending the new token (and its share of re-quantizing the window), P3's columns time "
+              "the attention alone (the append is a separate kernel, kv_append.append_kv_at)"
               if backends else "not run: neither hqq nor optimum-quanto is installed (see benchmarks/fetch_baseline_wheels.sh)")
     notes = [f"measured copy bandwidth: {copy_bw:.2f} TB/s; graph = CUDA-graph replay over up to 16 cache copies (GPU time, no host launch cost)",
              f"transformers QuantizedCache ({', '.join(backends) or 'no backend'}): {status}",

@@ -6,7 +6,8 @@ prefill cancels. bf16 runs twice: eagerly with transformers' default (dynamic) c
 (generate then compiles the decode step with torch.compile, CUDA graphs included). p3quant runs twice: eagerly
 with its P3 cache through transformers' generate, and with p3quant.GreedyDecoder (what p3quant.generate runs)
 over a P3StaticCache, the decode step replayed as a CUDA graph and timed step by step after the prefill; that row
-runs again with programmatic dependent launch switched on ("PDL", off by default), which measures what it gains.
+runs again with programmatic dependent launch switched on ("PDL"), which measures what it gains (every other row
+launches without it, whatever P3QUANT_PDL says).
 Run: python benchmarks/bench_e2e.py [--layers L] [--new-tokens N].
 """
 
@@ -64,30 +65,28 @@ def decode_latency(model, batch: int, context: int, new_tokens: int, static: boo
     return sorted(diffs)[0]
 
 
-def static_graph_latency(model, batch: int, context: int, new_tokens: int, pdl: bool = False) -> float:
+def static_graph_latency(model, batch: int, context: int, new_tokens: int) -> float:
     """Seconds per decoded token of p3quant's greedy decoding over a P3StaticCache with CUDA-graph replay.
 
     Timed directly: after the prefill, one eager step and the captured step, three windows of `new_tokens`
     replayed steps each (host launch of the replay and the token copy included, as in p3quant.generate); the
-    median window is kept. pdl=True launches the kernels with programmatic dependent launch.
+    median window is kept.
     """
     import p3quant
-    from p3quant.kernels import common
 
     ids = torch.randint(0, 128000, (batch, context), device="cuda")
-    with common.pdl_mode(pdl):
-        decoder = p3quant.GreedyDecoder(model, ids, 3 + 3 * new_tokens, cuda_graph=True)
-        decoder.step()  # eager: kernels for the static shapes, workspaces
-        decoder.step()  # captured, then replayed
-        windows = []
-        for _ in range(3):
-            torch.cuda.synchronize()
-            start = time.perf_counter()
-            for _ in range(new_tokens):
-                decoder.step()
-            torch.cuda.synchronize()
-            windows.append((time.perf_counter() - start) / new_tokens)
-        decoder.finish()
+    decoder = p3quant.GreedyDecoder(model, ids, 3 + 3 * new_tokens, cuda_graph=True)
+    decoder.step()  # eager: kernels for the static shapes, workspaces
+    decoder.step()  # captured, then replayed
+    windows = []
+    for _ in range(3):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(new_tokens):
+            decoder.step()
+        torch.cuda.synchronize()
+        windows.append((time.perf_counter() - start) / new_tokens)
+    decoder.finish()
     return sorted(windows)[1]
 
 
@@ -114,6 +113,7 @@ LABELS = ("bf16 transformers", "bf16 transformers static+compile", "p3quant W4A8
 def run(layers: int = 32, context: int = 4096, new_tokens: int = 32, batches=(1, 8), profile: bool = False,
         labels=LABELS) -> str:
     import p3quant
+    from p3quant.kernels import common
 
     model = build_model(layers)
     rows = []
@@ -130,11 +130,16 @@ def run(layers: int = 32, context: int = 4096, new_tokens: int = 32, batches=(1,
         weights = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers())) / 2**30
         for batch in batches:
             torch.cuda.reset_peak_memory_stats()
+            pdl = label.endswith(" PDL")  # only that row launches with programmatic dependent launch
+            note = ""
+            if pdl and not common.pdl_enabled(torch.empty(0, device="cuda")):
+                note = "PDL unsupported here: ordinary launches"
             try:
-                if "static+graph" in label:
-                    latency = static_graph_latency(model, batch, context, new_tokens, pdl=label.endswith(" PDL"))
-                else:
-                    latency = decode_latency(model, batch, context, new_tokens, static=label.endswith("compile"))
+                with common.pdl_mode(pdl):
+                    if "static+graph" in label:
+                        latency = static_graph_latency(model, batch, context, new_tokens)
+                    else:
+                        latency = decode_latency(model, batch, context, new_tokens, static=label.endswith("compile"))
             except torch.OutOfMemoryError as err:
                 rows.append((label, batch, "OOM", "", "", f"{weights:.1f}", str(err)[:60]))
                 continue
@@ -143,7 +148,7 @@ def run(layers: int = 32, context: int = 4096, new_tokens: int = 32, batches=(1,
                 continue
             peak = torch.cuda.max_memory_allocated() / 2**30
             results[(label, batch)] = (latency, peak)
-            rows.append((label, batch, latency * 1e3, batch / latency, peak, f"{weights:.1f}", ""))
+            rows.append((label, batch, latency * 1e3, batch / latency, peak, f"{weights:.1f}", note))
             print(f"{label} batch {batch}: {latency * 1e3:.2f} ms / token", flush=True)  # survives a timeout
     for batch in batches:
         for p3_label in ("p3quant W4A8KV4P8 triton", "p3quant W4A8KV4P8 triton static+graph",

@@ -4,11 +4,12 @@ Triton compiles the kernel for sm_90 on the CPU (its wheel carries ptxas and cuo
 the cubin, finds the loop (the backward branch) and counts its instructions by opcode. It is how RESULTS.md's
 "instructions per word" figures were taken: a cheap check of a kernel change before spending GPU time.
 
-Run: python benchmarks/sass_loop.py
+Run: python benchmarks/sass_loop.py [--configs '4,1024,1;8,1024,2'] [--segments 3] [--pdl]
 """
 
 from __future__ import annotations
 
+import argparse
 import collections
 import os
 import re
@@ -63,20 +64,30 @@ def registers(cubin: bytes) -> int:
 
 
 def main() -> None:
-    block_n, block_k, warps, stages = gemm_w4._gemv_config()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--configs", default=None,
+                        help="launch configs 'BLOCK_N,BLOCK_K,warps;...' (default: the one gemm_w4 uses)")
+    parser.add_argument("--segments", type=int, default=1, help="weights per launch, as for q/k/v (1 to 3)")
+    parser.add_argument("--pdl", action="store_true", help="compile the programmatic-dependent-launch variant")
+    args = parser.parse_args()
+    configs = [gemm_w4._gemv_config()]
+    if args.configs:
+        configs = [tuple(int(v) for v in c.split(",")) + (1,) for c in args.configs.split(";")]
     group = 128
-    words_per_thread = block_n * block_k // 8 // (32 * warps)
-    print(f"M = 1 GEMV, config {(block_n, block_k, warps, stages)}, group {group}: {words_per_thread} words per thread per loop step")
-    for is_bitmod in (True, False):
-        kernel = compile_sm90(
-            gemm_w4._w4_gemv_kernel, gemm_w4.GEMV_ARG_TYPES,
-            dict(KW=4096 // 8, SEGMENTS=1, GROUP=group, BLOCK_N=block_n, BLOCK_K=block_k, IS_BITMOD=is_bitmod, HAS_BIAS=False,
-                 USE_ASM=True, EVEN_K=True),
-            divisible=("K", "stride_xm", "stride_wn"), num_warps=warps, num_stages=stages)
-        ops = loop_opcodes(kernel.asm["cubin"])
-        total = sum(ops.values())
-        print(f"{'BitMoD' if is_bitmod else 'INT4'}: {total} loop instructions, {total / words_per_thread:.1f} per word, "
-              f"{registers(kernel.asm['cubin'])} registers per thread; " + ", ".join(f"{o} {n}" for o, n in ops.most_common(10)))
+    for block_n, block_k, warps, stages in configs:
+        words_per_thread = block_n * block_k // 8 // (32 * warps)
+        print(f"M = 1 GEMV, config {(block_n, block_k, warps, stages)}, group {group}, {args.segments} segment(s), PDL "
+              f"{'on' if args.pdl else 'off'}: {words_per_thread} words per thread per loop step")
+        for is_bitmod in (True, False):
+            kernel = compile_sm90(
+                gemm_w4._w4_gemv_kernel, gemm_w4.GEMV_ARG_TYPES,
+                dict(KW=4096 // 8, SEGMENTS=args.segments, GROUP=group, BLOCK_N=block_n, BLOCK_K=block_k,
+                     IS_BITMOD=is_bitmod, HAS_BIAS=False, USE_ASM=True, EVEN_K=True, PDL=args.pdl),
+                divisible=("K", "stride_xm", "stride_wn"), num_warps=warps, num_stages=stages)
+            ops = loop_opcodes(kernel.asm["cubin"])
+            total = sum(ops.values())
+            print(f"{'BitMoD' if is_bitmod else 'INT4'}: {total} loop instructions, {total / words_per_thread:.1f} per word, "
+                  f"{registers(kernel.asm['cubin'])} registers per thread; " + ", ".join(f"{o} {n}" for o, n in ops.most_common(10)))
 
 
 if __name__ == "__main__":

@@ -71,7 +71,8 @@ def argmax_tokens(logits: torch.Tensor) -> torch.Tensor:
         vmax = torch.empty((b, chunks), dtype=torch.float32, device=logits.device)
         imax = torch.empty((b, chunks), dtype=torch.int32, device=logits.device)
         inan = torch.empty_like(imax)
-        _chunk_argmax_kernel[(b, chunks)](logits, vmax, imax, inan, v, chunks, logits.stride(0), BLOCK=BLOCK, num_warps=8, **pdl_launch(logits))
+        _chunk_argmax_kernel[(b, chunks)](logits, vmax, imax, inan, v, chunks, logits.stride(0), BLOCK=BLOCK, num_warps=8,
+                                          **pdl_launch(logits))
         _pick_kernel[(b,)](vmax, imax, inan, out, v, chunks, CP=max(2, next_power_of_2(chunks)), num_warps=1,
                            **pdl_launch(logits))
     return out

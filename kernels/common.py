@@ -113,10 +113,10 @@ def _triton_launches_pdl() -> bool:
 
 
 def pdl_enabled(t: torch.Tensor) -> bool:
-    """Whether kernels reading `t` launch with programmatic dependent launch: PDL switched on, a CUDA device of
-    compute capability >= 9.0 (not the interpreter) and a Triton that can launch that way."""
-    return (USE_PDL and t.is_cuda and not interpreting() and _capability(t.device.index) >= (9, 0)
-            and _triton_launches_pdl())
+    """Whether kernels reading `t` launch with programmatic dependent launch: PDL switched on, an NVIDIA GPU (not
+    ROCm, not the interpreter) of compute capability >= 9.0 and a Triton that can launch that way."""
+    return (USE_PDL and t.is_cuda and torch.version.hip is None and not interpreting()
+            and _capability(t.device.index) >= (9, 0) and _triton_launches_pdl())
 
 
 def pdl_launch(t: torch.Tensor) -> dict[str, bool]:

@@ -150,9 +150,10 @@ def _w4_gemv_kernel(
     Tile [BLOCK_K / GROUP groups, BLOCK_N rows, GROUP / 8 words]: scale and selector / zero point are loaded
     once per (row, group) and broadcast in registers; the activations of a tile are loaded once per program and
     reused for all its rows. Groups lead the tile so that Triton 3.6 gives the weight loads the layout the
-    arithmetic uses (rows first, it staged every prefetched word through shared memory to change layouts). W4A8 only: x holds the FP8 code values as fp32, de-interleaved by k % 8
-    (act_quant.quantize_activation_fp8_split), so the 8 activation vectors are contiguous 16-byte loads, and a
-    ninth plane with each word's activation sum; xs is the token scale. (W4A16 runs _w4_gemv_a16_kernel.)
+    arithmetic uses (rows first, it staged every prefetched word through shared memory to change layouts).
+    W4A8 only: x holds the FP8 code values as fp32, de-interleaved by k % 8 (act_quant.quantize_activation_fp8_split),
+    so the 8 activation vectors are contiguous 16-byte loads, and a ninth plane with each word's activation sum; xs
+    is the token scale. (W4A16 runs _w4_gemv_a16_kernel.)
 
     Each weight is decoded to the fp32 value f = 40 + v / 2 (v: BitMoD grid x 2 or INT4 code - zp; USE_ASM on
     the GPU by _ASM_BIASED_DOT's two byte permutations, no conversion instruction; the pure-Triton decode under
@@ -161,11 +162,11 @@ def _w4_gemv_kernel(
     sum(f * a) - 40 sum(a) = sum(v * a) / 2; it is then scaled once by the group scale (x 2 for INT4, whose v is
     not doubled). Accumulation is fp32 throughout. Every term is a multiple of the word's finest product unit
     (half the smallest activation's E4M3 quantum), so the word's running sum is exact unless its 8 activations
-    differ in magnitude by more than ~2**10 (an unbiased sum: ~2**13); beyond that fp32 rounds it. On random and
-    outlier activations the results equal the previous, unbiased kernel's bit for bit (interpreter).
+    differ in magnitude by more than ~2**10 (an unbiased sum: ~2**13); beyond that fp32 rounds it.
     The activation rows fit the tile so that a thread holds all BLOCK_N rows of its words: each activation
     vector is loaded once per thread and reused for every row (block sizes: _gemv_config). The GPU and the
-    interpreter paths run the same fp32 operations in the same order.
+    interpreter paths decode and multiply-add each word in the same order; the sums across words and groups
+    follow the compiled layout's reduction tree on the GPU and numpy's order in the interpreter.
 
     PDL: launched with programmatic dependent launch, the first K-step's weights, scales and selectors are in
     flight while the previous kernel (which produces the activations) still runs.
@@ -429,7 +430,7 @@ def _launch(kernel, config: triton.Config | None, grid, *args, **constexprs) -> 
 class _Prepared:
     """Per-weight launch metadata, built once (the weight's tensors are checked then, not on every call)."""
 
-    __slots__ = ("packed", "words", "scales", "aux", "is_bitmod", "n", "k", "group", "device")
+    __slots__ = ("packed", "words", "scales", "aux", "is_bitmod", "n", "k", "group", "device", "words_fresh")
 
     def __init__(self, weight: BitMoDTensor | Int4Tensor, what: str) -> None:
         require_device(what, weight.packed, weight.scales)
@@ -445,6 +446,8 @@ class _Prepared:
         # int32 words of 8 codes for the GEMV (k % 32 == 0; rows 4-byte aligned when packed is contiguous)
         aligned = self.packed.is_contiguous() and self.packed.data_ptr() % 4 == 0
         self.words = self.packed.view(torch.int32) if aligned else self.packed.contiguous().view(torch.int32)
+        # a copy kernel just wrote the words: the next GEMV must not read them before waiting (no PDL prefetch)
+        self.words_fresh = not aligned
 
 
 def _prepared(weight: BitMoDTensor | Int4Tensor, what: str) -> _Prepared:
@@ -514,11 +517,16 @@ def _gemv_fp8(a: torch.Tensor, xs: torch.Tensor, parts: list[tuple[_Prepared, to
     for prep, bias, y in parts + parts[:1] * (3 - len(parts)):  # unused segment slots repeat the first
         segments += [prep.words, prep.scales, prep.aux, bias if bias is not None else prep.scales, y, prep.n]
     grid = (sum(cdiv(prep.n, block_n) for prep, _, _ in parts), 1)
+    pdl = pdl_launch(a)
+    if any(prep.words_fresh for prep, _, _ in parts):  # see _Prepared: this launch waits before its first load
+        pdl = {"PDL": False}
+        for prep, _, _ in parts:
+            prep.words_fresh = False
     _w4_gemv_kernel[grid](
         a, xs, *segments[:6], first.k, a.stride(0), first.words.stride(0), first.scales.stride(0), first.aux.stride(0),
         parts[0][2].stride(0), *segments[6:], KW=first.k // 8, SEGMENTS=len(parts), GROUP=first.group, BLOCK_N=block_n,
         BLOCK_K=block_k, IS_BITMOD=first.is_bitmod, HAS_BIAS=parts[0][1] is not None, USE_ASM=use_asm,
-        EVEN_K=first.k % block_k == 0, num_warps=warps, num_stages=stages, **pdl_launch(a))
+        EVEN_K=first.k % block_k == 0, num_warps=warps, num_stages=stages, **pdl)
 
 
 @on_input_device

@@ -119,7 +119,8 @@ def test_gpu_kernels_compile_for_hopper_with_their_inline_ptx():
 
 
 def _global_accesses(ptx: str) -> list[tuple[int, str]]:
-    found = ((i, re.match(r"\s*(@!?%p\d+\s+)?((ld|st)\.global)", line)) for i, line in enumerate(ptx.splitlines()))
+    access = r"((ld|st|atom|red)\.global|cp\.async)"  # loads, stores, atomics, asynchronous copies to shared memory
+    found = ((i, re.match(r"\s*(@!?%p\d+\s+)?" + access, line)) for i, line in enumerate(ptx.splitlines()))
     return [(i, m.group(2)) for i, m in found if m]
 
 
