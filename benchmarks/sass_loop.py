@@ -4,7 +4,8 @@ Triton compiles the kernel for sm_90 on the CPU (its wheel carries ptxas and cuo
 the cubin, finds the loop (the backward branch) and counts its instructions by opcode. It is how RESULTS.md's
 "instructions per word" figures were taken: a cheap check of a kernel change before spending GPU time.
 
-Run: python benchmarks/sass_loop.py [--configs '4,1024,1;8,1024,2'] [--segments 3] [--pdl]
+Run: python benchmarks/sass_loop.py [--configs '4,1024,1;8,1024,2'] [--segments 3] [--pdl], or --attention for
+the decode-attention passes.
 """
 
 from __future__ import annotations
@@ -63,13 +64,45 @@ def registers(cubin: bytes) -> int:
     return int(re.search(r"REG:(\d+)", usage).group(1))
 
 
+def total_instructions(cubin: bytes) -> int:
+    """All machine instructions of a compiled kernel."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as fh:
+        fh.write(cubin)
+        fh.flush()
+        sass = subprocess.run([os.path.join(BIN, "cuobjdump"), "-sass", fh.name], capture_output=True, text=True, check=True).stdout
+    return sum(1 for line in sass.splitlines() if re.search(r"/\*[0-9a-f]{4,}\*/\s+\S", line))
+
+
+def attention_counts() -> None:
+    """Instructions per thread of the decode-attention passes' 128-token block loop and whole kernel (GQA group
+    of 4 in 16 rows, head_dim 128, static cache), for 4 and 8 warps per program."""
+    from p3quant.kernels import decode_attention as attention
+
+    shape = dict(G=4, GP=16, D8=16, DW=16, USE_ASM=True, BLOCK_T=128, BLOCK_R=16, DEVICE_LEN=True, PDL=False)
+    scores_types = (["*bf16", "*fp32", "*i32", "*fp16", "*u8", "*fp16", "*bf16", "*u8"] + ["*fp32"] * 4
+                    + ["*i64", "i32", "i32", "i32", "fp32", "fp32", "i32", "i32"] + ["i32"] * 22)
+    pv_types = ["*i32", "*fp16", "*u8", "*bf16"] + ["*fp32"] * 5 + ["*i64"] + ["i32"] * 19
+    for warps in (4, 8):
+        for name, fn, types, extra in (("scores", attention._scores_kernel, scores_types,
+                                        dict(HAS_SMOOTH=True, QUANT_Q=True, HAS_MASK=False, HAS_SOFTCAP=False)),
+                                       ("P.V", attention._pv_kernel, pv_types, dict(SP=64, HALF_UP=False))):
+            cubin = compile_sm90(fn, types, dict(shape, **extra), num_warps=warps).asm["cubin"]
+            ops = loop_opcodes(cubin)
+            print(f"{name}, {warps} warps: {sum(ops.values())} instructions in the block loop, {total_instructions(cubin)} in all, "
+                  f"{registers(cubin)} registers per thread; " + ", ".join(f"{o} {n}" for o, n in ops.most_common(8)))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configs", default=None,
                         help="launch configs 'BLOCK_N,BLOCK_K,warps;...' (default: the one gemm_w4 uses)")
     parser.add_argument("--segments", type=int, default=1, help="weights per launch, as for q/k/v (1 to 3)")
     parser.add_argument("--pdl", action="store_true", help="compile the programmatic-dependent-launch variant")
+    parser.add_argument("--attention", action="store_true", help="count the decode-attention passes instead")
     args = parser.parse_args()
+    if args.attention:
+        attention_counts()
+        return
     configs = [gemm_w4._gemv_config()]
     if args.configs:
         configs = [tuple(int(v) for v in c.split(",")) + (1,) for c in args.configs.split(";")]

@@ -335,6 +335,39 @@ def decode_word16(words, tp0, tp1, tn0, tn1, BF16: tl.constexpr):
 
 
 @triton.jit
+def decode_halves(words, aux, IS_BITMOD: tl.constexpr, USE_ASM: tl.constexpr, BF16: tl.constexpr):
+    """Exact 16-bit values of int32 words [R, W] of 8 codes each (code i of word j = element 8j + i) with one
+    selector / zero point per row (aux [R]), as half-planes lo [R, 4W] (elements 8j + i, i < 4, in that order) and
+    hi (elements 8j + 4 + i): BitMoD grid x 2 or INT4 code - zero point. USE_ASM: decode_word16's PTX (fp16, or
+    bf16 with BF16); else decode_w4 in fp16 (fp32 with BF16: the interpreter has no usable bf16)."""
+    R: tl.constexpr = words.shape[0]
+    W: tl.constexpr = words.shape[1]
+    if USE_ASM:
+        tp0, tp1, tn0, tn1 = decode_tables(aux, IS_BITMOD)
+        c0, c1, c2, c3, c4, c5, c6, c7 = decode_word16(
+            words, tl.broadcast_to(tp0[:, None], (R, W)), tl.broadcast_to(tp1[:, None], (R, W)),
+            tl.broadcast_to(tn0[:, None], (R, W)), tl.broadcast_to(tn1[:, None], (R, W)), BF16)
+    else:
+        a = aux.to(tl.int32)
+        if IS_BITMOD:
+            a = bitmod_special2(a)
+        a = a[:, None]
+        ty = tl.float32 if BF16 else tl.float16
+        c0 = decode_w4(words & 15, a, IS_BITMOD).to(ty)
+        c1 = decode_w4((words >> 4) & 15, a, IS_BITMOD).to(ty)
+        c2 = decode_w4((words >> 8) & 15, a, IS_BITMOD).to(ty)
+        c3 = decode_w4((words >> 12) & 15, a, IS_BITMOD).to(ty)
+        c4 = decode_w4((words >> 16) & 15, a, IS_BITMOD).to(ty)
+        c5 = decode_w4((words >> 20) & 15, a, IS_BITMOD).to(ty)
+        c6 = decode_w4((words >> 24) & 15, a, IS_BITMOD).to(ty)
+        c7 = decode_w4((words >> 28) & 15, a, IS_BITMOD).to(ty)
+    # join(join(a, c), join(b, d)) lays out a, b, c, d along the new last axis
+    lo = tl.reshape(tl.join(tl.join(c0, c2), tl.join(c1, c3)), [R, 4 * W])
+    hi = tl.reshape(tl.join(tl.join(c4, c6), tl.join(c5, c7)), [R, 4 * W])
+    return lo, hi
+
+
+@triton.jit
 def decode_tables(aux, IS_BITMOD: tl.constexpr):
     """Byte tables (value + 16) of codes 0..7 (tp0, tp1) and 8..15 (tn0, tn1) for decode_word_ptx, per group:
     BitMoD's grid x 2 with the group's special value in the slot of code 8 (aux = selector), INT4's code - zp

@@ -34,8 +34,9 @@ import triton.language as tl
 from p3quant.attention_math import QuantizedKV
 from p3quant.formats import Int4Tensor
 
-from .common import (cdiv, FP16_TINY, FP8_MAX, fp8_token_scale, interpreting, next_power_of_2, on_input_device,
-                     pdl_launch, pdl_launch_dependents, pdl_wait, require_device, round_minifloat, round_to_output)
+from .common import (cdiv, decode_halves, FP16_TINY, FP8_MAX, fp8_token_scale, interpreting, next_power_of_2,
+                     on_input_device, pdl_launch, pdl_launch_dependents, pdl_wait, require_device, round_minifloat,
+                     round_to_output)
 
 UE4M4_MAX = tl.constexpr(1.9375)
 _BLOCK_R = 16
@@ -52,29 +53,25 @@ def _tanh_softcap(s, softcap):
 
 
 @triton.jit
-def _centered_nibbles(packed, zeros):
-    """fp16 (low nibble - zp, high nibble - zp) of uint8 codes [T, D/2] with per-token zero points [T], exact.
-
-    A nibble c under the fp16 exponent of 1024 (bits 0x6400 | c) is 1024 + c; subtracting 1024 + zp in fp16 is
-    exact (integers below 2048). This avoids the int -> fp16 conversion, which runs at a quarter of the ALU rate.
-    """
-    base = (zeros.to(tl.int16) | 0x6400).to(tl.float16, bitcast=True)[:, None]  # 1024 + zp (zp <= 15)
-    lo = ((packed & 15).to(tl.int16) | 0x6400).to(tl.float16, bitcast=True) - base
-    hi = ((packed >> 4).to(tl.int16) | 0x6400).to(tl.float16, bitcast=True) - base
-    return lo, hi
+def _plane_dims(DW: tl.constexpr):
+    """Head-dim element of each half-plane column (kernels.common.decode_halves' order): lo column c holds element
+    8 (c // 4) + c % 4, hi column c the element 4 after it."""
+    c = tl.arange(0, 4 * DW)
+    d_lo = 8 * (c // 4) + c % 4
+    return d_lo, d_lo + 4
 
 
 @triton.jit
 def _key_block(kp_ptr, ks_ptr, kz_ptr, vs_ptr, mask_ptr, b, kvh, t0, t_lim,
                s_kpb, s_kph, s_kpt, s_ksb, s_ksh, s_kst, s_kzb, s_kzh, s_kzt, s_vsb, s_vsh, s_vst, s_mb,
-               HALF_D: tl.constexpr, DH: tl.constexpr, BLOCK_T: tl.constexpr, HAS_MASK: tl.constexpr):
-    """Packed keys, their zero points and scales, the value scales and the mask bytes of tokens t0 .. t0 +
-    BLOCK_T - 1 below t_lim (zeros past it)."""
+               D8: tl.constexpr, DW: tl.constexpr, BLOCK_T: tl.constexpr, HAS_MASK: tl.constexpr):
+    """Packed keys (int32 words of 8 codes), their zero points and scales, the value scales and the mask bytes of
+    tokens t0 .. t0 + BLOCK_T - 1 below t_lim (zeros past it)."""
     offs_t = t0 + tl.arange(0, BLOCK_T)
-    offs_d = tl.arange(0, DH)
+    offs_w = tl.arange(0, DW)
     t_mask = offs_t < t_lim
-    kp = tl.load(kp_ptr + b * s_kpb + kvh * s_kph + offs_t[:, None] * s_kpt + offs_d[None, :],
-                 mask=t_mask[:, None] & (offs_d < HALF_D)[None, :], other=0)
+    kp = tl.load(kp_ptr + b * s_kpb + kvh * s_kph + offs_t[:, None] * s_kpt + offs_w[None, :],
+                 mask=t_mask[:, None] & (offs_w < D8)[None, :], other=0)
     kz = tl.load(kz_ptr + b * s_kzb + kvh * s_kzh + offs_t * s_kzt, mask=t_mask, other=0)
     ks = tl.load(ks_ptr + b * s_ksb + kvh * s_ksh + offs_t * s_kst, mask=t_mask, other=0.0)
     vs = tl.load(vs_ptr + b * s_vsb + kvh * s_vsh + offs_t * s_vst, mask=t_mask, other=0.0)
@@ -87,17 +84,17 @@ def _key_block(kp_ptr, ks_ptr, kz_ptr, vs_ptr, mask_ptr, b, kvh, t0, t_lim,
 @triton.jit
 def _value_block(vp_ptr, vs_ptr, vz_ptr, sc_ptr, b, kvh, heads, g_mask, t0, t_lim,
                  s_vpb, s_vph, s_vpt, s_vsb, s_vsh, s_vst, s_vzb, s_vzh, s_vzt, s_scb, s_sch,
-                 HALF_D: tl.constexpr, DH: tl.constexpr, BLOCK_T: tl.constexpr):
-    """The scores, value scales, packed values and their zero points of tokens t0 .. t0 + BLOCK_T - 1 below
-    t_lim (scores -inf, the rest zeros past it)."""
+                 D8: tl.constexpr, DW: tl.constexpr, BLOCK_T: tl.constexpr):
+    """The scores, value scales, packed values (int32 words of 8 codes) and their zero points of tokens t0 .. t0 +
+    BLOCK_T - 1 below t_lim (scores -inf, the rest zeros past it)."""
     offs_t = t0 + tl.arange(0, BLOCK_T)
-    offs_d = tl.arange(0, DH)
+    offs_w = tl.arange(0, DW)
     t_mask = offs_t < t_lim
     sc = tl.load(sc_ptr + b * s_scb + heads[:, None] * s_sch + offs_t[None, :], mask=g_mask[:, None] & t_mask[None, :],
                  other=float("-inf"))
     vs = tl.load(vs_ptr + b * s_vsb + kvh * s_vsh + offs_t * s_vst, mask=t_mask, other=0.0)
-    vp = tl.load(vp_ptr + b * s_vpb + kvh * s_vph + offs_t[:, None] * s_vpt + offs_d[None, :],
-                 mask=t_mask[:, None] & (offs_d < HALF_D)[None, :], other=0)
+    vp = tl.load(vp_ptr + b * s_vpb + kvh * s_vph + offs_t[:, None] * s_vpt + offs_w[None, :],
+                 mask=t_mask[:, None] & (offs_w < D8)[None, :], other=0)
     vz = tl.load(vz_ptr + b * s_vzb + kvh * s_vzh + offs_t * s_vzt, mask=t_mask, other=0)
     return sc, vs, vp, vz
 
@@ -108,8 +105,8 @@ def _scores_kernel(
     n_quant, n_res, chunk, scaling, softcap, HKV, NUM_SPLITS,
     s_qb, s_qh, s_smb, s_smh, s_kpb, s_kph, s_kpt, s_ksb, s_ksh, s_kst, s_kzb, s_kzh, s_kzt,
     s_vsb, s_vsh, s_vst, s_rkb, s_rkh, s_rkt, s_mb, s_scb, s_sch,
-    G: tl.constexpr, GP: tl.constexpr, HALF_D: tl.constexpr, DH: tl.constexpr, BLOCK_T: tl.constexpr,
-    BLOCK_R: tl.constexpr, HAS_SMOOTH: tl.constexpr, QUANT_Q: tl.constexpr, HAS_MASK: tl.constexpr,
+    G: tl.constexpr, GP: tl.constexpr, D8: tl.constexpr, DW: tl.constexpr, BLOCK_T: tl.constexpr,
+    BLOCK_R: tl.constexpr, USE_ASM: tl.constexpr, HAS_SMOOTH: tl.constexpr, QUANT_Q: tl.constexpr, HAS_MASK: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, DEVICE_LEN: tl.constexpr, PDL: tl.constexpr = False,
 ):
     pdl_launch_dependents(PDL)
@@ -124,39 +121,40 @@ def _scores_kernel(
     t_lim = tl.minimum(t_start + chunk, n_quant)  # n_quant: the storage capacity with DEVICE_LEN
     kp, kz, ks, vs, mk = _key_block(kp_ptr, ks_ptr, kz_ptr, vs_ptr, mask_ptr, b, kvh, t_start, t_lim,
                                     s_kpb, s_kph, s_kpt, s_ksb, s_ksh, s_kst, s_kzb, s_kzh, s_kzt, s_vsb, s_vsh, s_vst,
-                                    s_mb, HALF_D, DH, BLOCK_T, HAS_MASK)
+                                    s_mb, D8, DW, BLOCK_T, HAS_MASK)
     if DEVICE_LEN:  # static cache: the token count lives on the device; the window is a ring of n_res slots
         n_quant = tl.load(len_ptr).to(tl.int32) - n_res
     s1 = NUM_SPLITS + 1
     offs_g = tl.arange(0, GP)
     g_mask = offs_g < G
     heads = kvh * G + offs_g
-    offs_d = tl.arange(0, DH)
-    d_mask = offs_d < HALF_D
+    # the query, smoothing factors and residual keys in the half-plane order the packed keys decode to
+    d_lo, d_hi = _plane_dims(DW)
+    d_mask = d_lo < 8 * D8
     qd_mask = g_mask[:, None] & d_mask[None, :]
-    q_base = q_ptr + b * s_qb + heads[:, None] * s_qh + 2 * offs_d[None, :]
-    q_even = tl.load(q_base, mask=qd_mask, other=0.0).to(tl.float32)
-    q_odd = tl.load(q_base + 1, mask=qd_mask, other=0.0).to(tl.float32)
-    s_even = tl.full([DH], 1.0, tl.float32)
-    s_odd = tl.full([DH], 1.0, tl.float32)
+    q_base = q_ptr + b * s_qb + heads[:, None] * s_qh
+    q_lo = tl.load(q_base + d_lo[None, :], mask=qd_mask, other=0.0).to(tl.float32)
+    q_hi = tl.load(q_base + d_hi[None, :], mask=qd_mask, other=0.0).to(tl.float32)
+    s_lo = tl.full([4 * DW], 1.0, tl.float32)
+    s_hi = tl.full([4 * DW], 1.0, tl.float32)
     if HAS_SMOOTH:
-        sm_base = sm_ptr + b * s_smb + kvh * s_smh + 2 * offs_d
-        s_even = tl.load(sm_base, mask=d_mask, other=1.0)
-        s_odd = tl.load(sm_base + 1, mask=d_mask, other=1.0)
-        q_even = q_even * s_even[None, :]
-        q_odd = q_odd * s_odd[None, :]
+        sm_base = sm_ptr + b * s_smb + kvh * s_smh
+        s_lo = tl.load(sm_base + d_lo, mask=d_mask, other=1.0)
+        s_hi = tl.load(sm_base + d_hi, mask=d_mask, other=1.0)
+        q_lo = q_lo * s_lo[None, :]
+        q_hi = q_hi * s_hi[None, :]
     q_scale = tl.full([GP], 1.0, tl.float32)
     if QUANT_Q:  # FP8-E4M3 per (token, head), scale = fp16(amax / 448)
-        amax = tl.maximum(tl.max(tl.abs(q_even), axis=1), tl.max(tl.abs(q_odd), axis=1))
+        amax = tl.maximum(tl.max(tl.abs(q_lo), axis=1), tl.max(tl.abs(q_hi), axis=1))
         q_scale = fp8_token_scale(amax)
-        q_even = round_minifloat(tl.math.div_rn(q_even, q_scale[:, None]), 3, -6, FP8_MAX, False)
-        q_odd = round_minifloat(tl.math.div_rn(q_odd, q_scale[:, None]), 3, -6, FP8_MAX, False)
+        q_lo = round_minifloat(tl.math.div_rn(q_lo, q_scale[:, None]), 3, -6, FP8_MAX, False)
+        q_hi = round_minifloat(tl.math.div_rn(q_hi, q_scale[:, None]), 3, -6, FP8_MAX, False)
     m_i = tl.full([GP], float("-inf"), tl.float32)
     l_i = tl.zeros([GP], tl.float32)
     vmax = tl.zeros([BLOCK_T], tl.float32)
     if split < NUM_SPLITS:
-        q8_even = q_even.to(tl.float16)  # FP8 values: exact in fp16
-        q8_odd = q_odd.to(tl.float16)
+        q8_lo = q_lo.to(tl.float16)  # FP8 values: exact in fp16
+        q8_hi = q_hi.to(tl.float16)
         row_scale = q_scale * scaling
         t_end = tl.minimum(t_start + chunk, n_quant)
         for t0 in range(t_start, t_end, BLOCK_T):
@@ -164,9 +162,9 @@ def _scores_kernel(
             t_mask = offs_t < t_end
             nkp, nkz, nks, nvs, nmk = _key_block(kp_ptr, ks_ptr, kz_ptr, vs_ptr, mask_ptr, b, kvh, t0 + BLOCK_T, t_lim,
                                                  s_kpb, s_kph, s_kpt, s_ksb, s_ksh, s_kst, s_kzb, s_kzh, s_kzt, s_vsb,
-                                                 s_vsh, s_vst, s_mb, HALF_D, DH, BLOCK_T, HAS_MASK)
-            k_lo, k_hi = _centered_nibbles(kp, kz)
-            s = tl.dot(q8_even, tl.trans(k_lo)) + tl.dot(q8_odd, tl.trans(k_hi))  # [GP, BLOCK_T]
+                                                 s_vsh, s_vst, s_mb, D8, DW, BLOCK_T, HAS_MASK)
+            k_lo, k_hi = decode_halves(kp, kz, False, USE_ASM, False)  # fp16 code - zero point, exact
+            s = tl.dot(q8_lo, tl.trans(k_lo)) + tl.dot(q8_hi, tl.trans(k_hi))  # [GP, BLOCK_T]
             s = s * row_scale[:, None] * ks.to(tl.float32)[None, :]
             if HAS_SOFTCAP:
                 s = _tanh_softcap(s, softcap)
@@ -182,16 +180,16 @@ def _scores_kernel(
             vmax = tl.maximum(vmax, tl.where(vis, vs.to(tl.float32), 0.0))
             kp, kz, ks, vs, mk = nkp, nkz, nks, nvs, nmk
     else:
-        qd_even = q_even * q_scale[:, None]  # the dequantized query the reference multiplies with
-        qd_odd = q_odd * q_scale[:, None]
+        qd_lo = q_lo * q_scale[:, None]  # the dequantized query the reference multiplies with
+        qd_hi = q_hi * q_scale[:, None]
         for r0 in range(0, n_res, BLOCK_R):
             offs_r = r0 + tl.arange(0, BLOCK_R)
             r_mask = offs_r < n_res
-            rk_base = rk_ptr + b * s_rkb + kvh * s_rkh + offs_r[:, None] * s_rkt + 2 * offs_d[None, :]
+            rk_base = rk_ptr + b * s_rkb + kvh * s_rkh + offs_r[:, None] * s_rkt
             rmask2 = r_mask[:, None] & d_mask[None, :]
-            rk_even = tl.math.div_rn(tl.load(rk_base, mask=rmask2, other=0.0).to(tl.float32), s_even[None, :])
-            rk_odd = tl.math.div_rn(tl.load(rk_base + 1, mask=rmask2, other=0.0).to(tl.float32), s_odd[None, :])
-            s = tl.dot(qd_even, tl.trans(rk_even), input_precision="ieee") + tl.dot(qd_odd, tl.trans(rk_odd), input_precision="ieee")
+            rk_lo = tl.math.div_rn(tl.load(rk_base + d_lo[None, :], mask=rmask2, other=0.0).to(tl.float32), s_lo[None, :])
+            rk_hi = tl.math.div_rn(tl.load(rk_base + d_hi[None, :], mask=rmask2, other=0.0).to(tl.float32), s_hi[None, :])
+            s = tl.dot(qd_lo, tl.trans(rk_lo), input_precision="ieee") + tl.dot(qd_hi, tl.trans(rk_hi), input_precision="ieee")
             s = s * scaling
             if HAS_SOFTCAP:
                 s = _tanh_softcap(s, softcap)
@@ -218,8 +216,8 @@ def _pv_kernel(
     vp_ptr, vs_ptr, vz_ptr, rv_ptr, sc_ptr, mst_ptr, lst_ptr, vmax_ptr, out_ptr, len_ptr,
     n_quant, n_res, chunk, HKV, NUM_SPLITS,
     s_vpb, s_vph, s_vpt, s_vsb, s_vsh, s_vst, s_vzb, s_vzh, s_vzt, s_rvb, s_rvh, s_rvt, s_scb, s_sch,
-    G: tl.constexpr, GP: tl.constexpr, HALF_D: tl.constexpr, DH: tl.constexpr, BLOCK_T: tl.constexpr,
-    BLOCK_R: tl.constexpr, SP: tl.constexpr, HALF_UP: tl.constexpr, DEVICE_LEN: tl.constexpr, PDL: tl.constexpr = False,
+    G: tl.constexpr, GP: tl.constexpr, D8: tl.constexpr, DW: tl.constexpr, BLOCK_T: tl.constexpr,
+    BLOCK_R: tl.constexpr, USE_ASM: tl.constexpr, SP: tl.constexpr, HALF_UP: tl.constexpr, DEVICE_LEN: tl.constexpr, PDL: tl.constexpr = False,
 ):
     pdl_launch_dependents(PDL)
     pdl_wait(PDL)
@@ -235,12 +233,12 @@ def _pv_kernel(
     t_lim = tl.minimum(t_start + chunk, n_quant)
     sc, vs, vp, vz = _value_block(vp_ptr, vs_ptr, vz_ptr, sc_ptr, b, kvh, heads, g_mask, t_start, t_lim,
                                   s_vpb, s_vph, s_vpt, s_vsb, s_vsh, s_vst, s_vzb, s_vzh, s_vzt, s_scb, s_sch,
-                                  HALF_D, DH, BLOCK_T)
+                                  D8, DW, BLOCK_T)
     if DEVICE_LEN:
         n_quant = tl.load(len_ptr).to(tl.int32) - n_res
     s1 = NUM_SPLITS + 1
-    offs_d = tl.arange(0, DH)
-    d_mask = offs_d < HALF_D
+    d_lo, d_hi = _plane_dims(DW)  # the output columns in the half-plane order the packed values decode to
+    d_mask = d_lo < 8 * D8
     offs_s = tl.arange(0, SP)
     gs_mask = g_mask[:, None] & (offs_s < s1)[None, :]
     rows = (b * HKV * G + heads)[:, None] * s1 + offs_s[None, :]
@@ -252,8 +250,8 @@ def _pv_kernel(
     inv_l = tl.math.div_rn(1.0, tl.where(l > 0, l, 1.0))  # fully masked rows: every p is 0
     v_max = tl.max(tl.load(vmax_ptr + pid * s1 + offs_s, mask=offs_s < s1, other=0.0), axis=0)
     v_max = tl.maximum(v_max, FP16_TINY)
-    acc_even = tl.zeros([GP, DH], tl.float32)
-    acc_odd = tl.zeros([GP, DH], tl.float32)
+    acc_lo = tl.zeros([GP, 4 * DW], tl.float32)
+    acc_hi = tl.zeros([GP, 4 * DW], tl.float32)
     if split < NUM_SPLITS:
         t_end = tl.minimum(t_start + chunk, n_quant)
         for t0 in range(t_start, t_end, BLOCK_T):
@@ -261,18 +259,18 @@ def _pv_kernel(
             t_mask = offs_t < t_end  # a static cache's slots past the live count hold stale data
             nsc, nvs, nvp, nvz = _value_block(vp_ptr, vs_ptr, vz_ptr, sc_ptr, b, kvh, heads, g_mask, t0 + BLOCK_T, t_lim,
                                               s_vpb, s_vph, s_vpt, s_vsb, s_vsh, s_vst, s_vzb, s_vzh, s_vzt, s_scb,
-                                              s_sch, HALF_D, DH, BLOCK_T)
+                                              s_sch, D8, DW, BLOCK_T)
             s = tl.where(t_mask[None, :], sc, float("-inf"))
             p = tl.exp(s - m_safe[:, None]) * inv_l[:, None]
             ratio = tl.math.div_rn(tl.where(t_mask, vs.to(tl.float32), 0.0), v_max)  # per token, as fold_value_scales
             folded = tl.minimum(tl.maximum(p * ratio[None, :], 0.0), 1.0)
             p8 = round_minifloat(folded, 4, -14, UE4M4_MAX, HALF_UP).to(tl.float16)  # exact in fp16
-            v_lo, v_hi = _centered_nibbles(vp, vz)
-            acc_even += tl.dot(p8, v_lo)
-            acc_odd += tl.dot(p8, v_hi)
+            v_lo, v_hi = decode_halves(vp, vz, False, USE_ASM, False)  # fp16 code - zero point, exact
+            acc_lo += tl.dot(p8, v_lo)
+            acc_hi += tl.dot(p8, v_hi)
             sc, vs, vp, vz = nsc, nvs, nvp, nvz
-        acc_even = acc_even * v_max
-        acc_odd = acc_odd * v_max
+        acc_lo = acc_lo * v_max
+        acc_hi = acc_hi * v_max
     else:
         for r0 in range(0, n_res, BLOCK_R):
             offs_r = r0 + tl.arange(0, BLOCK_R)
@@ -280,13 +278,13 @@ def _pv_kernel(
             s = tl.load(sc_ptr + b * s_scb + heads[:, None] * s_sch + n_quant + offs_r[None, :], mask=g_mask[:, None] & r_mask[None, :], other=float("-inf"))
             p = tl.exp(s - m_safe[:, None]) * inv_l[:, None]
             p8 = round_minifloat(p, 4, -14, UE4M4_MAX, HALF_UP)
-            rv_base = rv_ptr + b * s_rvb + kvh * s_rvh + offs_r[:, None] * s_rvt + 2 * offs_d[None, :]
+            rv_base = rv_ptr + b * s_rvb + kvh * s_rvh + offs_r[:, None] * s_rvt
             rmask2 = r_mask[:, None] & d_mask[None, :]
-            acc_even += tl.dot(p8, tl.load(rv_base, mask=rmask2, other=0.0).to(tl.float32), input_precision="ieee")
-            acc_odd += tl.dot(p8, tl.load(rv_base + 1, mask=rmask2, other=0.0).to(tl.float32), input_precision="ieee")
-    out_base = out_ptr + ((b * HKV * G + heads)[:, None] * s1 + split) * (2 * HALF_D) + 2 * offs_d[None, :]
-    tl.store(out_base, acc_even, mask=g_mask[:, None] & d_mask[None, :])
-    tl.store(out_base + 1, acc_odd, mask=g_mask[:, None] & d_mask[None, :])
+            acc_lo += tl.dot(p8, tl.load(rv_base + d_lo[None, :], mask=rmask2, other=0.0).to(tl.float32), input_precision="ieee")
+            acc_hi += tl.dot(p8, tl.load(rv_base + d_hi[None, :], mask=rmask2, other=0.0).to(tl.float32), input_precision="ieee")
+    out_base = out_ptr + ((b * HKV * G + heads)[:, None] * s1 + split) * (8 * D8)
+    tl.store(out_base + d_lo[None, :], acc_lo, mask=g_mask[:, None] & d_mask[None, :])
+    tl.store(out_base + d_hi[None, :], acc_hi, mask=g_mask[:, None] & d_mask[None, :])
 
 
 @triton.jit
@@ -312,6 +310,15 @@ def _num_sms(device: torch.device) -> int:
     if device.type != "cuda":
         return 4
     return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _words(what: str, name: str, packed: torch.Tensor) -> torch.Tensor:
+    """The packed codes [B, H_kv, T, D/2] as int32 words of 8 codes (a view: no copy)."""
+    try:
+        return packed.view(torch.int32)
+    except RuntimeError as err:
+        raise ValueError(f"{what}: {name}.packed must be viewable as int32 words (4-byte aligned rows of D/2 bytes, "
+                         f"strides in multiples of 4 bytes); got strides {packed.stride()}: {err}") from None
 
 
 def _check_int4(what: str, name: str, t: Int4Tensor, batch: int, kv_heads: int, d: int) -> None:
@@ -360,8 +367,9 @@ def p3_decode_attention(
     if rk.dim() != 4 or rk.shape[0] != bsz or rk.shape[-1] != d or rv.shape != rk.shape:
         raise ValueError(f"{what}: residual keys/values must be [B, H_kv, R, {d}], got {tuple(rk.shape)} / {tuple(rv.shape)}")
     kv_heads = rk.shape[1]
-    if heads % kv_heads or d % 2:
-        raise ValueError(f"{what}: {heads} query heads must be a multiple of {kv_heads} kv heads and head_dim {d} even")
+    if heads % kv_heads or d % 8:
+        raise ValueError(f"{what}: {heads} query heads must be a multiple of {kv_heads} kv heads and head_dim {d} a "
+                         "multiple of 8 (the kernels read 8 packed codes per 32-bit word); use the torch backend otherwise")
     if rk.stride(-1) != 1 or rv.stride(-1) != 1:
         raise ValueError(f"{what}: residual keys/values must be contiguous along head_dim")
     quantized = kv.keys is not None
@@ -412,14 +420,18 @@ def p3_decode_attention(
     v_max = torch.empty((bsz * kv_heads, s1), dtype=torch.float32, device=dev)
     partial = torch.empty((bsz * heads, s1, d), dtype=torch.float32, device=dev)
 
-    keys = kv.keys if quantized else None
-    vals = kv.values if quantized else None
-    kp, ks, kz = (keys.packed, keys.scales, keys.zeros) if quantized else (rk, rk, rk)
-    vp, vs, vz = (vals.packed, vals.scales, vals.zeros) if quantized else (rv, rv, rv)
+    if quantized:
+        kp, ks, kz = _words(what, "keys", kv.keys.packed), kv.keys.scales, kv.keys.zeros
+        vp, vs, vz = _words(what, "values", kv.values.packed), kv.values.scales, kv.values.zeros
+    else:  # typed stand-ins that no load reaches (there are no quantized tokens)
+        kp = vp = torch.zeros((1, 1, 1, 1), dtype=torch.int32, device=dev)
+        ks = vs = torch.zeros((1, 1, 1, 1), dtype=torch.float16, device=dev)
+        kz = vz = torch.zeros((1, 1, 1, 1), dtype=torch.uint8, device=dev)
     sm_arg = sm if sm is not None else rk
     mask_arg = mask if mask is not None else rk
     grid = (bsz * kv_heads, s1)
-    shape = dict(G=group, GP=gp, HALF_D=d // 2, DH=next_power_of_2(d // 2), BLOCK_T=block_t, BLOCK_R=_BLOCK_R)
+    shape = dict(G=group, GP=gp, D8=d // 8, DW=next_power_of_2(d // 8), BLOCK_T=block_t, BLOCK_R=_BLOCK_R,
+                 USE_ASM=not interpreting())
     len_arg = kv.length if device_len else m_stat
     _scores_kernel[grid](
         q, sm_arg, kp, ks, kz, vs, rk, mask_arg, scores, m_stat, l_stat, v_max, len_arg,

@@ -22,8 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (bitmod_special2, cdiv, clamped_rows, decode_tables, decode_w4, decode_word16, next_power_of_2,
-                     pdl_launch, pdl_launch_dependents, pdl_wait)
+from .common import cdiv, clamped_rows, decode_halves, next_power_of_2, pdl_launch, pdl_launch_dependents, pdl_wait
 
 
 @triton.jit
@@ -31,33 +30,10 @@ def _decode_group(words_ptr, rows, stride_ww, g, aux, GROUP: tl.constexpr, BLOCK
                   IS_BITMOD: tl.constexpr, USE_ASM: tl.constexpr, BF16: tl.constexpr):
     """fp16 [BLOCK_N, GROUP / 2] half-planes (lo: k % 8 < 4, hi: k % 8 >= 4) of group g of each row; with BF16,
     bf16 from the PTX decode and fp32 from the pure-Triton one (the interpreter has no usable bf16)."""
-    HG: tl.constexpr = GROUP // 2
     GW: tl.constexpr = GROUP // 8
     ow = tl.arange(0, GW)
     words = tl.load(words_ptr + rows[:, None] * stride_ww + g * GW + ow[None, :])  # int32, 8 codes each
-    if USE_ASM:
-        tp0, tp1, tn0, tn1 = decode_tables(aux, IS_BITMOD)
-        c0, c1, c2, c3, c4, c5, c6, c7 = decode_word16(
-            words, tl.broadcast_to(tp0[:, None], (BLOCK_N, GW)), tl.broadcast_to(tp1[:, None], (BLOCK_N, GW)),
-            tl.broadcast_to(tn0[:, None], (BLOCK_N, GW)), tl.broadcast_to(tn1[:, None], (BLOCK_N, GW)), BF16)
-    else:
-        a = aux.to(tl.int32)
-        if IS_BITMOD:
-            a = bitmod_special2(a)
-        a = a[:, None]
-        ty = tl.float32 if BF16 else tl.float16  # (bf16 planes: the kernel narrows them, exactly, on a GPU)
-        c0 = decode_w4(words & 15, a, IS_BITMOD).to(ty)
-        c1 = decode_w4((words >> 4) & 15, a, IS_BITMOD).to(ty)
-        c2 = decode_w4((words >> 8) & 15, a, IS_BITMOD).to(ty)
-        c3 = decode_w4((words >> 12) & 15, a, IS_BITMOD).to(ty)
-        c4 = decode_w4((words >> 16) & 15, a, IS_BITMOD).to(ty)
-        c5 = decode_w4((words >> 20) & 15, a, IS_BITMOD).to(ty)
-        c6 = decode_w4((words >> 24) & 15, a, IS_BITMOD).to(ty)
-        c7 = decode_w4((words >> 28) & 15, a, IS_BITMOD).to(ty)
-    # join(join(a, c), join(b, d)) lays out a, b, c, d along the new last axis
-    lo = tl.reshape(tl.join(tl.join(c0, c2), tl.join(c1, c3)), [BLOCK_N, HG])
-    hi = tl.reshape(tl.join(tl.join(c4, c6), tl.join(c5, c7)), [BLOCK_N, HG])
-    return lo, hi
+    return decode_halves(words, aux, IS_BITMOD, USE_ASM, BF16)
 
 
 @triton.jit

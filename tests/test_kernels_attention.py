@@ -82,6 +82,12 @@ def test_backend_routes_decode_and_prefill_with_hf_masks():
     prefill_q = torch.randn(2, 4, 3, 32, generator=gen)
     causal = torch.ones(3, 72, dtype=torch.bool).tril(69)[None, None].expand(2, 1, 3, 72)
     assert torch.equal(backend.attention(prefill_q, kv, causal, 0.2, fmt), p3_attention_reference(prefill_q, kv, causal, 0.2, fmt))
+    # a head_dim the kernels cannot read as 32-bit words of 8 codes goes to the reference
+    kv36 = _cache(1, 2, 20, 1, 36, gen)
+    q36 = torch.randn(1, 4, 1, 36, generator=gen)
+    assert torch.equal(backend.attention(q36, kv36, None, 0.2, fmt), p3_attention_reference(q36, kv36, None, 0.2, fmt))
+    with pytest.raises(ValueError, match="multiple of 8"):
+        p3_decode_attention(q36, kv36, None, 0.2)
 
 
 def test_decode_attention_rejects_bad_inputs():

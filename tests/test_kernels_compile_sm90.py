@@ -62,11 +62,11 @@ out["silu_mul"] = compile_ptx(silu_mul._silu_mul_kernel, ["*bf16", "*bf16", "*bf
 out["chunk_codes"] = compile_ptx(act_quant._codes_from_chunk_amax_kernel, ["*bf16", "*fp32", "*fp32", "*fp32"] + ["i32"] * 4,
                                  dict(BLOCK_K=1024, CP=16, LAYOUT=1, PDL=True), divisible=("K", "stride_ym", "stride_qm"), num_warps=4)
 out["rope"] = compile_ptx(rope._rope_kernel, ["*bf16"] * 6 + ["i32"] * 17, dict(D=128, HB=4, DP=128, PDL=True), num_warps=1)
-attention_shape = dict(G=4, GP=16, HALF_D=64, DH=64, BLOCK_T=128, BLOCK_R=16, DEVICE_LEN=True, PDL=True)
-out["scores"] = compile_ptx(decode_attention._scores_kernel, ["*bf16", "*fp32", "*u8", "*fp16", "*u8", "*fp16", "*bf16", "*u8"]
+attention_shape = dict(G=4, GP=16, D8=16, DW=16, BLOCK_T=128, BLOCK_R=16, USE_ASM=True, DEVICE_LEN=True, PDL=True)
+out["scores"] = compile_ptx(decode_attention._scores_kernel, ["*bf16", "*fp32", "*i32", "*fp16", "*u8", "*fp16", "*bf16", "*u8"]
                             + ["*fp32"] * 4 + ["*i64", "i32", "i32", "i32", "fp32", "fp32", "i32", "i32"] + ["i32"] * 22,
                             dict(attention_shape, HAS_SMOOTH=True, QUANT_Q=True, HAS_MASK=True, HAS_SOFTCAP=True), num_warps=4)
-out["pv"] = compile_ptx(decode_attention._pv_kernel, ["*u8", "*fp16", "*u8", "*bf16"] + ["*fp32"] * 5 + ["*i64"] + ["i32"] * 19,
+out["pv"] = compile_ptx(decode_attention._pv_kernel, ["*i32", "*fp16", "*u8", "*bf16"] + ["*fp32"] * 5 + ["*i64"] + ["i32"] * 19,
                         dict(attention_shape, SP=64, HALF_UP=False), num_warps=4)
 out["argmax_chunks"] = compile_ptx(argmax._chunk_argmax_kernel, ["*bf16", "*fp32", "*i32", "*i32", "i32", "i32", "i32"],
                                    dict(BLOCK=4096, PDL=True), num_warps=8)
@@ -113,6 +113,7 @@ def test_gpu_kernels_compile_for_hopper_with_their_inline_ptx():
         assert "0x7354" in ptx[gemv] and "fma.rn.f32 s, f," in ptx[gemv]  # the M = 1 GEMV's decode + FMAs in PTX
     assert "st.global" in ptx["argmax_chunks"] and "st.global" in ptx["argmax_pick"]
     assert "mma" in ptx["scores"] and "mma" in ptx["pv"]  # q.k and P.V on tensor cores
+    assert "xor.b32 wn" in ptx["scores"] and "xor.b32 wn" in ptx["pv"]  # packed K and V decoded by the PTX decode
     assert "st.global" in ptx["rope"] and "st.global" in ptx["combine"] and "st.global" in ptx["kv_at"]
     assert "ex2.approx" in ptx["silu_mul"] and "div.rn.f32" in ptx["silu_mul"]  # SiLU's exponential and division
     assert "div.rn.f32" in ptx["chunk_codes"] and "st.global" in ptx["chunk_codes"]  # the FP8 codes' division

@@ -10,9 +10,9 @@
   device-length form that a CUDA graph can capture.
 - attention, prefill (Tq > 1) and configurations the kernel does not cover (dense 16-bit non-residual keys,
   KIVI per-channel keys, probability formats other than UE4M4 with the value-scale fold, unquantized queries
-  over quantized keys): p3_attention_reference. Prefill is one compute-bound pass per prompt whose cost is
-  dominated by the linear layers; a fused prefill kernel with the exact UE4M4 semantics would need the same
-  two-pass structure over a [Tq, T] score tile and is left for later.
+  over quantized keys, head_dim not a multiple of 8): p3_attention_reference. Prefill is one compute-bound
+  pass per prompt whose cost is dominated by the linear layers; a fused prefill kernel with the exact UE4M4
+  semantics would need the same two-pass structure over a [Tq, T] score tile and is left for later.
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ from .backends import Backend, register_backend
 def _decode_kernel_applies(query: torch.Tensor, kv: QuantizedKV, fmt: AttentionFormats) -> bool:
     if query.shape[2] != 1 or kv.dense_keys is not None or kv.dense_values is not None:
         return False
-    if fmt.prob_format != "ue4m4" or not fmt.fold_value_scale:
-        return False
+    if fmt.prob_format != "ue4m4" or not fmt.fold_value_scale or query.shape[-1] % 8:
+        return False  # (the kernels read the packed cache as 32-bit words of 8 codes)
     if kv.keys is None:
         return kv.values is None
     d = query.shape[-1]
@@ -63,7 +63,8 @@ class TritonBackend(Backend):
         if not _decode_kernel_applies(query, kv, fmt):
             if kv.length is not None:
                 raise ValueError("the static P3 cache's decode step needs the decode kernel's formats (FP8 query, "
-                                 "UE4M4 P with the value-scale fold); use the dynamic P3Cache for other formats")
+                                 "UE4M4 P with the value-scale fold) and a head_dim that is a multiple of 8; use the "
+                                 "dynamic P3Cache otherwise")
             return p3_attention_reference(query, kv, attention_mask, scaling, fmt, softcap)
         total = kv.keys.packed.shape[2] if kv.length is not None else (
             (kv.keys.packed.shape[2] if kv.keys is not None else 0) + kv.residual_keys.shape[2])
