@@ -430,7 +430,8 @@ def p3_decode_attention(
     sm_arg = sm if sm is not None else rk
     mask_arg = mask if mask is not None else rk
     grid = (bsz * kv_heads, s1)
-    shape = dict(G=group, GP=gp, D8=d // 8, DW=next_power_of_2(d // 8), BLOCK_T=block_t, BLOCK_R=_BLOCK_R,
+    # DW >= 4: half-planes of at least 16 columns, the smallest tensor-core dot
+    shape = dict(G=group, GP=gp, D8=d // 8, DW=max(4, next_power_of_2(d // 8)), BLOCK_T=block_t, BLOCK_R=_BLOCK_R,
                  USE_ASM=not interpreting())
     len_arg = kv.length if device_len else m_stat
     _scores_kernel[grid](

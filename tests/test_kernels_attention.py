@@ -45,6 +45,7 @@ CASES = [  # B, H, H_kv, D, quantized tokens, residual, smoothing, softcap, spli
     (3, 6, 2, 32, 64, 0, False, None, 2, "nearest_even"),
     (2, 4, 1, 64, 0, 5, True, None, None, "nearest_even"),
     (1, 2, 1, 128, 300, 16, True, None, 4, "half_up"),
+    (1, 2, 1, 16, 40, 2, True, None, None, "nearest_even"),  # fewer words per token than the padded half-plane
 ]
 
 
