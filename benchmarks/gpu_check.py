@@ -23,6 +23,7 @@ from p3quant.attention_math import AttentionFormats, QuantizedKV, p3_attention_r
 from p3quant.formats import BITMOD4, INT4, Int4Tensor, quantize_scaled_fp8  # noqa: E402
 from p3quant.kernels.decode_attention import p3_decode_attention  # noqa: E402
 from p3quant.kernels import common, gemm_w4  # noqa: E402
+from p3quant.kernels import decode_attention as attention  # noqa: E402
 from p3quant.kernels.gemm_w4 import w4_matmul  # noqa: E402
 from p3quant.kernels.kv_append import append_kv, key_smoothing_factor_gpu  # noqa: E402
 from p3quant.quantizers import key_smoothing_factor, quantize_keys, quantize_values  # noqa: E402
@@ -111,6 +112,13 @@ def check_attention() -> list[str]:
         # ~1/n, within this bound: masking of stale or hidden tokens is checked exactly on the CPU (tests/)
         ok = torch.isfinite(got).all().item() and err < 1e-3
         out.append(f"{'PASS' if ok else 'FAIL'} decode_attention B={b} H={h}/{hkv} D={d} n={n} R={r} {rounding} softcap={softcap} rel_err={err:.2e}")
+        saved, attention.ATTENTION_USE_ASM = attention.ATTENTION_USE_ASM, False
+        try:  # the inline-PTX K/V decode and the pure-Triton one give the dots the same exact fp16 values
+            plain = p3_decode_attention(q, kv, mask, d**-0.5, softcap, rounding)
+        finally:
+            attention.ATTENTION_USE_ASM = saved
+        out.append(f"{'PASS' if torch.equal(plain, got) else 'FAIL'} decode_attention D={d} n={n}: PTX K/V decode bit-equal "
+                   "to the pure-Triton decode")
     return out
 
 

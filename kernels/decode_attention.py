@@ -44,6 +44,9 @@ _BLOCK_R = 16
 # the alternatives); benchmarks may replace them
 BLOCK_T = 128
 NUM_WARPS = 4
+# K/V decoded by inline PTX (common.decode_word16) on NVIDIA GPUs; checks switch it off to compare with the
+# pure-Triton decode
+ATTENTION_USE_ASM = True
 
 
 @triton.jit
@@ -367,9 +370,11 @@ def p3_decode_attention(
     if rk.dim() != 4 or rk.shape[0] != bsz or rk.shape[-1] != d or rv.shape != rk.shape:
         raise ValueError(f"{what}: residual keys/values must be [B, H_kv, R, {d}], got {tuple(rk.shape)} / {tuple(rv.shape)}")
     kv_heads = rk.shape[1]
-    if heads % kv_heads or d % 8:
-        raise ValueError(f"{what}: {heads} query heads must be a multiple of {kv_heads} kv heads and head_dim {d} a "
-                         "multiple of 8 (the kernels read 8 packed codes per 32-bit word); use the torch backend otherwise")
+    if heads % kv_heads:
+        raise ValueError(f"{what}: {heads} query heads must be a multiple of {kv_heads} kv heads")
+    if d % 8:
+        raise ValueError(f"{what}: head_dim {d} must be a multiple of 8 (the kernels read 8 packed codes per 32-bit "
+                         "word); use the torch backend otherwise")
     if rk.stride(-1) != 1 or rv.stride(-1) != 1:
         raise ValueError(f"{what}: residual keys/values must be contiguous along head_dim")
     quantized = kv.keys is not None
@@ -424,15 +429,15 @@ def p3_decode_attention(
         kp, ks, kz = _words(what, "keys", kv.keys.packed), kv.keys.scales, kv.keys.zeros
         vp, vs, vz = _words(what, "values", kv.values.packed), kv.values.scales, kv.values.zeros
     else:  # typed stand-ins that no load reaches (there are no quantized tokens)
-        kp = vp = torch.zeros((1, 1, 1, 1), dtype=torch.int32, device=dev)
-        ks = vs = torch.zeros((1, 1, 1, 1), dtype=torch.float16, device=dev)
-        kz = vz = torch.zeros((1, 1, 1, 1), dtype=torch.uint8, device=dev)
+        kp = vp = torch.empty((1, 1, 1, 1), dtype=torch.int32, device=dev)
+        ks = vs = torch.empty((1, 1, 1, 1), dtype=torch.float16, device=dev)
+        kz = vz = torch.empty((1, 1, 1, 1), dtype=torch.uint8, device=dev)
     sm_arg = sm if sm is not None else rk
     mask_arg = mask if mask is not None else rk
     grid = (bsz * kv_heads, s1)
     # DW >= 4: half-planes of at least 16 columns, the smallest tensor-core dot
     shape = dict(G=group, GP=gp, D8=d // 8, DW=max(4, next_power_of_2(d // 8)), BLOCK_T=block_t, BLOCK_R=_BLOCK_R,
-                 USE_ASM=not interpreting())
+                 USE_ASM=ATTENTION_USE_ASM and not interpreting() and torch.version.hip is None)
     len_arg = kv.length if device_len else m_stat
     _scores_kernel[grid](
         q, sm_arg, kp, ks, kz, vs, rk, mask_arg, scores, m_stat, l_stat, v_max, len_arg,

@@ -7,8 +7,8 @@ x 2 in [-16, 16], or INT4 code - zero point), the MMA accumulates their products
 (exact in fp16) in fp32, and the group scale multiplies that partial sum once per output. The token scale, the
 BitMoD 1/2, bias and the output cast are applied once per output at the end.
 
-Decode on the GPU: common.decode_word16 (inline PTX, one 32-bit word of 8 codes per invocation); under the
-interpreter the same values come from decode_w4. Each word's codes 0..3 go to a "lo" half-plane (k % 8 < 4) and
+Decode (common.decode_halves, shared with the decode attention's K/V): on the GPU common.decode_word16 (inline
+PTX, one 32-bit word of 8 codes per invocation); under the interpreter the same values come from decode_w4. Each word's codes 0..3 go to a "lo" half-plane (k % 8 < 4) and
 codes 4..7 to a "hi" one (k % 8 >= 4), multiplied against activations stored in the same order
 (act_quant.quantize_activation_fp8_halves).
 
@@ -26,9 +26,9 @@ from .common import cdiv, clamped_rows, decode_halves, next_power_of_2, pdl_laun
 
 
 @triton.jit
-def _decode_group(words_ptr, rows, stride_ww, g, aux, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
-                  IS_BITMOD: tl.constexpr, USE_ASM: tl.constexpr, BF16: tl.constexpr):
-    """fp16 [BLOCK_N, GROUP / 2] half-planes (lo: k % 8 < 4, hi: k % 8 >= 4) of group g of each row; with BF16,
+def _decode_group(words_ptr, rows, stride_ww, g, aux, GROUP: tl.constexpr, IS_BITMOD: tl.constexpr, USE_ASM: tl.constexpr,
+                  BF16: tl.constexpr):
+    """fp16 [rows, GROUP / 2] half-planes (lo: k % 8 < 4, hi: k % 8 >= 4) of group g of each row; with BF16,
     bf16 from the PTX decode and fp32 from the pure-Triton one (the interpreter has no usable bf16)."""
     GW: tl.constexpr = GROUP // 8
     ow = tl.arange(0, GW)
@@ -64,7 +64,7 @@ def _w4_mma_kernel(
     for g in range(g_start, g_end):
         aux = tl.load(aux_ptr + rows * stride_an + g)
         scale = tl.load(s_ptr + rows * stride_sn + g).to(tl.float32)
-        lo, hi = _decode_group(words_ptr, rows, stride_ww, g, aux, GROUP, BLOCK_N, IS_BITMOD, USE_ASM, BF16)
+        lo, hi = _decode_group(words_ptr, rows, stride_ww, g, aux, GROUP, IS_BITMOD, USE_ASM, BF16)
         x_lo = tl.load(x_rows + g * HG + offs_h[None, :], mask=m_mask[:, None], other=0.0)
         x_hi = tl.load(x_rows + half + g * HG + offs_h[None, :], mask=m_mask[:, None], other=0.0)
         if BF16:

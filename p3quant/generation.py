@@ -13,6 +13,7 @@ import inspect
 import torch
 from torch import nn
 
+from .nn.backends import get_backend
 from .nn.patching import attention_modules, cache_argument
 from .nn.static_cache import P3StaticCache, check_static_config
 
@@ -55,6 +56,10 @@ class GreedyDecoder:
             raise ValueError("cuda_graph=True needs the model and input_ids on a CUDA device")
         batch, prompt = input_ids.shape
         device = input_ids.device
+        for module in attention_modules(model):  # before the prefill: a decode step must not be the first to fail
+            state, head_dim = getattr(module, "p3_attention", None), getattr(module, "head_dim", None)
+            if state is not None and head_dim is not None:
+                get_backend(state.backend, device).check_static_decode(head_dim)
         self.model, self.cuda_graph, self.max_new_tokens = model, cuda_graph, max_new_tokens
         self.cache = P3StaticCache(config, len(attention_modules(model)), prompt + max_new_tokens)
         self._cache_kw = {cache_argument(model): self.cache}

@@ -99,7 +99,7 @@ def test_decode_attention_rejects_bad_inputs():
         p3_decode_attention(q, kv, torch.ones(1, 21, dtype=torch.float32), 1.0)
     with pytest.raises(ValueError, match="query"):
         p3_decode_attention(torch.randn(1, 4, 2, 32), kv, None, 1.0)
-    with pytest.raises(ValueError, match="multiple"):
+    with pytest.raises(ValueError, match="multiple of 2 kv heads"):
         p3_decode_attention(torch.randn(1, 3, 1, 32), kv, None, 1.0)
     with pytest.raises(TypeError, match="out_dtype"):
         p3_decode_attention(q, kv, None, 1.0, out_dtype=torch.int8)

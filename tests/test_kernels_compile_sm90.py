@@ -68,6 +68,15 @@ out["scores"] = compile_ptx(decode_attention._scores_kernel, ["*bf16", "*fp32", 
                             dict(attention_shape, HAS_SMOOTH=True, QUANT_Q=True, HAS_MASK=True, HAS_SOFTCAP=True), num_warps=4)
 out["pv"] = compile_ptx(decode_attention._pv_kernel, ["*i32", "*fp16", "*u8", "*bf16"] + ["*fp32"] * 5 + ["*i64"] + ["i32"] * 19,
                         dict(attention_shape, SP=64, HALF_UP=False), num_warps=4)
+# head_dim 16 (2 words per token in the smallest dot-able half-plane) and 80 (10 words, padded to 16)
+for d8, dw in ((2, 4), (10, 16)):
+    small = dict(attention_shape, D8=d8, DW=dw)
+    out[f"scores_d{8 * d8}"] = compile_ptx(
+        decode_attention._scores_kernel, ["*bf16", "*fp32", "*i32", "*fp16", "*u8", "*fp16", "*bf16", "*u8"] + ["*fp32"] * 4
+        + ["*i64", "i32", "i32", "i32", "fp32", "fp32", "i32", "i32"] + ["i32"] * 22,
+        dict(small, HAS_SMOOTH=True, QUANT_Q=True, HAS_MASK=True, HAS_SOFTCAP=False), num_warps=4)
+    out[f"pv_d{8 * d8}"] = compile_ptx(decode_attention._pv_kernel, ["*i32", "*fp16", "*u8", "*bf16"] + ["*fp32"] * 5 + ["*i64"]
+                                       + ["i32"] * 19, dict(small, SP=64, HALF_UP=True), num_warps=4)
 out["argmax_chunks"] = compile_ptx(argmax._chunk_argmax_kernel, ["*bf16", "*fp32", "*i32", "*i32", "i32", "i32", "i32"],
                                    dict(BLOCK=4096, PDL=True), num_warps=8)
 out["argmax_pick"] = compile_ptx(argmax._pick_kernel, ["*fp32", "*i32", "*i32", "*i64", "i32", "i32"], dict(CP=32, PDL=True), num_warps=1)
@@ -113,7 +122,8 @@ def test_gpu_kernels_compile_for_hopper_with_their_inline_ptx():
         assert "0x7354" in ptx[gemv] and "fma.rn.f32 s, f," in ptx[gemv]  # the M = 1 GEMV's decode + FMAs in PTX
     assert "st.global" in ptx["argmax_chunks"] and "st.global" in ptx["argmax_pick"]
     assert "mma" in ptx["scores"] and "mma" in ptx["pv"]  # q.k and P.V on tensor cores
-    assert "xor.b32 wn" in ptx["scores"] and "xor.b32 wn" in ptx["pv"]  # packed K and V decoded by the PTX decode
+    for name in ("scores", "pv", "scores_d16", "pv_d16", "scores_d80", "pv_d80"):
+        assert "xor.b32 wn" in ptx[name] and "mma" in ptx[name], name  # PTX decode of packed K / V, tensor-core dots
     assert "st.global" in ptx["rope"] and "st.global" in ptx["combine"] and "st.global" in ptx["kv_at"]
     assert "ex2.approx" in ptx["silu_mul"] and "div.rn.f32" in ptx["silu_mul"]  # SiLU's exponential and division
     assert "div.rn.f32" in ptx["chunk_codes"] and "st.global" in ptx["chunk_codes"]  # the FP8 codes' division

@@ -105,6 +105,11 @@ def test_static_cache_errors():
         p3quant.generate(model, torch.zeros(1, 4, dtype=torch.long), 2, cuda_graph=True)
     with pytest.raises(ValueError, match="quantized by p3quant.quantize"):
         p3quant.generate(torch.nn.Linear(2, 2), torch.zeros(1, 4, dtype=torch.long), 2)
+    odd_heads = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                                             num_key_value_heads=2, vocab_size=300, head_dim=12)).eval()
+    p3quant.quantize(odd_heads, p3quant.P3Config.preset("w4a8kv4p8", backend="triton", weight_group_size=16))
+    with pytest.raises(ValueError, match="multiple of 8"):  # up front, not at the first decode step
+        p3quant.generate(odd_heads, torch.zeros(1, 4, dtype=torch.long), 2)
 
 
 def test_greedy_decoder_steps_give_generate_tokens_and_stop_at_capacity():

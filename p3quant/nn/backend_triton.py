@@ -46,6 +46,12 @@ class TritonBackend(Backend):
     name = "triton"
     device_length_decode = True
 
+    def check_static_decode(self, head_dim):
+        if head_dim % 8:
+            raise ValueError(f"the triton backend's static-cache decode needs a head_dim that is a multiple of 8 (the "
+                             f"kernels read 8 packed codes per 32-bit word), got {head_dim}; use model.generate with "
+                             "the dynamic P3Cache, or the torch backend")
+
     def linear(self, x, weight, bias, activation_format):
         if activation_format == "int8":
             return w4_matmul(fake_quantize_activation(x, "int8"), weight, bias, "none", out_dtype=x.dtype)

@@ -27,6 +27,9 @@ class Backend(ABC):
     # True when attention() accepts a static cache's device-length form (QuantizedKV.length) for decode
     device_length_decode: bool = False
 
+    def check_static_decode(self, head_dim: int) -> None:
+        """Raise a ValueError if this backend cannot run a static cache's decode step for heads of `head_dim`."""
+
     @abstractmethod
     def linear(
         self, x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None, activation_format: str

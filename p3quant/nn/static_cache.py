@@ -10,7 +10,8 @@ quantized on arrival (slots of the newest R tokens are simply not read), keys di
 smoothing factor, the newest R tokens served in 16 bits.
 
 Scope: per-token INT4 keys after RoPE and INT4 values (the P3 scheme and its INT4 baselines), prompts of at
-least R tokens; other configurations use the dynamic P3Cache.
+least R tokens, and on the triton backend a head_dim that is a multiple of 8; other configurations use the dynamic
+P3Cache.
 """
 
 from __future__ import annotations
