@@ -109,22 +109,26 @@ def run(quick: bool = False) -> tuple[str, list[dict]]:
                 try:
                     qcache[backend] = quantized_cache_step_us(q, *kvs[0], backend)
                 except Exception as err:  # noqa: BLE001  (a baseline that cannot run here is reported, not fatal)
-                    errors.append(f"QuantizedCache({backend}) batch {b} context {t}: {type(err).__name__}: {str(err)[:120]}")
+                    errors.append(f"QuantizedCache({backend}) batch {b} context {t}: "
+                                  f"{type(err).__name__}: {str(err)[:120]}")
                 torch.cuda.empty_cache()
             raw.append(dict(batch=b, context=t, sdpa_us=sdpa, p3_us=p3, sdpa_graph_us=sdpa_g, p3_graph_us=p3_g,
                             **{f"quantized_cache_{name}_us": us for name, us in qcache.items()}))
             rows.append((b, t, sdpa, p3, sdpa / p3, sdpa_g, bf16_bytes / sdpa_g / 1e6, p3_g, p3_bytes / p3_g / 1e6,
                          100 * p3_bytes / p3_g / 1e6 / copy_bw, sdpa_g / p3_g)
-                        + tuple(x for name in backends for x in (qcache.get(name, "error"), qcache[name] / p3 if name in qcache else "")))
+                        + tuple(x for name in backends
+                                for x in (qcache.get(name, "error"), qcache[name] / p3 if name in qcache else "")))
             del kvs, caches
             torch.cuda.empty_cache()
     headers = ["batch", "context", "SDPA eager us", "P3 eager us", "eager speedup", "SDPA graph us", "SDPA TB/s", "P3 graph us",
                "P3 TB/s", "P3 % copy BW", "graph speedup"]
     headers += [h for name in backends for h in (f"QuantizedCache {name} eager us", f"P3 eager x QuantizedCache {name}")]
-    status = (f"4-bit, groups of 64, 128-token residual window, update + SDPA per step, mean of {QUANTIZED_CACHE_STEPS} steps; "
+    status = (f"4-bit, groups of 64, 128-token residual window, update + SDPA per step, "
+              f"mean of {QUANTIZED_CACHE_STEPS} steps; "
               "its time includes appending the new token (and its share of re-quantizing the window), P3's columns time "
               "the attention alone (the append is a separate kernel, kv_append.append_kv_at)"
-              if backends else "not run: neither hqq nor optimum-quanto is installed (see benchmarks/fetch_baseline_wheels.sh)")
+              if backends else "not run: neither hqq nor optimum-quanto is installed "
+                               "(see benchmarks/fetch_baseline_wheels.sh)")
     notes = [f"measured copy bandwidth: {copy_bw:.2f} TB/s; graph = CUDA-graph replay over up to 16 cache copies (GPU time, no host launch cost)",
              f"transformers QuantizedCache ({', '.join(backends) or 'no backend'}): {status}",
              "P3 bytes = packed K and V + scales/zeros (134 B per kv-head token) + fp32 scores written and read (32 B per kv-head token)"]
