@@ -78,7 +78,7 @@ def attention_counts() -> None:
     of 4 in 16 rows, head_dim 128, static cache), for 4 and 8 warps per program."""
     from p3quant.kernels import decode_attention as attention
 
-    shape = dict(G=4, GP=16, D8=16, DW=16, USE_ASM=True, BLOCK_T=128, BLOCK_R=16, DEVICE_LEN=True, PDL=False)
+    shape = dict(G=4, GP=16, G4=4, D8=16, DW=16, USE_ASM=True, BLOCK_T=128, BLOCK_R=16, DEVICE_LEN=True, PDL=False)
     scores_types = (["*bf16", "*fp32", "*i32", "*fp16", "*u8", "*fp16", "*bf16", "*u8"] + ["*fp32"] * 4
                     + ["*i64", "i32", "i32", "i32", "fp32", "fp32", "i32", "i32"] + ["i32"] * 22)
     pv_types = ["*i32", "*fp16", "*u8", "*bf16"] + ["*fp32"] * 5 + ["*i64"] + ["i32"] * 19

@@ -15,6 +15,9 @@ query head and token, about a quarter of what re-reading the packed keys would c
    P' = P * (S_V / M) in UE4M4 (nearest-even or half-up, as fmt.prob_rounding; one division per token, and
    P = exp(s - max) * (1 / sum)), multiplies it with the centered value codes on tensor cores (fp16, exact)
    and scales by M; the residual split multiplies E4M4(P) with the 16-bit values.
+A GQA group's G query heads fill the tensor-core dots' 16 rows by repetition (each head's row R times) rather than
+zero padding, so the per-head work around the dots (the query's quantization, softmax statistics, P's UE4M4 codes)
+runs on next_pow2(G) rows only; the repeated dot rows are bit-identical and one copy is kept.
 The split outputs share one normaliser: _combine_kernel sums them and writes the output in the caller's dtype
 (one launch instead of a reduction and a cast). A decode split is often a single block of tokens, so each
 kernel loads its next block before the work that block does not depend on (the device-side token count, the
@@ -53,6 +56,26 @@ ATTENTION_USE_ASM = True
 def _tanh_softcap(s, softcap):
     x = s / softcap
     return (2.0 / (1.0 + tl.exp(-2.0 * x)) - 1.0) * softcap
+
+
+@triton.jit
+def _repeat_rows(x, R: tl.constexpr):
+    """[G, C] -> [G * R, C], each row repeated R times in a row (the heads of a GQA group fill a 16-row dot)."""
+    if R == 1:
+        return x
+    G: tl.constexpr = x.shape[0]
+    C: tl.constexpr = x.shape[1]
+    return tl.reshape(tl.broadcast_to(x[:, None, :], [G, R, C]), [G * R, C])
+
+
+@triton.jit
+def _first_of_repeats(x, R: tl.constexpr):
+    """[G * R, C] of R equal copies of each row -> [G, C] (their max: the copies are bit-identical)."""
+    if R == 1:
+        return x
+    GR: tl.constexpr = x.shape[0]
+    C: tl.constexpr = x.shape[1]
+    return tl.max(tl.reshape(x, [GR // R, R, C]), axis=1)
 
 
 @triton.jit
@@ -109,7 +132,7 @@ def _scores_kernel(
     s_qb, s_qh, s_smb, s_smh, s_kpb, s_kph, s_kpt, s_ksb, s_ksh, s_kst, s_kzb, s_kzh, s_kzt,
     s_vsb, s_vsh, s_vst, s_rkb, s_rkh, s_rkt, s_mb, s_scb, s_sch,
     G: tl.constexpr, GP: tl.constexpr, D8: tl.constexpr, DW: tl.constexpr, BLOCK_T: tl.constexpr,
-    BLOCK_R: tl.constexpr, USE_ASM: tl.constexpr, HAS_SMOOTH: tl.constexpr, QUANT_Q: tl.constexpr, HAS_MASK: tl.constexpr,
+    BLOCK_R: tl.constexpr, USE_ASM: tl.constexpr, G4: tl.constexpr, HAS_SMOOTH: tl.constexpr, QUANT_Q: tl.constexpr, HAS_MASK: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, DEVICE_LEN: tl.constexpr, PDL: tl.constexpr = False,
 ):
     pdl_launch_dependents(PDL)
@@ -128,7 +151,8 @@ def _scores_kernel(
     if DEVICE_LEN:  # static cache: the token count lives on the device; the window is a ring of n_res slots
         n_quant = tl.load(len_ptr).to(tl.int32) - n_res
     s1 = NUM_SPLITS + 1
-    offs_g = tl.arange(0, GP)
+    R: tl.constexpr = GP // G4  # each head's row repeated R times in the dots' 16-row tiles
+    offs_g = tl.arange(0, G4)
     g_mask = offs_g < G
     heads = kvh * G + offs_g
     # the query, smoothing factors and residual keys in the half-plane order the packed keys decode to
@@ -146,18 +170,18 @@ def _scores_kernel(
         s_hi = tl.load(sm_base + d_hi, mask=d_mask, other=1.0)
         q_lo = q_lo * s_lo[None, :]
         q_hi = q_hi * s_hi[None, :]
-    q_scale = tl.full([GP], 1.0, tl.float32)
+    q_scale = tl.full([G4], 1.0, tl.float32)
     if QUANT_Q:  # FP8-E4M3 per (token, head), scale = fp16(amax / 448)
         amax = tl.maximum(tl.max(tl.abs(q_lo), axis=1), tl.max(tl.abs(q_hi), axis=1))
         q_scale = fp8_token_scale(amax)
         q_lo = round_minifloat(tl.math.div_rn(q_lo, q_scale[:, None]), 3, -6, FP8_MAX, False)
         q_hi = round_minifloat(tl.math.div_rn(q_hi, q_scale[:, None]), 3, -6, FP8_MAX, False)
-    m_i = tl.full([GP], float("-inf"), tl.float32)
-    l_i = tl.zeros([GP], tl.float32)
+    m_i = tl.full([G4], float("-inf"), tl.float32)
+    l_i = tl.zeros([G4], tl.float32)
     vmax = tl.zeros([BLOCK_T], tl.float32)
     if split < NUM_SPLITS:
-        q8_lo = q_lo.to(tl.float16)  # FP8 values: exact in fp16
-        q8_hi = q_hi.to(tl.float16)
+        q8_lo = _repeat_rows(q_lo.to(tl.float16), R)  # FP8 values: exact in fp16
+        q8_hi = _repeat_rows(q_hi.to(tl.float16), R)
         row_scale = q_scale * scaling
         t_end = tl.minimum(t_start + chunk, n_quant)
         for t0 in range(t_start, t_end, BLOCK_T):
@@ -167,7 +191,7 @@ def _scores_kernel(
                                                  s_kpb, s_kph, s_kpt, s_ksb, s_ksh, s_kst, s_kzb, s_kzh, s_kzt, s_vsb,
                                                  s_vsh, s_vst, s_mb, D8, DW, BLOCK_T, HAS_MASK)
             k_lo, k_hi = decode_halves(kp, kz, False, USE_ASM, False)  # fp16 code - zero point, exact
-            s = tl.dot(q8_lo, tl.trans(k_lo)) + tl.dot(q8_hi, tl.trans(k_hi))  # [GP, BLOCK_T]
+            s = _first_of_repeats(tl.dot(q8_lo, tl.trans(k_lo)) + tl.dot(q8_hi, tl.trans(k_hi)), R)  # [G4, BLOCK_T]
             s = s * row_scale[:, None] * ks.to(tl.float32)[None, :]
             if HAS_SOFTCAP:
                 s = _tanh_softcap(s, softcap)
@@ -183,8 +207,8 @@ def _scores_kernel(
             vmax = tl.maximum(vmax, tl.where(vis, vs.to(tl.float32), 0.0))
             kp, kz, ks, vs, mk = nkp, nkz, nks, nvs, nmk
     else:
-        qd_lo = q_lo * q_scale[:, None]  # the dequantized query the reference multiplies with
-        qd_hi = q_hi * q_scale[:, None]
+        qd_lo = _repeat_rows(q_lo * q_scale[:, None], R)  # the dequantized query the reference multiplies with
+        qd_hi = _repeat_rows(q_hi * q_scale[:, None], R)
         for r0 in range(0, n_res, BLOCK_R):
             offs_r = r0 + tl.arange(0, BLOCK_R)
             r_mask = offs_r < n_res
@@ -192,7 +216,8 @@ def _scores_kernel(
             rmask2 = r_mask[:, None] & d_mask[None, :]
             rk_lo = tl.math.div_rn(tl.load(rk_base + d_lo[None, :], mask=rmask2, other=0.0).to(tl.float32), s_lo[None, :])
             rk_hi = tl.math.div_rn(tl.load(rk_base + d_hi[None, :], mask=rmask2, other=0.0).to(tl.float32), s_hi[None, :])
-            s = tl.dot(qd_lo, tl.trans(rk_lo), input_precision="ieee") + tl.dot(qd_hi, tl.trans(rk_hi), input_precision="ieee")
+            s = _first_of_repeats(tl.dot(qd_lo, tl.trans(rk_lo), input_precision="ieee")
+                                  + tl.dot(qd_hi, tl.trans(rk_hi), input_precision="ieee"), R)
             s = s * scaling
             if HAS_SOFTCAP:
                 s = _tanh_softcap(s, softcap)
@@ -220,7 +245,7 @@ def _pv_kernel(
     n_quant, n_res, chunk, HKV, NUM_SPLITS,
     s_vpb, s_vph, s_vpt, s_vsb, s_vsh, s_vst, s_vzb, s_vzh, s_vzt, s_rvb, s_rvh, s_rvt, s_scb, s_sch,
     G: tl.constexpr, GP: tl.constexpr, D8: tl.constexpr, DW: tl.constexpr, BLOCK_T: tl.constexpr,
-    BLOCK_R: tl.constexpr, USE_ASM: tl.constexpr, SP: tl.constexpr, HALF_UP: tl.constexpr, DEVICE_LEN: tl.constexpr, PDL: tl.constexpr = False,
+    BLOCK_R: tl.constexpr, USE_ASM: tl.constexpr, G4: tl.constexpr, SP: tl.constexpr, HALF_UP: tl.constexpr, DEVICE_LEN: tl.constexpr, PDL: tl.constexpr = False,
 ):
     pdl_launch_dependents(PDL)
     pdl_wait(PDL)
@@ -228,7 +253,8 @@ def _pv_kernel(
     split = tl.program_id(1)
     b = pid // HKV
     kvh = pid % HKV
-    offs_g = tl.arange(0, GP)
+    R: tl.constexpr = GP // G4  # each head's row repeated R times in the dots' 16-row tiles
+    offs_g = tl.arange(0, G4)
     g_mask = offs_g < G
     heads = kvh * G + offs_g
     # the split's first block is loaded before the statistics and the token count (as in _scores_kernel)
@@ -269,8 +295,9 @@ def _pv_kernel(
             folded = tl.minimum(tl.maximum(p * ratio[None, :], 0.0), 1.0)
             p8 = round_minifloat(folded, 4, -14, UE4M4_MAX, HALF_UP).to(tl.float16)  # exact in fp16
             v_lo, v_hi = decode_halves(vp, vz, False, USE_ASM, False)  # fp16 code - zero point, exact
-            acc_lo += tl.dot(p8, v_lo)
-            acc_hi += tl.dot(p8, v_hi)
+            p16 = _repeat_rows(p8, R)
+            acc_lo += tl.dot(p16, v_lo)
+            acc_hi += tl.dot(p16, v_hi)
             sc, vs, vp, vz = nsc, nvs, nvp, nvz
         acc_lo = acc_lo * v_max
         acc_hi = acc_hi * v_max
@@ -280,11 +307,13 @@ def _pv_kernel(
             r_mask = offs_r < n_res
             s = tl.load(sc_ptr + b * s_scb + heads[:, None] * s_sch + n_quant + offs_r[None, :], mask=g_mask[:, None] & r_mask[None, :], other=float("-inf"))
             p = tl.exp(s - m_safe[:, None]) * inv_l[:, None]
-            p8 = round_minifloat(p, 4, -14, UE4M4_MAX, HALF_UP)
+            p8 = _repeat_rows(round_minifloat(p, 4, -14, UE4M4_MAX, HALF_UP), R)
             rv_base = rv_ptr + b * s_rvb + kvh * s_rvh + offs_r[:, None] * s_rvt
             rmask2 = r_mask[:, None] & d_mask[None, :]
             acc_lo += tl.dot(p8, tl.load(rv_base + d_lo[None, :], mask=rmask2, other=0.0).to(tl.float32), input_precision="ieee")
             acc_hi += tl.dot(p8, tl.load(rv_base + d_hi[None, :], mask=rmask2, other=0.0).to(tl.float32), input_precision="ieee")
+    acc_lo = _first_of_repeats(acc_lo, R)
+    acc_hi = _first_of_repeats(acc_hi, R)
     out_base = out_ptr + ((b * HKV * G + heads)[:, None] * s1 + split) * (8 * D8)
     tl.store(out_base + d_lo[None, :], acc_lo, mask=g_mask[:, None] & d_mask[None, :])
     tl.store(out_base + d_hi[None, :], acc_hi, mask=g_mask[:, None] & d_mask[None, :])
@@ -436,7 +465,7 @@ def p3_decode_attention(
     mask_arg = mask if mask is not None else rk
     grid = (bsz * kv_heads, s1)
     # DW >= 4: half-planes of at least 16 columns, the smallest tensor-core dot
-    shape = dict(G=group, GP=gp, D8=d // 8, DW=max(4, next_power_of_2(d // 8)), BLOCK_T=block_t, BLOCK_R=_BLOCK_R,
+    shape = dict(G=group, GP=gp, G4=next_power_of_2(group), D8=d // 8, DW=max(4, next_power_of_2(d // 8)), BLOCK_T=block_t, BLOCK_R=_BLOCK_R,
                  USE_ASM=ATTENTION_USE_ASM and not interpreting() and torch.version.hip is None)
     len_arg = kv.length if device_len else m_stat
     _scores_kernel[grid](

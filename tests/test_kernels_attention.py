@@ -46,6 +46,7 @@ CASES = [  # B, H, H_kv, D, quantized tokens, residual, smoothing, softcap, spli
     (2, 4, 1, 64, 0, 5, True, None, None, "nearest_even"),
     (1, 2, 1, 128, 300, 16, True, None, 4, "half_up"),
     (1, 2, 1, 16, 40, 2, True, None, None, "nearest_even"),  # fewer words per token than the padded half-plane
+    (1, 16, 1, 32, 50, 1, True, None, 2, "half_up"),  # a GQA group that fills the 16-row dots (no repeated rows)
 ]
 
 

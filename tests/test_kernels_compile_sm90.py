@@ -62,7 +62,7 @@ out["silu_mul"] = compile_ptx(silu_mul._silu_mul_kernel, ["*bf16", "*bf16", "*bf
 out["chunk_codes"] = compile_ptx(act_quant._codes_from_chunk_amax_kernel, ["*bf16", "*fp32", "*fp32", "*fp32"] + ["i32"] * 4,
                                  dict(BLOCK_K=1024, CP=16, LAYOUT=1, PDL=True), divisible=("K", "stride_ym", "stride_qm"), num_warps=4)
 out["rope"] = compile_ptx(rope._rope_kernel, ["*bf16"] * 6 + ["i32"] * 17, dict(D=128, HB=4, DP=128, PDL=True), num_warps=1)
-attention_shape = dict(G=4, GP=16, D8=16, DW=16, BLOCK_T=128, BLOCK_R=16, USE_ASM=True, DEVICE_LEN=True, PDL=True)
+attention_shape = dict(G=4, GP=16, G4=4, D8=16, DW=16, BLOCK_T=128, BLOCK_R=16, USE_ASM=True, DEVICE_LEN=True, PDL=True)
 out["scores"] = compile_ptx(decode_attention._scores_kernel, ["*bf16", "*fp32", "*i32", "*fp16", "*u8", "*fp16", "*bf16", "*u8"]
                             + ["*fp32"] * 4 + ["*i64", "i32", "i32", "i32", "fp32", "fp32", "i32", "i32"] + ["i32"] * 22,
                             dict(attention_shape, HAS_SMOOTH=True, QUANT_Q=True, HAS_MASK=True, HAS_SOFTCAP=True), num_warps=4)
