@@ -14,8 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (FP8_MAX, fp8_token_scale, next_power_of_2, on_input_device, pdl_launch, pdl_launch_dependents,
-                     pdl_wait, require_device, round_minifloat)
+from .common import (FP8_MAX, fp8_token_scale, next_power_of_2, on_input_device, pdl_begin, pdl_launch,
+                     require_device, round_minifloat)
 
 
 @triton.jit
@@ -85,8 +85,7 @@ def _codes_from_chunk_amax_kernel(y_ptr, amax_ptr, q_ptr, s_ptr, K, CHUNKS, stri
                                   BLOCK_K: tl.constexpr, CP: tl.constexpr, LAYOUT: tl.constexpr, PDL: tl.constexpr = False):
     """Program (row, chunk): the row's scale from the per-chunk amax values a producer kernel wrote (chunk 0
     stores it), then the chunk's codes (bit-exact with _act_quant_kernel on y)."""
-    pdl_launch_dependents(PDL)
-    pdl_wait(PDL)
+    pdl_begin(PDL)
     row = tl.program_id(0)
     chunk = tl.program_id(1)
     parts = tl.load(amax_ptr + row * CHUNKS + tl.arange(0, CP), mask=tl.arange(0, CP) < CHUNKS, other=0.0)
@@ -115,8 +114,7 @@ def codes_from_chunk_amax(y: torch.Tensor, chunk_amax: torch.Tensor, block_k: in
 def _act_quant_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, BLOCK_K: tl.constexpr, LAYOUT: tl.constexpr,
                       PDL: tl.constexpr = False):
     """One row's scale and codes, stored as q's dtype (FP8, or fp16 / fp32 holding the same values exactly)."""
-    pdl_launch_dependents(PDL)
-    pdl_wait(PDL)
+    pdl_begin(PDL)
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK_K)
     scale = _row_scale(x_ptr, row, K, stride_xm, BLOCK_K)

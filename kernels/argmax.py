@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import cdiv, interpreting, next_power_of_2, on_input_device, pdl_launch, pdl_launch_dependents, pdl_wait
+from .common import cdiv, interpreting, next_power_of_2, on_input_device, pdl_begin, pdl_launch
 
 BLOCK = 4096  # values per program
 
@@ -20,8 +20,7 @@ BLOCK = 4096  # values per program
 @triton.jit
 def _chunk_argmax_kernel(x_ptr, vmax_ptr, imax_ptr, inan_ptr, V, CHUNKS, stride_xm, BLOCK: tl.constexpr,
                          PDL: tl.constexpr = False):
-    pdl_launch_dependents(PDL)
-    pdl_wait(PDL)
+    pdl_begin(PDL)
     row = tl.program_id(0)
     chunk = tl.program_id(1)
     offs = chunk * BLOCK + tl.arange(0, BLOCK)
@@ -41,8 +40,7 @@ def _chunk_argmax_kernel(x_ptr, vmax_ptr, imax_ptr, inan_ptr, V, CHUNKS, stride_
 
 @triton.jit
 def _pick_kernel(vmax_ptr, imax_ptr, inan_ptr, out_ptr, V, CHUNKS, CP: tl.constexpr, PDL: tl.constexpr = False):
-    pdl_launch_dependents(PDL)
-    pdl_wait(PDL)
+    pdl_begin(PDL)
     row = tl.program_id(0)
     c = tl.arange(0, CP)
     live = c < CHUNKS

@@ -141,6 +141,13 @@ def pdl_wait(PDL: tl.constexpr):
         tl.extra.cuda.gdc_wait()
 
 
+@triton.jit
+def pdl_begin(PDL: tl.constexpr):
+    """A kernel with nothing to issue before its predecessor finishes: let the successor launch, then wait."""
+    pdl_launch_dependents(PDL)
+    pdl_wait(PDL)
+
+
 def fp8_dot_supported(device: torch.device) -> bool:
     """FP8 x FP8 tensor-core dots need compute capability >= 8.9 (Ada, Hopper); the interpreter emulates them."""
     if interpreting() or device.type != "cuda":

@@ -38,8 +38,7 @@ from p3quant.attention_math import QuantizedKV
 from p3quant.formats import Int4Tensor
 
 from .common import (cdiv, decode_halves, FP16_TINY, FP8_MAX, fp8_token_scale, interpreting, next_power_of_2,
-                     on_input_device, pdl_launch, pdl_launch_dependents, pdl_wait, require_device, round_minifloat,
-                     round_to_output)
+                     on_input_device, pdl_begin, pdl_launch, require_device, round_minifloat, round_to_output)
 
 UE4M4_MAX = tl.constexpr(1.9375)
 _BLOCK_R = 16
@@ -135,8 +134,7 @@ def _scores_kernel(
     BLOCK_R: tl.constexpr, USE_ASM: tl.constexpr, G4: tl.constexpr, HAS_SMOOTH: tl.constexpr, QUANT_Q: tl.constexpr, HAS_MASK: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, DEVICE_LEN: tl.constexpr, PDL: tl.constexpr = False,
 ):
-    pdl_launch_dependents(PDL)
-    pdl_wait(PDL)  # the cache's newest token and the query come from the kernels just before
+    pdl_begin(PDL)  # the cache's newest token and the query come from the kernels just before
     pid = tl.program_id(0)
     split = tl.program_id(1)
     b = pid // HKV
@@ -245,10 +243,10 @@ def _pv_kernel(
     n_quant, n_res, chunk, HKV, NUM_SPLITS,
     s_vpb, s_vph, s_vpt, s_vsb, s_vsh, s_vst, s_vzb, s_vzh, s_vzt, s_rvb, s_rvh, s_rvt, s_scb, s_sch,
     G: tl.constexpr, GP: tl.constexpr, D8: tl.constexpr, DW: tl.constexpr, BLOCK_T: tl.constexpr,
-    BLOCK_R: tl.constexpr, USE_ASM: tl.constexpr, G4: tl.constexpr, SP: tl.constexpr, HALF_UP: tl.constexpr, DEVICE_LEN: tl.constexpr, PDL: tl.constexpr = False,
+    BLOCK_R: tl.constexpr, USE_ASM: tl.constexpr, G4: tl.constexpr, SP: tl.constexpr, HALF_UP: tl.constexpr,
+    DEVICE_LEN: tl.constexpr, PDL: tl.constexpr = False,
 ):
-    pdl_launch_dependents(PDL)
-    pdl_wait(PDL)
+    pdl_begin(PDL)
     pid = tl.program_id(0)
     split = tl.program_id(1)
     b = pid // HKV
@@ -323,8 +321,7 @@ def _pv_kernel(
 def _combine_kernel(part_ptr, out_ptr, S1, D, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr = False):
     """out[row] = sum of part[row, s] over the splits s (BLOCK_S splits per load, so that a long context's many
     splits cost a few dependent loads, not one each), rounded once to out's dtype."""
-    pdl_launch_dependents(PDL)
-    pdl_wait(PDL)
+    pdl_begin(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs_s = tl.arange(0, BLOCK_S)
     offs = tl.arange(0, BLOCK_D)

@@ -13,8 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (cdiv, fp16_scale, next_power_of_2, on_input_device, pdl_launch, pdl_launch_dependents, pdl_wait,
-                     require_device, rne)
+from .common import cdiv, fp16_scale, next_power_of_2, on_input_device, pdl_begin, pdl_launch, require_device, rne
 
 
 @triton.jit
@@ -83,8 +82,7 @@ def _int4_kv_at_kernel(
     HALF_D: tl.constexpr, DH: tl.constexpr, HAS_DIV: tl.constexpr, PDL: tl.constexpr = False,
 ):
     """The decode token's key (axis 1 = 0, divided by the smoothing factor) and value (axis 1 = 1) rows."""
-    pdl_launch_dependents(PDL)
-    pdl_wait(PDL)
+    pdl_begin(PDL)
     if tl.program_id(1) == 0:
         _int4_rows(k_ptr, div_ptr, kp_ptr, ks_ptr, kz_ptr, pos_ptr, rk_ptr, 1, H, R, 0,
                    s_kb, s_kh, 0, s_db, s_dh, s_kpb, s_kph, s_kpt, s_ksb, s_ksh, s_kst, s_kzb, s_kzh, s_kzt, s_rkb, s_rkh, s_rkt,

@@ -15,8 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (cdiv, interpreting, next_power_of_2, on_input_device, pdl_launch, pdl_launch_dependents,
-                     pdl_wait, round_like_output, round_to_output)
+from .common import (cdiv, interpreting, next_power_of_2, on_input_device, pdl_begin, pdl_launch, round_like_output,
+                     round_to_output)
 
 
 # heads per program: a decode step's few (b, t) rows still spread over several SMs (one program for all 32 query
@@ -48,8 +48,7 @@ def _rope_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, qo_ptr, ko_ptr, T, H, HKV,
                  D: tl.constexpr, HB: tl.constexpr, DP: tl.constexpr, PDL: tl.constexpr = False):
     """Program (b * T + t, j) rotates query heads j * HB .. (j + 1) * HB - 1 of token t of sequence b, or, for
     j >= cdiv(H, HB), the key heads (j - cdiv(H, HB)) * HB .. likewise."""
-    pdl_launch_dependents(PDL)
-    pdl_wait(PDL)
+    pdl_begin(PDL)
     pid = tl.program_id(0)
     j = tl.program_id(1)
     q_blocks = tl.cdiv(H, HB)

@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from .act_quant import code_buffers, codes_from_chunk_amax, remember_quantized
-from .common import cdiv, on_input_device, pdl_launch, pdl_launch_dependents, pdl_wait, require_device, round_to_output
+from .common import cdiv, on_input_device, pdl_begin, pdl_launch, require_device, round_to_output
 
 BLOCK_K = 1024  # features per program
 
@@ -27,8 +27,7 @@ BLOCK_K = 1024  # features per program
 @triton.jit
 def _silu_mul_kernel(g_ptr, u_ptr, y_ptr, amax_ptr, K, CHUNKS, stride_gm, stride_um, stride_ym,
                      BLOCK_K: tl.constexpr, WANT_AMAX: tl.constexpr, PDL: tl.constexpr = False):
-    pdl_launch_dependents(PDL)
-    pdl_wait(PDL)
+    pdl_begin(PDL)
     row = tl.program_id(0)
     chunk = tl.program_id(1)
     k = chunk * BLOCK_K + tl.arange(0, BLOCK_K)

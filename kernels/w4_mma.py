@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import cdiv, clamped_rows, decode_halves, next_power_of_2, pdl_launch, pdl_launch_dependents, pdl_wait
+from .common import cdiv, clamped_rows, decode_halves, next_power_of_2, pdl_begin, pdl_launch
 
 
 @triton.jit
@@ -48,8 +48,7 @@ def _w4_mma_kernel(
     token scales xs; W4A16 the 16-bit activations themselves (bf16 if BF16, else fp16), xs unused. SPLIT_K > 1
     writes unscaled fp32 partials part[pid_k, m, n] for _rows_epilogue_kernel."""
     HG: tl.constexpr = GROUP // 2
-    pdl_launch_dependents(PDL)
-    pdl_wait(PDL)
+    pdl_begin(PDL)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n, n_mask, rows = clamped_rows(pid_n, BLOCK_N, N)
@@ -94,8 +93,7 @@ def _rows_epilogue_kernel(part_ptr, xs_ptr, b_ptr, y_ptr, M, N, stride_ym, SPLIT
                           PDL: tl.constexpr = False):
     """y[m, n] = (sum of part[s, m, n] over s, in split order) * xs[m] (if ROW_SCALE) (* 1/2 for BitMoD) + bias[n],
     cast to y's dtype: the split-K reduction, and (SPLIT_K = 1) the epilogue of the prefill path's fp32 product."""
-    pdl_launch_dependents(PDL)
-    pdl_wait(PDL)
+    pdl_begin(PDL)
     m = tl.program_id(1).to(tl.int64)  # m * N exceeds int32 for long prefills of wide layers
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < N
