@@ -156,7 +156,7 @@ def main() -> None:
     hdr = ["shape NxK", "M", "W4A8 eager us", "W4A8 eager x bf16", "W4A8 graph us", "W4A8 graph x bf16-graph", "W4A8 graph % copy BW",
            "W4A8 graph PDL us", "GEMV kernel alone graph us", "kernel % copy BW", "kernel x bf16-graph", "kernel alone PDL us",
            "W4A16 graph us", "W4A16 graph x bf16-graph", "bf16 eager us", "bf16 graph us"]
-    pdl_note = ("" if common.pdl_enabled(torch.empty(0, device="cuda"))
+    pdl_note = ("" if common.pdl_supported(torch.empty(0, device="cuda"))
                 else " (PDL unsupported here: its columns are ordinary launches)")
     print(f"\n## decode GEMM, config {best} (copy BW {copy_bw:.2f} TB/s){pdl_note}\n" + table(hdr, rows))
     for m in ((1, 16) if full else (1,)):

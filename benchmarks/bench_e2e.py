@@ -132,7 +132,7 @@ def run(layers: int = 32, context: int = 4096, new_tokens: int = 32, batches=(1,
             torch.cuda.reset_peak_memory_stats()
             pdl = label.endswith(" PDL")  # only that row launches with programmatic dependent launch
             note = ""
-            if pdl and not common.pdl_enabled(torch.empty(0, device="cuda")):
+            if pdl and not common.pdl_supported(torch.empty(0, device="cuda")):
                 note = "PDL unsupported here: ordinary launches"
             try:
                 with common.pdl_mode(pdl):
@@ -173,8 +173,14 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--profile", action="store_true", help="append a cProfile of the p3quant decode (host time)")
     parser.add_argument("--labels", nargs="+", choices=LABELS, default=list(LABELS), help="which rows to run")
+    parser.add_argument("--gemv-config", help="the M = 1 GEMV's BLOCK_N,BLOCK_K,warps,stages instead of its default")
     args = parser.parse_args()
     print(environment())
+    if args.gemv_config:
+        from p3quant.kernels import gemm_w4
+
+        gemm_w4.GEMV_OVERRIDE = tuple(int(v) for v in args.gemv_config.split(","))
+        print(f"GEMV config {gemm_w4.GEMV_OVERRIDE}")
     print(run(args.layers, args.context, args.new_tokens, tuple(args.batches), args.profile, tuple(args.labels)))
 
 

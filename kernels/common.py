@@ -112,11 +112,16 @@ def _triton_launches_pdl() -> bool:
     return "launch_pdl" in getattr(CUDAOptions, "__dataclass_fields__", {})
 
 
-def pdl_enabled(t: torch.Tensor) -> bool:
-    """Whether kernels reading `t` launch with programmatic dependent launch: PDL switched on, an NVIDIA GPU (not
-    ROCm, not the interpreter) of compute capability >= 9.0 and a Triton that can launch that way."""
-    return (USE_PDL and t.is_cuda and torch.version.hip is None and not interpreting()
+def pdl_supported(t: torch.Tensor) -> bool:
+    """Whether kernels reading `t` could launch with programmatic dependent launch: an NVIDIA GPU (not ROCm, not
+    the interpreter) of compute capability >= 9.0 and a Triton that can launch that way."""
+    return (t.is_cuda and torch.version.hip is None and not interpreting()
             and _capability(t.device.index) >= (9, 0) and _triton_launches_pdl())
+
+
+def pdl_enabled(t: torch.Tensor) -> bool:
+    """Whether kernels reading `t` launch with programmatic dependent launch: PDL switched on and supported."""
+    return USE_PDL and pdl_supported(t)
 
 
 def pdl_launch(t: torch.Tensor) -> dict[str, bool]:
