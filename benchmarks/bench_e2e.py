@@ -7,8 +7,9 @@ prefill cancels. bf16 runs twice: eagerly with transformers' default (dynamic) c
 with its P3 cache through transformers' generate, and with p3quant.GreedyDecoder (what p3quant.generate runs)
 over a P3StaticCache, the decode step replayed as a CUDA graph and timed step by step after the prefill; that row
 runs again with programmatic dependent launch switched on ("PDL"), which measures what it gains (every other row
-launches without it, whatever P3QUANT_PDL says).
-Run: python benchmarks/bench_e2e.py [--layers L] [--new-tokens N].
+launches without it, whatever P3QUANT_PDL says). The bf16 and p3quant rows use two models built alike (same seed),
+so their order is free: --rounds R runs them R times in turn.
+Run: python benchmarks/bench_e2e.py [--layers L] [--new-tokens N] [--rounds R].
 """
 
 from __future__ import annotations
@@ -106,62 +107,80 @@ def host_profile(model, context: int, tokens: int = 8, top: int = 30) -> str:
     return out.getvalue()
 
 
+def _gib(model) -> float:
+    return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers())) / 2**30
+
+
 LABELS = ("bf16 transformers", "bf16 transformers static+compile", "p3quant W4A8KV4P8 triton", "p3quant W4A8KV4P8 triton static+graph",
           "p3quant W4A8KV4P8 triton static+graph PDL")
 
 
 def run(layers: int = 32, context: int = 4096, new_tokens: int = 32, batches=(1, 8), profile: bool = False,
-        labels=LABELS) -> str:
+        labels=LABELS, rounds: int = 1) -> str:
+    """The table of every label and batch; with rounds > 1 the labels run again in turn (bf16, p3quant, bf16, ...),
+    each round's speedups from its own rows, so that drift over the run (clocks, allocator) shows instead of
+    favouring whichever side runs first."""
     import p3quant
     from p3quant.kernels import common
 
-    model = build_model(layers)
+    models = {}
+
+    def model_for(label: str):
+        """bf16 rows share one model; p3quant rows a second one built alike (same seed) and quantized once."""
+        kind = "bf16" if label.startswith("bf16") else "p3quant"
+        if kind not in models:
+            models[kind] = build_model(layers)
+            if kind == "p3quant":
+                start = time.perf_counter()
+                p3quant.quantize(models[kind], p3quant.P3Config.preset("w4a8kv4p8", backend="triton"))
+                torch.cuda.synchronize()
+                print(f"quantized {layers} layers in {time.perf_counter() - start:.1f} s", flush=True)
+        return models[kind]
+
     rows = []
-    results: dict[tuple[str, int], tuple[float, float]] = {}
-    quantized = False
-    for label in [name for name in LABELS if name in labels]:  # bf16 rows first: quantization is in place
-        if label.startswith("p3quant") and not quantized:
-            quantized = True
-            start = time.perf_counter()
-            p3quant.quantize(model, p3quant.P3Config.preset("w4a8kv4p8", backend="triton"))
-            torch.cuda.synchronize()
-            print(f"quantized {layers} layers in {time.perf_counter() - start:.1f} s", flush=True)
-        torch.cuda.empty_cache()
-        weights = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers())) / 2**30
+    for round_ in range(1, rounds + 1):
+        results: dict[tuple[str, int], tuple[float, float]] = {}
+        for label in [name for name in LABELS if name in labels]:
+            model = model_for(label)
+            torch.cuda.empty_cache()
+            weights = _gib(model)
+            others = sum(_gib(m) for m in models.values() if m is not model)
+            for batch in batches:
+                torch.cuda.reset_peak_memory_stats()
+                pdl = label.endswith(" PDL")  # only that row launches with programmatic dependent launch
+                note = ""
+                if pdl and not common.pdl_supported(torch.empty(0, device="cuda")):
+                    note = "PDL unsupported here: ordinary launches"
+                try:
+                    with common.pdl_mode(pdl):
+                        if "static+graph" in label:
+                            latency = static_graph_latency(model, batch, context, new_tokens)
+                        else:
+                            latency = decode_latency(model, batch, context, new_tokens, static=label.endswith("compile"))
+                except torch.OutOfMemoryError as err:
+                    rows.append((round_, label, batch, "OOM", "", "", f"{weights:.1f}", str(err)[:60]))
+                    continue
+                except Exception as err:  # a baseline that cannot run here is reported, not fatal
+                    rows.append((round_, label, batch, "error", "", "", f"{weights:.1f}",
+                                 f"{type(err).__name__}: {str(err)[:80]}"))
+                    continue
+                peak = torch.cuda.max_memory_allocated() / 2**30 - others
+                results[(label, batch)] = (latency, peak)
+                rows.append((round_, label, batch, latency * 1e3, batch / latency, peak, f"{weights:.1f}", note))
+                print(f"round {round_}: {label} batch {batch}: {latency * 1e3:.2f} ms / token", flush=True)
         for batch in batches:
-            torch.cuda.reset_peak_memory_stats()
-            pdl = label.endswith(" PDL")  # only that row launches with programmatic dependent launch
-            note = ""
-            if pdl and not common.pdl_supported(torch.empty(0, device="cuda")):
-                note = "PDL unsupported here: ordinary launches"
-            try:
-                with common.pdl_mode(pdl):
-                    if "static+graph" in label:
-                        latency = static_graph_latency(model, batch, context, new_tokens)
-                    else:
-                        latency = decode_latency(model, batch, context, new_tokens, static=label.endswith("compile"))
-            except torch.OutOfMemoryError as err:
-                rows.append((label, batch, "OOM", "", "", f"{weights:.1f}", str(err)[:60]))
-                continue
-            except Exception as err:  # a baseline that cannot run here is reported, not fatal
-                rows.append((label, batch, "error", "", "", f"{weights:.1f}", f"{type(err).__name__}: {str(err)[:80]}"))
-                continue
-            peak = torch.cuda.max_memory_allocated() / 2**30
-            results[(label, batch)] = (latency, peak)
-            rows.append((label, batch, latency * 1e3, batch / latency, peak, f"{weights:.1f}", note))
-            print(f"{label} batch {batch}: {latency * 1e3:.2f} ms / token", flush=True)  # survives a timeout
-    for batch in batches:
-        for p3_label in ("p3quant W4A8KV4P8 triton", "p3quant W4A8KV4P8 triton static+graph",
-                         "p3quant W4A8KV4P8 triton static+graph PDL"):
-            p3 = results.get((p3_label, batch))
-            for base_label in ("bf16 transformers", "bf16 transformers static+compile"):
-                base = results.get((base_label, batch))
-                if base and p3:
-                    rows.append((f"speedup {p3_label} / {base_label}", batch, base[0] / p3[0], "", "", "", ""))
-    headers = ["model", "batch", "ms / token", "tokens / s", "peak GiB", "weights+buffers GiB", "note"]
+            for p3_label in ("p3quant W4A8KV4P8 triton", "p3quant W4A8KV4P8 triton static+graph",
+                             "p3quant W4A8KV4P8 triton static+graph PDL"):
+                p3 = results.get((p3_label, batch))
+                for base_label in ("bf16 transformers", "bf16 transformers static+compile"):
+                    base = results.get((base_label, batch))
+                    if base and p3:
+                        rows.append((round_, f"speedup {p3_label} / {base_label}", batch, base[0] / p3[0], "", "", "", ""))
+    headers = ["round", "model", "batch", "ms / token", "tokens / s", "peak GiB (other model subtracted)",
+               "weights+buffers GiB", "note"]
     text = f"Llama-3.1-8B shape, {layers} layers, context {context}, {new_tokens} timed decode tokens\n" + table(headers, rows)
     if profile:
-        text += "\n\nHost profile of p3quant (batch 1, 8 new tokens):\n" + host_profile(model, context)
+        text += "\n\nHost profile of p3quant (batch 1, 8 new tokens):\n" + host_profile(model_for("p3quant"), context)
     return text
 
 
@@ -173,6 +192,7 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--profile", action="store_true", help="append a cProfile of the p3quant decode (host time)")
     parser.add_argument("--labels", nargs="+", choices=LABELS, default=list(LABELS), help="which rows to run")
+    parser.add_argument("--rounds", type=int, default=1, help="run the labels this many times in turn")
     parser.add_argument("--gemv-config", help="the M = 1 GEMV's BLOCK_N,BLOCK_K,warps,stages instead of its default")
     args = parser.parse_args()
     print(environment())
@@ -181,7 +201,8 @@ def main() -> None:
 
         gemm_w4.GEMV_OVERRIDE = tuple(int(v) for v in args.gemv_config.split(","))
         print(f"GEMV config {gemm_w4.GEMV_OVERRIDE}")
-    print(run(args.layers, args.context, args.new_tokens, tuple(args.batches), args.profile, tuple(args.labels)))
+    print(run(args.layers, args.context, args.new_tokens, tuple(args.batches), args.profile, tuple(args.labels),
+              args.rounds))
 
 
 if __name__ == "__main__":

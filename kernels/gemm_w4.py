@@ -366,9 +366,10 @@ def _gemv_config() -> tuple[int, int, int, int]:
     one launch over several weights (w4_matmul_shared_input) equals separate launches bit for bit."""
     if GEMV_OVERRIDE is not None:
         return GEMV_OVERRIDE
-    # best total of an 8-config sweep on qkv / o / gate_up / down (H200, benchmarks/bench_decode_gemm.py, 2026-11-28,
-    # fourth session; confirmed by the seventh session's 12-config sweep): 4 rows x 1024 K per step, one warp
-    return (4, 1024, 1, 1)
+    # best total of a 12-config sweep on qkv / o / gate_up / down since the [groups, rows, words] tile order (H200,
+    # benchmarks/bench_decode_gemm.py, 2026-11-29: 85.5 us against 92.9 for the earlier (4, 1024, 1, 1)), and
+    # 3.45 against 3.67 ms per token end to end (bench_e2e.py --gemv-config): 8 rows x 1024 K per step, two warps
+    return (8, 1024, 2, 1)
 
 
 # MMA_MIN_M <= M <= MMA_MAX_M runs the tensor-core small-M kernel (w4_mma.py); benchmarks/bench_small_m.py
