@@ -3,11 +3,14 @@ and FP8 torch._scaled_mm (and, with --gemlite, GemLite's 4-bit W4A16 / W4A8 laye
 shapes (and 8192x8192) over M = 1..4096.
 
 W4A8 runs the tensor-core small-M kernel at gemm_w4.MMA_MIN_M <= M <= MMA_MAX_M, dequantizes the weight once and
-multiplies with cuBLAS at M >= DEQUANT_MIN_M, and the tiled fused kernel in between; the "small-M", "fused" and
+multiplies with cuBLAS at M >= DEQUANT_MIN_M (FP8 with block scales, or an fp16 copy), and the tiled fused kernel in between; the "small-M", "fused" and
 "dequant" columns time each W4A8 path at every M > 1 (small-M up to MMA_MAX_M) so the thresholds can be read off
 the table.
 
-Run: python benchmarks/bench_gemm.py [--quick] [--gemlite]. Prints a markdown table last.
+At M >= DEQUANT_MIN_M the "dequant" column times the fp16 copy of the weight and the "FP8 block-scaled" column
+the FP8 values with cuBLAS's 1x128 block scales (the default with groups of 128 on Hopper).
+
+Run: python benchmarks/bench_gemm.py [--quick] [--gemlite] [--ms M ...] [--skip-fused]. Prints a markdown table last.
 """
 
 from __future__ import annotations
@@ -68,25 +71,28 @@ def _gemlite(n: int, k: int, copies: int) -> tuple[list, list] | tuple[None, str
 
 
 def _forced(path: str, fn):
-    """Time fn with the W4A8 path for M > 1 forced to "mma" (small-M), "fused" (tiled) or "dequant"."""
+    """Time fn with the W4A8 path for M > 1 forced to "mma" (small-M), "fused" (tiled), "dequant" (fp16 copy of
+    the weight + cuBLAS) or "blockwise" (FP8 values + cuBLAS with block scales, where it applies)."""
     def call():
-        saved = gemm_w4.DEQUANT_MIN_M, gemm_w4.MMA_MIN_M, gemm_w4.MMA_MAX_M
-        gemm_w4.DEQUANT_MIN_M = 2 if path == "dequant" else 1 << 30
+        saved = gemm_w4.DEQUANT_MIN_M, gemm_w4.MMA_MIN_M, gemm_w4.MMA_MAX_M, gemm_w4.FP8_BLOCKWISE
+        gemm_w4.DEQUANT_MIN_M = 2 if path in ("dequant", "blockwise") else 1 << 30
         gemm_w4.MMA_MIN_M, gemm_w4.MMA_MAX_M = (2, saved[2]) if path == "mma" else (1 << 30, 0)
+        gemm_w4.FP8_BLOCKWISE = path == "blockwise"
         try:
             return fn()
         finally:
-            gemm_w4.DEQUANT_MIN_M, gemm_w4.MMA_MIN_M, gemm_w4.MMA_MAX_M = saved
+            gemm_w4.DEQUANT_MIN_M, gemm_w4.MMA_MIN_M, gemm_w4.MMA_MAX_M, gemm_w4.FP8_BLOCKWISE = saved
     return call
 
 
-def run(quick: bool = False, gemlite: bool = False) -> tuple[str, list[dict]]:
+def run(quick: bool = False, gemlite: bool = False, ms: tuple[int, ...] | None = None,
+        skip_fused: bool = False) -> tuple[str, list[dict]]:
     """Benchmark every shape and M (with GemLite's W4A16 / W4A8 layers if `gemlite`); returns the markdown table
-    and the raw rows."""
+    and the raw rows. `ms` replaces the list of M; `skip_fused` leaves out the tiled kernel's column."""
     copy_bw = copy_bandwidth_tbs()
     rows, raw = [], []
     gemlite_notes = []
-    ms = (1, 16, 64, 256, 1024, 4096) if quick else MS
+    ms = ms or ((1, 16, 64, 256, 1024, 4096) if quick else MS)
     for name, (n, k) in SHAPES.items():
         wbytes = n * k // 2 + n * (k // GROUP) * 3
         ncopy = copies_for(wbytes)
@@ -103,12 +109,14 @@ def run(quick: bool = False, gemlite: bool = False) -> tuple[str, list[dict]]:
         for m in ms:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             p3 = bench_rotating([lambda w=w: w4_matmul(x, w, None, "fp8_e4m3") for w in weights])
-            fused = dq = mma = float("nan")
+            fused = dq = bw = mma = float("nan")
             if 1 < m <= gemm_w4.MMA_MAX_M:
                 mma = bench_rotating([_forced("mma", lambda w=w: w4_matmul(x, w, None, "fp8_e4m3")) for w in weights])
-            if m > 1:
+            if m > 1 and not skip_fused:
                 fused = bench_rotating([_forced("fused", lambda w=w: w4_matmul(x, w, None, "fp8_e4m3")) for w in weights])
+            if m > 1:
                 dq = bench_rotating([_forced("dequant", lambda w=w: w4_matmul(x, w, None, "fp8_e4m3")) for w in weights])
+                bw = bench_rotating([_forced("blockwise", lambda w=w: w4_matmul(x, w, None, "fp8_e4m3")) for w in weights])
             a16 = bench_rotating([lambda w=w: w4_matmul(x, w, None, "none") for w in weights]) if m in (1, 16, 64) or not quick else float("nan")
             bf16 = bench_rotating([lambda d=d: x @ d.t() for d in dense])
             tg = float("nan")
@@ -125,19 +133,20 @@ def run(quick: bool = False, gemlite: bool = False) -> tuple[str, list[dict]]:
                 g8 = bench_rotating([lambda layer=layer: layer(x) for layer in gl8])
             moved = wbytes + m * k * 4 + m * n * 2
             tbs = moved / p3 / 1e6
-            raw.append(dict(shape=name, n=n, k=k, m=m, p3_us=p3, mma_us=mma, fused_us=fused, dequant_us=dq, a16_us=a16, bf16_us=bf16,
+            raw.append(dict(shape=name, n=n, k=k, m=m, p3_us=p3, mma_us=mma, fused_us=fused, dequant_us=dq, blockwise_us=bw, a16_us=a16, bf16_us=bf16,
                             tinygemm_us=tg, fp8_us=f8, gemlite_a16_us=g16, gemlite_a8_us=g8, tbs=tbs))
-            rows.append((f"{name} {n}x{k}", m, p3, tbs, 100 * tbs / copy_bw, bf16, bf16 / p3, mma, fused, dq, a16, bf16 / a16, tg, bf16 / tg, f8)
+            rows.append((f"{name} {n}x{k}", m, p3, tbs, 100 * tbs / copy_bw, bf16, bf16 / p3, mma, fused, dq, bw, a16, bf16 / a16, tg, bf16 / tg, f8)
                         + ((g16, bf16 / g16, g8, bf16 / g8) if gemlite else ()))
     headers = ["shape NxK", "M", "P3 W4A8 us", "TB/s", "% copy BW", "bf16 us", "W4A8 x bf16", "W4A8 small-M us", "W4A8 fused us",
-               "W4A8 dequant+cuBLAS us",
+               "W4A8 dequant+cuBLAS us", "W4A8 FP8 block-scaled cuBLAS us",
                "W4A16 us", "W4A16 x bf16", "tinygemm us", "tinygemm x bf16", "fp8 scaled_mm us"]
     if gemlite:
         headers += ["GemLite W4A16 us", "GemLite W4A16 x bf16", "GemLite W4A8 us", "GemLite W4A8 x bf16"]
         gemlite_notes.insert(0, "GemLite: 4-bit asymmetric, groups of 128, its own autotuning; W4A8 = dynamic per-token FP8 activations")
     summary = [f"measured copy bandwidth: {copy_bw:.2f} TB/s (read + write); W4A8 small-M kernel for M = {gemm_w4.MMA_MIN_M}.."
-               f"{gemm_w4.MMA_MAX_M}, dequant path from M = {gemm_w4.DEQUANT_MIN_M}"] + gemlite_notes
-    for m in (1, 16, 64, 256, 1024, 4096):
+               f"{gemm_w4.MMA_MAX_M}, from M = {gemm_w4.DEQUANT_MIN_M} the FP8 block-scaled cuBLAS path (groups of 128; "
+               f"refused here: {dict(gemm_w4._blockwise_unsupported) or 'no'}) or else the fp16 dequant path"] + gemlite_notes
+    for m in ms:
         sel = [r for r in raw if r["m"] == m and r["shape"] != "sq8192"]
         if sel:
             mean = sum(r["bf16_us"] / r["p3_us"] for r in sel) / len(sel)
@@ -154,9 +163,11 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--gemlite", action="store_true", help="also time GemLite's W4A16 and W4A8 layers (its autotuning takes minutes)")
+    parser.add_argument("--ms", type=int, nargs="+", help="the values of M (default: all, or --quick's six)")
+    parser.add_argument("--skip-fused", action="store_true", help="leave out the tiled fused kernel's column (slow at large M)")
     args = parser.parse_args()
     print(environment())
-    text, _ = run(args.quick, args.gemlite)
+    text, _ = run(args.quick, args.gemlite, tuple(args.ms) if args.ms else None, args.skip_fused)
     print(text)
 
 

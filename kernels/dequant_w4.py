@@ -38,8 +38,9 @@ def _join8(c0, c1, c2, c3, c4, c5, c6, c7, BLOCK_N: tl.constexpr, BLOCK_W: tl.co
 @triton.jit
 def _dequant_kernel(words_ptr, scales_ptr, aux_ptr, out_ptr, N, KW, s_w, s_s, s_a, s_o,
                     GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, IS_BITMOD: tl.constexpr,
-                    USE_ASM: tl.constexpr):
-    """Program: BLOCK_N rows x BLOCK_W words (8 codes each, code i of word w = column 8w + i)."""
+                    USE_ASM: tl.constexpr, UNSCALED: tl.constexpr = False):
+    """Program: BLOCK_N rows x BLOCK_W words (8 codes each, code i of word w = column 8w + i). UNSCALED writes
+    the integer values (BitMoD grid x 2, INT4 code - zp) without the group scale."""
     rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)  # rows * K may exceed int32
     wi = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
     mask = (rows < N)[:, None] & (wi < KW)[None, :]
@@ -49,6 +50,8 @@ def _dequant_kernel(words_ptr, scales_ptr, aux_ptr, out_ptr, N, KW, s_w, s_s, s_
     aux = tl.load(aux_ptr + rows[:, None] * s_a + group[None, :], mask=mask, other=0).to(tl.int32)
     if IS_BITMOD:
         scale = scale * 0.5  # the decode gives the grid x 2
+    if UNSCALED:
+        scale = tl.full((BLOCK_N, BLOCK_W), 1.0, tl.float32)
     cols = tl.arange(0, BLOCK_W * 8)
     out_cols = tl.program_id(1) * BLOCK_W * 8 + cols
     out_mask = (rows < N)[:, None] & (out_cols < KW * 8)[None, :]
@@ -82,6 +85,34 @@ def _dequant_kernel(words_ptr, scales_ptr, aux_ptr, out_ptr, N, KW, s_w, s_s, s_
 DEQUANT_USE_ASM = True  # benchmarks / gpu checks may switch it off to compare against the pure-Triton decode
 
 
+def _operands(what: str, weight: BitMoDTensor | Int4Tensor) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """Checked (int32 words [N, K / 8], selectors or zero points, N, K) of a packed weight."""
+    is_bitmod = isinstance(weight, BitMoDTensor)
+    aux = weight.selectors if is_bitmod else weight.zeros
+    packed, scales = weight.packed, weight.scales
+    require_device(what, packed, scales, aux)
+    if len(weight.shape) != 2:
+        raise ValueError(f"{what}: expected a 2-D [N, K] weight, got shape {tuple(weight.shape)}")
+    if packed.stride(-1) != 1 or scales.stride(-1) != 1 or aux.stride(-1) != 1:
+        raise ValueError(f"{what}: weight tensors must be contiguous along K")
+    n, k = weight.shape
+    if k % 8:
+        raise ValueError(f"{what}: K = {k} must be a multiple of 8 (whole int32 words of codes)")
+    words = packed.view(torch.int32) if packed.is_contiguous() and packed.data_ptr() % 4 == 0 else packed.contiguous().view(torch.int32)
+    return words, aux, n, k
+
+
+def _launch_dequant(words: torch.Tensor, weight: BitMoDTensor | Int4Tensor, aux: torch.Tensor, out: torch.Tensor,
+                    use_asm: bool, unscaled: bool = False) -> None:
+    n, k = out.shape
+    block_n, block_w = (16, 16) if interpreting() else (16, 64)
+    block_w = min(block_w, next_power_of_2(k // 8))
+    grid = (cdiv(n, block_n), cdiv(k // 8, block_w))
+    _dequant_kernel[grid](words, weight.scales, aux, out, n, k // 8, words.stride(0), weight.scales.stride(0), aux.stride(0),
+                          out.stride(0), GROUP=weight.group_size, BLOCK_N=block_n, BLOCK_W=block_w,
+                          IS_BITMOD=isinstance(weight, BitMoDTensor), USE_ASM=use_asm, UNSCALED=unscaled, num_warps=4)
+
+
 @on_input_device
 def dequantize_w4(weight: BitMoDTensor | Int4Tensor, dtype: torch.dtype = torch.float16) -> torch.Tensor:
     """The dequantized weight [N, K] in `dtype` (float16 or float32), computed on the GPU.
@@ -92,27 +123,24 @@ def dequantize_w4(weight: BitMoDTensor | Int4Tensor, dtype: torch.dtype = torch.
         raise TypeError(f"{what}: weight must be a BitMoDTensor or Int4Tensor, got {type(weight).__name__}")
     if dtype not in (torch.float16, torch.float32):
         raise TypeError(f"{what}: dtype must be float16 or float32, got {dtype}")
-    if len(weight.shape) != 2:
-        raise ValueError(f"{what}: expected a 2-D [N, K] weight, got shape {tuple(weight.shape)}")
-    is_bitmod = isinstance(weight, BitMoDTensor)
-    aux = weight.selectors if is_bitmod else weight.zeros
-    packed, scales = weight.packed, weight.scales
-    require_device(what, packed, scales, aux)
-    if packed.stride(-1) != 1 or scales.stride(-1) != 1 or aux.stride(-1) != 1:
-        raise ValueError(f"{what}: weight tensors must be contiguous along K")
-    n, k = weight.shape
-    if k % 8:
-        raise ValueError(f"{what}: K = {k} must be a multiple of 8 (whole int32 words of codes)")
-    words = packed.view(torch.int32) if packed.is_contiguous() and packed.data_ptr() % 4 == 0 else packed.contiguous().view(torch.int32)
-    out = torch.empty((n, k), dtype=dtype, device=packed.device)
-    block_n, block_w = (16, 16) if interpreting() else (16, 64)
-    block_w = min(block_w, next_power_of_2(k // 8))
-    grid = (cdiv(n, block_n), cdiv(k // 8, block_w))
-    use_asm = DEQUANT_USE_ASM and not interpreting() and dtype == torch.float16
-    _dequant_kernel[grid](words, scales, aux, out, n, k // 8, words.stride(0), scales.stride(0), aux.stride(0), out.stride(0),
-                          GROUP=weight.group_size, BLOCK_N=block_n, BLOCK_W=block_w, IS_BITMOD=is_bitmod, USE_ASM=use_asm,
-                          num_warps=4)
+    words, aux, n, k = _operands(what, weight)
+    out = torch.empty((n, k), dtype=dtype, device=words.device)
+    _launch_dequant(words, weight, aux, out, use_asm=DEQUANT_USE_ASM and not interpreting() and dtype == torch.float16)
     return out
 
 
-__all__ = ["dequantize_w4"]
+@on_input_device
+def weight_values_fp8(weight: BitMoDTensor | Int4Tensor) -> tuple[torch.Tensor, float]:
+    """The weight's integer values [N, K] as float8_e4m3fn (BitMoD grid x 2 in [-16, 16], or INT4 code - zp in
+    [-15, 15]: every one an exact E4M3 number) and the factor that brings them to grid units (0.5 or 1), so that
+    the dequantized weight is values x factor x the group scale: the operand of a block-scaled FP8 GEMM."""
+    what = "weight_values_fp8"
+    if not isinstance(weight, (BitMoDTensor, Int4Tensor)):
+        raise TypeError(f"{what}: weight must be a BitMoDTensor or Int4Tensor, got {type(weight).__name__}")
+    words, aux, n, k = _operands(what, weight)
+    out = torch.empty((n, k), dtype=torch.float8_e4m3fn, device=words.device)
+    _launch_dequant(words, weight, aux, out, use_asm=False, unscaled=True)
+    return out, 0.5 if isinstance(weight, BitMoDTensor) else 1.0
+
+
+__all__ = ["dequantize_w4", "weight_values_fp8"]

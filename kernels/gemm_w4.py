@@ -12,8 +12,10 @@ with a per-token scale (W4A8, see act_quant.py); the token scale is applied once
   GEMV launch.
 - MMA_MIN_M <= M <= MMA_MAX_M (2..64): the tensor-core small-M kernel (w4_mma.py, weights as the left MMA
   operand; W4A8 in fp16, W4A16 in the activations' 16-bit type; exact products).
-- W4A8 at M >= DEQUANT_MIN_M (prefill): the weight dequantized once to fp16 (dequant_w4.py), cuBLAS with fp32
-  output, one fused epilogue pass.
+- W4A8 at M >= DEQUANT_MIN_M (prefill): with groups of 128 on Hopper, the weight's integer values once to FP8
+  (dequant_w4.weight_values_fp8) and cuBLAS's FP8 GEMM with 1x128 block scales on both operands (token scales,
+  group scales); otherwise the weight dequantized once to fp16 (dequant_w4.py), cuBLAS with fp32 output, one
+  fused epilogue pass.
 - Otherwise (M > 64 below the prefill path, and W4A16 from M = 65): the tiled tensor-core kernel (tl.dot) over
   K-blocks that never straddle a group. W4A8 multiplies FP8 x FP8 (both exact: every BitMoD grid value and INT4
   code difference is an E4M3 number) on GPUs with FP8 tensor cores; W4A16 multiplies the integer weights in the
@@ -34,7 +36,7 @@ from .act_quant import quantize_activation_fp8, quantize_activation_once
 from .common import (bitmod_special2, cdiv, clamped_rows, decode_tables, decode_w4, dot16, fp8_dot_supported,
                      interpreting, next_power_of_2, on_input_device, pdl_launch, pdl_launch_dependents, pdl_wait,
                      require_device)
-from .dequant_w4 import dequantize_w4
+from .dequant_w4 import dequantize_w4, weight_values_fp8
 from .w4_mma import rows_epilogue, w4_mma_matmul
 
 SUPPORTED_GROUPS = (32, 64, 128)
@@ -485,6 +487,60 @@ def _dequant_matmul(x: torch.Tensor, weight: BitMoDTensor | Int4Tensor, bias: to
 
 _MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype")  # fp16 x fp16 -> fp32 output in one cuBLAS call
 
+# W4A8 prefill with groups of 128 on Hopper: FP8 x FP8 in cuBLAS with 1x128 block scales on both operands (the
+# tokens' scales on the activations, the groups' scales on the weights), through torch's scaled_mm where it has
+# them (torch >= 2.10). Benchmarks and GPU checks may switch it off to compare with the fp16 dequant path.
+FP8_BLOCKWISE = True
+_blockwise_unsupported: dict[tuple[int, bool], str] = {}  # (device, M % 16 == 0) -> why cuBLAS refused it
+
+
+def _blockwise_fp8_ok(x: torch.Tensor, prep: _Prepared, out_dtype: torch.dtype) -> bool:
+    """Whether the block-scaled FP8 path applies: shapes cuBLAS's FP8 GEMM takes and a device it ran on."""
+    return (FP8_BLOCKWISE and x.is_cuda and torch.version.hip is None and not interpreting()
+            and hasattr(torch.nn.functional, "scaled_mm") and hasattr(torch.nn.functional, "ScalingType")
+            and prep.group == 128 and prep.k % 128 == 0 and prep.n % 16 == 0
+            and out_dtype in (torch.float16, torch.bfloat16)
+            and torch.cuda.get_device_capability(x.device) >= (9, 0)
+            and _blockwise_key(x) not in _blockwise_unsupported)
+
+
+def _blockwise_key(x: torch.Tensor) -> tuple[int, bool]:
+    return x.device.index or 0, x.shape[0] % 16 == 0  # in case cuBLAS takes aligned row counts only
+
+
+def _blockwise_fp8_matmul(x: torch.Tensor, weight: BitMoDTensor | Int4Tensor, bias: torch.Tensor | None,
+                          out_dtype: torch.dtype, out: torch.Tensor | None) -> torch.Tensor | None:
+    """y = sum over groups g of xs[m] * s[n, g] * f * (FP8 codes of x) . (integer weight values), in cuBLAS.
+
+    The products are exact and the scales multiply each 128-wide group's fp32 partial sum, so the result equals
+    the reference up to fp32 summation order (no rounding of the weights to fp16). Returns None (after one
+    warning) where this torch / cuBLAS refuses block scaling: the caller then takes the dequant path.
+    """
+    fn = torch.nn.functional
+    m, k = x.shape
+    kg = k // 128
+    codes, xs = quantize_activation_fp8(x)
+    values, factor = weight_values_fp8(weight)
+    scale_a = xs.unsqueeze(0).expand(kg, m).contiguous().t()  # [M, K / 128], column-major as cuBLAS wants
+    scale_b = (weight.scales.float() * factor).t().contiguous().t()  # [N, K / 128], column-major
+    block = fn.ScalingType.BlockWise1x128
+    try:
+        y = fn.scaled_mm(codes, values.t(), scale_a, block, scale_b, block,
+                         output_dtype=out_dtype if bias is None else torch.float32)
+    except (RuntimeError, NotImplementedError) as err:
+        import warnings
+
+        _blockwise_unsupported[_blockwise_key(x)] = str(err)
+        warnings.warn(f"w4_matmul: cuBLAS refused block-scaled FP8 ({str(err)[:200]}); W4A8 prefill falls back to "
+                      "an fp16 copy of the weight", RuntimeWarning, stacklevel=3)
+        return None
+    if bias is not None:
+        y = torch.add(y, bias, out=out if out is not None else torch.empty_like(y, dtype=out_dtype))
+    elif out is not None:
+        out.copy_(y)
+        y = out
+    return y
+
 
 def _checked(what: str, x: torch.Tensor, weight: BitMoDTensor | Int4Tensor, bias: torch.Tensor | None,
              activation_format: str) -> _Prepared:
@@ -581,15 +637,17 @@ def w4_matmul(
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     m = x2.shape[0]
-    if out is None:
-        y = torch.empty((m, n), dtype=out_dtype, device=x.device)
-    elif out.shape != (m, n) or out.dtype != out_dtype or not out.is_contiguous() or out.device != x.device:
+    if out is not None and (out.shape != (m, n) or out.dtype != out_dtype or not out.is_contiguous()
+                            or out.device != x.device):
         raise ValueError(f"{what}: out must be a contiguous {out_dtype} [{m}, {n}] tensor on {x.device}")
-    else:
-        y = out
+    a_fp8 = activation_format == "fp8_e4m3"
+    if a_fp8 and m >= DEQUANT_MIN_M and _blockwise_fp8_ok(x2, prep, out_dtype):
+        y = _blockwise_fp8_matmul(x2, weight, bias, out_dtype, out)
+        if y is not None:
+            return y.reshape(*lead, n)
+    y = out if out is not None else torch.empty((m, n), dtype=out_dtype, device=x.device)
     if m == 0:
         return y.reshape(*lead, n)
-    a_fp8 = activation_format == "fp8_e4m3"
     is_bitmod, packed, scales, aux = prep.is_bitmod, prep.packed, prep.scales, prep.aux
     bias_arg = bias if bias is not None else scales
     if MMA_MIN_M <= m <= MMA_MAX_M:

@@ -43,6 +43,10 @@ for is_bitmod in (True, False):
         dequant_w4._dequant_kernel, ["*i32", "*fp16", "*u8", "*fp16"] + ["i32"] * 6,
         dict(GROUP=128, BLOCK_N=16, BLOCK_W=64, IS_BITMOD=is_bitmod, USE_ASM=True),
         divisible=("KW", "s_w", "s_o"), num_warps=4)
+out["weight_values_fp8"] = compile_ptx(  # the FP8 operand of the block-scaled prefill GEMM
+    dequant_w4._dequant_kernel, ["*i32", "*fp16", "*u8", "*fp8e4nv"] + ["i32"] * 6,
+    dict(GROUP=128, BLOCK_N=16, BLOCK_W=64, IS_BITMOD=True, USE_ASM=False, UNSCALED=True),
+    divisible=("KW", "s_w", "s_o"), num_warps=4)
 out["epilogue"] = compile_ptx(w4_mma._rows_epilogue_kernel, ["*fp32", "*fp32", "*bf16", "*bf16"] + ["i32"] * 3,
                               dict(SPLIT_K=4, BLOCK=1024, IS_BITMOD=True, HAS_BIAS=True, ROW_SCALE=True, PDL=True), num_warps=4)
 # one weight (with and without programmatic dependent launch); q/k/v-style segments (the segment choice reassigns
@@ -116,6 +120,7 @@ def test_gpu_kernels_compile_for_hopper_with_their_inline_ptx():
     for fmt in ("dequant_bitmod=True", "dequant_bitmod=False"):
         assert "cvt.rn.f16x2.f32" in ptx[fmt], fmt  # one rounding per weight
         assert "st.global.v4" in ptx[fmt], fmt  # four fp16 pairs per 16-byte store
+    assert "cvt.rn.satfinite.e4m3x2.f32" in ptx["weight_values_fp8"]  # exact: every value is an E4M3 number
     assert "ld.global" in ptx["epilogue"]
     assert all("st.global" in ptx[f"act_quant_{layout}"] for layout in range(3))
     for gemv in ("gemv_1", "gemv_3"):
@@ -140,7 +145,7 @@ def test_decode_kernels_wait_for_the_previous_kernel_before_touching_its_data():
     predecessor before any global load or store; only the GEMV's first weight tiles and the norm's weight (which no
     kernel writes) are read before the wait."""
     ptx = _compile_all()
-    pdl = [name for name in ptx if name not in ("gemv_1_no_pdl",) and not name.startswith("dequant")]
+    pdl = [name for name in ptx if name not in ("gemv_1_no_pdl", "weight_values_fp8") and not name.startswith("dequant")]
     for name in pdl:
         lines = ptx[name].splitlines()
         waits = [i for i, line in enumerate(lines) if "griddepcontrol.wait" in line]

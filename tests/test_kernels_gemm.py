@@ -6,7 +6,7 @@ import torch
 from p3quant.formats import BITMOD4, INT4, quantize_scaled_fp8
 from p3quant.kernels.act_quant import quantize_activation_fp8
 from p3quant.kernels import gemm_w4
-from p3quant.kernels.dequant_w4 import dequantize_w4
+from p3quant.kernels.dequant_w4 import dequantize_w4, weight_values_fp8
 from p3quant.kernels.gemm_w4 import w4_matmul
 from p3quant.nn.backends import TorchBackend, get_backend
 
@@ -74,6 +74,63 @@ def test_dequantize_w4_is_bit_exact(wfmt, n, k, group):
     weight = _weight(wfmt, n, k, group, torch.Generator().manual_seed(n * k + group))
     for dtype in (torch.float16, torch.float32):
         assert torch.equal(dequantize_w4(weight, dtype), weight.dequantize().to(dtype))
+
+
+@pytest.mark.parametrize("wfmt", ["bitmod", "int4"])
+@pytest.mark.parametrize("n,k,group", [(37, 256, 128), (16, 1408, 64)])
+def test_weight_values_fp8_times_scales_is_the_dequantized_weight(wfmt, n, k, group):
+    weight = _weight(wfmt, n, k, group, torch.Generator().manual_seed(n + k + group))
+    values, factor = weight_values_fp8(weight)
+    assert values.dtype == torch.float8_e4m3fn and values.shape == (n, k)
+    assert values.float().abs().max() <= 16 and torch.equal(values.float(), values.float().round())
+    scales = weight.scales.float().repeat_interleave(group, dim=1)
+    assert torch.equal(values.float() * factor * scales, weight.dequantize().float())
+
+
+def _scaled_mm_1x128(a, b, scale_a, recipe_a, scale_b, recipe_b, output_dtype=torch.bfloat16, **_):
+    """torch's block-scaled FP8 GEMM as cuBLAS runs it (1x128 blocks on both operands), in float64, with the
+    operand layouts cuBLAS requires checked: the CPU build has no kernel for it."""
+    block = torch.nn.functional.ScalingType.BlockWise1x128
+    m, k = a.shape
+    n = b.shape[1]
+    assert recipe_a == recipe_b == block and a.dtype == b.dtype == torch.float8_e4m3fn
+    assert a.stride(1) == 1 and b.stride(0) == 1  # row-major A, column-major B
+    assert scale_a.shape == (m, k // 128) and scale_a.stride() == (1, m) and scale_a.dtype == torch.float32
+    assert scale_b.shape == (n, k // 128) and scale_b.stride() == (1, n) and scale_b.dtype == torch.float32
+    sa = scale_a.double().repeat_interleave(128, dim=1)
+    sb = scale_b.double().repeat_interleave(128, dim=1)
+    return ((a.double() * sa) @ (b.double() * sb.t())).to(output_dtype)
+
+
+@pytest.mark.parametrize("wfmt", ["bitmod", "int4"])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_blockwise_fp8_prefill_operands(monkeypatch, wfmt, with_bias):
+    monkeypatch.setattr(torch.nn.functional, "scaled_mm", _scaled_mm_1x128)
+    gen = torch.Generator().manual_seed(11)
+    m, n, k = 40, 48, 256
+    x = torch.randn(m, k, generator=gen).to(torch.bfloat16) * 3
+    weight = _weight(wfmt, n, k, 128, gen)
+    bias = torch.randn(n, generator=gen).to(torch.bfloat16) if with_bias else None
+    out = torch.full((m, n), float("nan"), dtype=torch.bfloat16)
+    y = gemm_w4._blockwise_fp8_matmul(x, weight, bias, torch.bfloat16, out)
+    assert y is out and torch.isfinite(y).all()
+    exact = quantize_scaled_fp8(x).dequantize().double() @ weight.dequantize().double().t()
+    if with_bias:
+        exact = exact + bias.double()
+    assert _rel(y, exact) < BF16_TOL
+
+
+def test_blockwise_fp8_refusal_falls_back_once(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise RuntimeError("block scaling needs cuBLAS >= 12.9")
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_mm", refuse)
+    monkeypatch.setattr(gemm_w4, "_blockwise_unsupported", {})
+    gen = torch.Generator().manual_seed(12)
+    x = torch.randn(16, 128, generator=gen)
+    with pytest.warns(RuntimeWarning, match="falls back"):
+        assert gemm_w4._blockwise_fp8_matmul(x, _weight("bitmod", 16, 128, 128, gen), None, torch.bfloat16, None) is None
+    assert gemm_w4._blockwise_unsupported == {(0, True): "block scaling needs cuBLAS >= 12.9"}
 
 
 def test_dequantize_w4_rejects_bad_input():
