@@ -1,0 +1,79 @@
+"""Where the W4A8 prefill GEMM's time goes on the FP8 block-scaled path (groups of 128): the activations' FP8
+quantization, the weight's values to FP8, cuBLAS's block-scaled FP8 GEMM alone, against bf16 cuBLAS and FP8
+row-scaled torch._scaled_mm (the floor for an FP8 GEMM), on the Llama-3.1-8B decoder shapes.
+
+Parts are CUDA-graph replays (GPU time alone); "whole eager" is w4_matmul as a model calls it (host time included).
+Run: python benchmarks/prefill_breakdown.py [--ms M ...]. Prints a markdown table last.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from p3quant.kernels import act_quant
+from p3quant.kernels.act_quant import quantize_activation_fp8
+from p3quant.kernels.dequant_w4 import weight_values_fp8
+from p3quant.kernels.gemm_w4 import w4_matmul
+
+try:
+    from ._common import LLAMA_SHAPES, bench_rotating, bitmod_weight_copies, copies_for, environment, graph_rotating_us, table
+except ImportError:
+    from _common import LLAMA_SHAPES, bench_rotating, bitmod_weight_copies, copies_for, environment, graph_rotating_us, table
+
+act_quant.ACTIVATION_REUSE = False  # each call quantizes its own activations, as one linear layer does
+
+
+def _graph_us(calls) -> float:
+    """graph_rotating_us, or NaN (with the reason printed) where the call cannot be captured or run here."""
+    try:
+        return graph_rotating_us(calls)
+    except Exception as err:  # noqa: BLE001  (reported, the other columns still run)
+        print(f"not timed: {type(err).__name__}: {str(err)[:200]}", flush=True)
+        return float("nan")
+
+
+def run(ms: tuple[int, ...]) -> str:
+    fn = torch.nn.functional
+    block = fn.ScalingType.BlockWise1x128
+    rows = []
+    for name, (n, k) in LLAMA_SHAPES.items():
+        weights = bitmod_weight_copies(n, k, copies_for(n * k // 2))
+        values = [weight_values_fp8(w)[0] for w in weights]
+        scales_b = [(w.scales.float() * 0.5).t().contiguous().t() for w in weights]
+        dense = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(copies_for(n * k * 2))]
+        fp8_dense = [d.to(torch.float8_e4m3fn) for d in dense[: len(values)]]
+        for m in ms:
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            codes, xs = quantize_activation_fp8(x)
+            scale_a = xs.unsqueeze(0).expand(k // 128, m).contiguous().t()
+            row_a, row_b = torch.ones(m, 1, device="cuda"), torch.ones(1, n, device="cuda")
+            act = _graph_us([lambda: quantize_activation_fp8(x)])
+            wval = _graph_us([lambda w=w: weight_values_fp8(w) for w in weights])
+            mm = _graph_us([lambda v=v, sb=sb: fn.scaled_mm(codes, v.t(), scale_a, block, sb, block)
+                                    for v, sb in zip(values, scales_b)])
+            rowwise = _graph_us([lambda d=d: torch._scaled_mm(codes, d.t(), row_a, row_b, out_dtype=torch.bfloat16)
+                                         for d in fp8_dense])
+            bf16 = _graph_us([lambda d=d: x @ d.t() for d in dense])
+            whole_graph = _graph_us([lambda w=w: w4_matmul(x, w, None, "fp8_e4m3") for w in weights])
+            whole_eager = bench_rotating([lambda w=w: w4_matmul(x, w, None, "fp8_e4m3") for w in weights])
+            wbytes = n * k // 2 + n * k  # packed codes read, FP8 values written
+            rows.append((f"{name} {n}x{k}", m, act, wval, wbytes / wval / 1e6, mm, rowwise, mm / rowwise, bf16,
+                         whole_graph, whole_eager, bf16 / whole_graph))
+    headers = ["shape NxK", "M", "act quant us", "weight values us", "weight values TB/s", "block-scaled mm us",
+               "row-scaled FP8 mm us", "block / row", "bf16 us", "whole graph us", "whole eager us",
+               "whole graph x bf16"]
+    return table(headers, rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ms", type=int, nargs="+", default=[1024, 4096])
+    args = parser.parse_args()
+    print(environment())
+    print(run(tuple(args.ms)))
+
+
+if __name__ == "__main__":
+    main()
