@@ -23,7 +23,8 @@ from _common import environment  # noqa: E402
 from p3quant.attention_math import AttentionFormats, QuantizedKV, p3_attention_reference  # noqa: E402
 from p3quant.formats import BITMOD4, INT4, Int4Tensor, quantize_scaled_fp8  # noqa: E402
 from p3quant.kernels.decode_attention import p3_decode_attention  # noqa: E402
-from p3quant.kernels import common, gemm_w4  # noqa: E402
+from p3quant.kernels import common, dequant_w4, gemm_w4  # noqa: E402
+from p3quant.kernels.dequant_w4 import weight_values_fp8  # noqa: E402
 from p3quant.kernels import decode_attention as attention  # noqa: E402
 from p3quant.kernels.gemm_w4 import w4_matmul  # noqa: E402
 from p3quant.kernels.kv_append import append_kv, key_smoothing_factor_gpu  # noqa: E402
@@ -81,6 +82,20 @@ def check_blockwise_prefill() -> list[str]:
     quantized operands, and that it ran rather than falling back. Tolerance: the output's one rounding (bf16
     2**-9, fp16 2**-11 relative per element) plus Hopper's FP8 accumulation within each 128-wide block."""
     out, calls = [], []
+    for wfmt, n, k in (("bitmod", 4096, 4096), ("int4", 1000, 1408)):
+        w = torch.randn(n, k, device="cuda")
+        wq = BITMOD4.quantize(w, 128) if wfmt == "bitmod" else INT4.quantize(w, 64)
+        ptx_values, factor = weight_values_fp8(wq)
+        dequant_w4.DEQUANT_USE_ASM = False
+        try:
+            triton_values, _ = weight_values_fp8(wq)
+        finally:
+            dequant_w4.DEQUANT_USE_ASM = True
+        same = torch.equal(ptx_values.view(torch.uint8), triton_values.view(torch.uint8))
+        exact = torch.equal(ptx_values.float() * factor * wq.scales.float().repeat_interleave(wq.group_size, 1),
+                            wq.dequantize().float())
+        out.append(f"{'PASS' if same and exact else 'FAIL'} weight_values_fp8 {wfmt} N={n} K={k}: PTX bytes == "
+                   f"pure-Triton bytes {same}, x factor x scales == dequantize() {exact}")
     real = gemm_w4._blockwise_fp8_matmul
 
     def counted(*args, **kwargs):

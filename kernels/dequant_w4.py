@@ -7,7 +7,9 @@ Each value is fp16(grid x scale): one rounding of the exact dequantized weight (
 
 On the GPU (fp16 output) each int32 word of 8 codes is decoded by inline PTX (common.decode_word_ptx) into four
 fp16 pairs in code order, scaled in fp32 and rounded once; the four pairs of a word are stored as one 16-byte
-vector. The interpreter and fp32 output decode with decode_w4.
+vector. weight_values_fp8 (the block-scaled FP8 prefill's operand) converts the unscaled pairs to E4M3 pairs in
+the same asm block and stores a word's 8 bytes as one int64. The interpreter and fp32 output decode with
+decode_w4.
 """
 
 from __future__ import annotations
@@ -24,6 +26,15 @@ from .common import (bitmod_special2, cdiv, decode_tables, decode_w4, decode_wor
 # Operands (pack=1): $0..$3 the pairs, $4 the word, $5..$8 tables, $9 m64, $10 bias, $11 the fp32 scale.
 _ASM_DEQUANT = tl.constexpr(decode_word_ptx(("$0", "$1", "$2", "$3"), "$4", ("$5", "$6", "$7", "$8"), "$9", "$10", "$11"))
 _ASM_DEQUANT_CONSTRAINTS = tl.constexpr("=r,=r,=r,=r," + ",".join(["r"] * 8))
+# Operands (pack=1): $0, $1 the E4M3 bytes of codes 0..3 and 4..7, $2 the word, $3..$6 tables, $7 m64, $8 bias.
+# The word's four exact fp16 pairs (unscaled) become E4M3 pairs by one conversion each (exact: |value| <= 16).
+_ASM_VALUES_FP8 = tl.constexpr(
+    "{\n.reg .b32 p0, p1, p2, p3;\n.reg .b16 e0, e1, e2, e3;\n"
+    + decode_word_ptx(("p0", "p1", "p2", "p3"), "$2", ("$3", "$4", "$5", "$6"), "$7", "$8")
+    + "\ncvt.rn.satfinite.e4m3x2.f16x2 e0, p0;\ncvt.rn.satfinite.e4m3x2.f16x2 e1, p1;"
+    + "\ncvt.rn.satfinite.e4m3x2.f16x2 e2, p2;\ncvt.rn.satfinite.e4m3x2.f16x2 e3, p3;"
+    + "\nmov.b32 $0, {e0, e1};\nmov.b32 $1, {e2, e3};\n}")
+_ASM_VALUES_FP8_CONSTRAINTS = tl.constexpr("=r,=r," + ",".join(["r"] * 7))
 
 
 @triton.jit
@@ -55,7 +66,16 @@ def _dequant_kernel(words_ptr, scales_ptr, aux_ptr, out_ptr, N, KW, s_w, s_s, s_
     cols = tl.arange(0, BLOCK_W * 8)
     out_cols = tl.program_id(1) * BLOCK_W * 8 + cols
     out_mask = (rows < N)[:, None] & (out_cols < KW * 8)[None, :]
-    if USE_ASM:  # fp16 output: 4 fp16 pairs per word, stored through an int32 view of the output
+    if USE_ASM and UNSCALED:  # FP8 output: a word's 8 E4M3 bytes as one int64, in code order
+        tp0, tp1, tn0, tn1 = decode_tables(aux, IS_BITMOD)
+        lo, hi = tl.inline_asm_elementwise(
+            _ASM_VALUES_FP8, _ASM_VALUES_FP8_CONSTRAINTS,
+            [words, tp0, tp1, tn0, tn1, tl.full((BLOCK_N, BLOCK_W), 0x64646464, tl.int32), tl.full((BLOCK_N, BLOCK_W), 0x64106410, tl.int32)],
+            dtype=(tl.int32, tl.int32), is_pure=True, pack=1)
+        eight = lo.to(tl.uint32, bitcast=True).to(tl.int64) | (hi.to(tl.int64) << 32)
+        out64 = out_ptr.to(tl.pointer_type(tl.int64))
+        tl.store(out64 + rows[:, None] * (s_o // 8) + wi[None, :], eight, mask=mask)
+    elif USE_ASM:  # fp16 output: 4 fp16 pairs per word, stored through an int32 view of the output
         tp0, tp1, tn0, tn1 = decode_tables(aux, IS_BITMOD)
         p0, p1, p2, p3 = tl.inline_asm_elementwise(
             _ASM_DEQUANT, _ASM_DEQUANT_CONSTRAINTS,
@@ -139,7 +159,7 @@ def weight_values_fp8(weight: BitMoDTensor | Int4Tensor) -> tuple[torch.Tensor, 
         raise TypeError(f"{what}: weight must be a BitMoDTensor or Int4Tensor, got {type(weight).__name__}")
     words, aux, n, k = _operands(what, weight)
     out = torch.empty((n, k), dtype=torch.float8_e4m3fn, device=words.device)
-    _launch_dequant(words, weight, aux, out, use_asm=False, unscaled=True)
+    _launch_dequant(words, weight, aux, out, use_asm=DEQUANT_USE_ASM and not interpreting(), unscaled=True)
     return out, 0.5 if isinstance(weight, BitMoDTensor) else 1.0
 
 

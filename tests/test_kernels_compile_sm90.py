@@ -45,7 +45,7 @@ for is_bitmod in (True, False):
         divisible=("KW", "s_w", "s_o"), num_warps=4)
 out["weight_values_fp8"] = compile_ptx(  # the FP8 operand of the block-scaled prefill GEMM
     dequant_w4._dequant_kernel, ["*i32", "*fp16", "*u8", "*fp8e4nv"] + ["i32"] * 6,
-    dict(GROUP=128, BLOCK_N=16, BLOCK_W=64, IS_BITMOD=True, USE_ASM=False, UNSCALED=True),
+    dict(GROUP=128, BLOCK_N=16, BLOCK_W=64, IS_BITMOD=True, USE_ASM=True, UNSCALED=True),
     divisible=("KW", "s_w", "s_o"), num_warps=4)
 out["epilogue"] = compile_ptx(w4_mma._rows_epilogue_kernel, ["*fp32", "*fp32", "*bf16", "*bf16"] + ["i32"] * 3,
                               dict(SPLIT_K=4, BLOCK=1024, IS_BITMOD=True, HAS_BIAS=True, ROW_SCALE=True, PDL=True), num_warps=4)
@@ -120,7 +120,8 @@ def test_gpu_kernels_compile_for_hopper_with_their_inline_ptx():
     for fmt in ("dequant_bitmod=True", "dequant_bitmod=False"):
         assert "cvt.rn.f16x2.f32" in ptx[fmt], fmt  # one rounding per weight
         assert "st.global.v4" in ptx[fmt], fmt  # four fp16 pairs per 16-byte store
-    assert "cvt.rn.satfinite.e4m3x2.f32" in ptx["weight_values_fp8"]  # exact: every value is an E4M3 number
+    # exact fp16 pairs to E4M3 pairs (every value is an E4M3 number), a word's 8 bytes in one 8-byte store
+    assert "cvt.rn.satfinite.e4m3x2.f16x2" in ptx["weight_values_fp8"] and "st.global.v2.b64" in ptx["weight_values_fp8"]
     assert "ld.global" in ptx["epilogue"]
     assert all("st.global" in ptx[f"act_quant_{layout}"] for layout in range(3))
     for gemv in ("gemv_1", "gemv_3"):
