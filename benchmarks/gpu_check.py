@@ -85,12 +85,14 @@ def check_blockwise_prefill() -> list[str]:
     for wfmt, n, k in (("bitmod", 4096, 4096), ("int4", 1000, 1408)):
         w = torch.randn(n, k, device="cuda")
         wq = BITMOD4.quantize(w, 128) if wfmt == "bitmod" else INT4.quantize(w, 64)
-        ptx_values, factor = weight_values_fp8(wq)
-        dequant_w4.DEQUANT_USE_ASM = False
+        saved = dequant_w4.VALUES_FP8_USE_ASM
         try:
+            dequant_w4.VALUES_FP8_USE_ASM = True
+            ptx_values, factor = weight_values_fp8(wq)
+            dequant_w4.VALUES_FP8_USE_ASM = False
             triton_values, _ = weight_values_fp8(wq)
         finally:
-            dequant_w4.DEQUANT_USE_ASM = True
+            dequant_w4.VALUES_FP8_USE_ASM = saved
         same = torch.equal(ptx_values.view(torch.uint8), triton_values.view(torch.uint8))
         exact = torch.equal(ptx_values.float() * factor * wq.scales.float().repeat_interleave(wq.group_size, 1),
                             wq.dequantize().float())

@@ -3,6 +3,7 @@ quantization, the weight's values to FP8, cuBLAS's block-scaled FP8 GEMM alone, 
 row-scaled torch._scaled_mm (the floor for an FP8 GEMM), on the Llama-3.1-8B decoder shapes.
 
 Parts are CUDA-graph replays (GPU time alone); "whole eager" is w4_matmul as a model calls it (host time included).
+"weight values PTX" times the inline-PTX variant of the weight's FP8 values (dequant_w4.VALUES_FP8_USE_ASM).
 Run: python benchmarks/prefill_breakdown.py [--ms M ...]. Prints a markdown table last.
 """
 
@@ -12,7 +13,7 @@ import argparse
 
 import torch
 
-from p3quant.kernels import act_quant
+from p3quant.kernels import act_quant, dequant_w4
 from p3quant.kernels.act_quant import quantize_activation_fp8
 from p3quant.kernels.dequant_w4 import weight_values_fp8
 from p3quant.kernels.gemm_w4 import w4_matmul
@@ -51,6 +52,11 @@ def run(ms: tuple[int, ...]) -> str:
             row_a, row_b = torch.ones(m, 1, device="cuda"), torch.ones(1, n, device="cuda")
             act = _graph_us([lambda: quantize_activation_fp8(x)])
             wval = _graph_us([lambda w=w: weight_values_fp8(w) for w in weights])
+            dequant_w4.VALUES_FP8_USE_ASM, saved = True, dequant_w4.VALUES_FP8_USE_ASM
+            try:
+                wval_ptx = _graph_us([lambda w=w: weight_values_fp8(w) for w in weights])
+            finally:
+                dequant_w4.VALUES_FP8_USE_ASM = saved
             mm = _graph_us([lambda v=v, sb=sb: fn.scaled_mm(codes, v.t(), scale_a, block, sb, block)
                                     for v, sb in zip(values, scales_b)])
             rowwise = _graph_us([lambda d=d: torch._scaled_mm(codes, d.t(), row_a, row_b, out_dtype=torch.bfloat16)
@@ -59,9 +65,10 @@ def run(ms: tuple[int, ...]) -> str:
             whole_graph = _graph_us([lambda w=w: w4_matmul(x, w, None, "fp8_e4m3") for w in weights])
             whole_eager = bench_rotating([lambda w=w: w4_matmul(x, w, None, "fp8_e4m3") for w in weights])
             wbytes = n * k // 2 + n * k  # packed codes read, FP8 values written
-            rows.append((f"{name} {n}x{k}", m, act, wval, wbytes / wval / 1e6, mm, rowwise, mm / rowwise, bf16,
+            rows.append((f"{name} {n}x{k}", m, act, wval, wbytes / wval / 1e6, wval_ptx, wbytes / wval_ptx / 1e6, mm, rowwise, mm / rowwise, bf16,
                          whole_graph, whole_eager, bf16 / whole_graph))
-    headers = ["shape NxK", "M", "act quant us", "weight values us", "weight values TB/s", "block-scaled mm us",
+    headers = ["shape NxK", "M", "act quant us", "weight values us", "weight values TB/s", "weight values PTX us",
+               "weight values PTX TB/s", "block-scaled mm us",
                "row-scaled FP8 mm us", "block / row", "bf16 us", "whole graph us", "whole eager us",
                "whole graph x bf16"]
     return table(headers, rows)

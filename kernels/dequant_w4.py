@@ -103,6 +103,10 @@ def _dequant_kernel(words_ptr, scales_ptr, aux_ptr, out_ptr, N, KW, s_w, s_s, s_
 
 
 DEQUANT_USE_ASM = True  # benchmarks / gpu checks may switch it off to compare against the pure-Triton decode
+# weight_values_fp8 by inline PTX: compiled and checked for sm_90 on the CPU (tests/test_kernels_compile_sm90.py),
+# ~3x fewer instructions than the pure-Triton decode, but not yet run on a GPU: off until gpu_check's byte-for-byte
+# comparison with the pure-Triton values (check_blockwise_prefill) has passed there.
+VALUES_FP8_USE_ASM = False
 
 
 def _operands(what: str, weight: BitMoDTensor | Int4Tensor) -> tuple[torch.Tensor, torch.Tensor, int, int]:
@@ -159,7 +163,7 @@ def weight_values_fp8(weight: BitMoDTensor | Int4Tensor) -> tuple[torch.Tensor, 
         raise TypeError(f"{what}: weight must be a BitMoDTensor or Int4Tensor, got {type(weight).__name__}")
     words, aux, n, k = _operands(what, weight)
     out = torch.empty((n, k), dtype=torch.float8_e4m3fn, device=words.device)
-    _launch_dequant(words, weight, aux, out, use_asm=DEQUANT_USE_ASM and not interpreting(), unscaled=True)
+    _launch_dequant(words, weight, aux, out, use_asm=VALUES_FP8_USE_ASM and not interpreting(), unscaled=True)
     return out, 0.5 if isinstance(weight, BitMoDTensor) else 1.0
 
 
