@@ -81,8 +81,8 @@ def require_dtype(what: str, name: str, t: torch.Tensor, *dtypes: torch.dtype) -
 # issue only what no earlier kernel writes (the weights), then wait (pdl_wait) for the previous kernel to finish
 # and its writes to become visible before they read or write anything else. Every kernel launched this way waits
 # in all its programs, so the previous kernel's completion implies that of all before it.
-# Off by default until it has been timed and checked on a GPU (benchmarks/RESULTS.md): P3QUANT_PDL=1 switches it on
-# for a process, pdl_mode() for a block of code.
+# Off by default: on an H200 it gave the same tokens but no end-to-end gain (benchmarks/RESULTS.md, ninth session).
+# P3QUANT_PDL=1 switches it on for a process, pdl_mode() for a block of code.
 USE_PDL = os.environ.get("P3QUANT_PDL", "0") == "1"
 
 

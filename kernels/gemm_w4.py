@@ -370,7 +370,8 @@ def _gemv_config() -> tuple[int, int, int, int]:
         return GEMV_OVERRIDE
     # best total of a 12-config sweep on qkv / o / gate_up / down since the [groups, rows, words] tile order (H200,
     # benchmarks/bench_decode_gemm.py, 2026-11-29: 85.5 us against 92.9 for the earlier (4, 1024, 1, 1)), and
-    # 3.45 against 3.67 ms per token end to end (bench_e2e.py --gemv-config): 8 rows x 1024 K per step, two warps
+    # 3.45 against 3.67 ms per token end to end, each alone in a process (bench_e2e.py --gemv-config; 3.66 in a
+    # later run alternating with bf16): 8 rows x 1024 K per step, two warps
     return (8, 1024, 2, 1)
 
 
