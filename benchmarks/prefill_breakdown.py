@@ -52,7 +52,8 @@ def run(ms: tuple[int, ...]) -> str:
             row_a, row_b = torch.ones(m, 1, device="cuda"), torch.ones(1, n, device="cuda")
             act = _graph_us([lambda: quantize_activation_fp8(x)])
             wval = _graph_us([lambda w=w: weight_values_fp8(w) for w in weights])
-            dequant_w4.VALUES_FP8_USE_ASM, saved = True, dequant_w4.VALUES_FP8_USE_ASM
+            saved = dequant_w4.VALUES_FP8_USE_ASM
+            dequant_w4.VALUES_FP8_USE_ASM = True
             try:
                 wval_ptx = _graph_us([lambda w=w: weight_values_fp8(w) for w in weights])
             finally:

@@ -151,9 +151,11 @@ def quantize_activation_fp8_split(x: torch.Tensor, codes: torch.Tensor, scales: 
 
 
 @on_input_device
-def quantize_activation_fp8(x: torch.Tensor, dtype: torch.dtype = torch.float8_e4m3fn) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_activation_fp8(x: torch.Tensor, dtype: torch.dtype = torch.float8_e4m3fn,
+                            rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """x [M, K] (fp16/bf16/fp32) -> (codes [M, K] as `dtype`, scales float32 [M], fp16-exact). `dtype`:
     torch.float8_e4m3fn, or float16 / float32, which hold every E4M3 value exactly (for 16-bit matmuls).
+    `rows` >= M pads both with zero rows (for GEMMs that need a row count of some alignment).
 
     decode(codes) * scales equals quantize_scaled_fp8(x).dequantize() exactly.
     """
@@ -165,8 +167,14 @@ def quantize_activation_fp8(x: torch.Tensor, dtype: torch.dtype = torch.float8_e
     if x.stride(-1) != 1:
         x = x.contiguous()
     m, k = x.shape
-    codes = torch.empty((m, k), dtype=dtype, device=x.device)
-    scales = torch.empty((m,), dtype=torch.float32, device=x.device)
+    rows = m if rows is None else rows
+    if rows < m:
+        raise ValueError(f"quantize_activation_fp8: rows={rows} is fewer than x's {m}")
+    codes = torch.empty((rows, k), dtype=dtype, device=x.device)
+    scales = torch.empty((rows,), dtype=torch.float32, device=x.device)
+    if rows > m:
+        codes[m:].zero_()
+        scales[m:].zero_()
     _quantize_into(x, codes, scales, _PLAIN)
     return codes, scales
 

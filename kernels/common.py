@@ -98,7 +98,8 @@ def pdl_mode(on: bool) -> Iterator[None]:
 
 
 @functools.cache
-def _capability(index: int) -> tuple[int, int]:
+def device_capability(index: int) -> tuple[int, int]:
+    """The CUDA device's compute capability, cached (torch asks the driver on every call)."""
     return torch.cuda.get_device_capability(index)
 
 
@@ -116,7 +117,7 @@ def pdl_supported(t: torch.Tensor) -> bool:
     """Whether kernels reading `t` could launch with programmatic dependent launch: an NVIDIA GPU (not ROCm, not
     the interpreter) of compute capability >= 9.0 and a Triton that can launch that way."""
     return (t.is_cuda and torch.version.hip is None and not interpreting()
-            and _capability(t.device.index) >= (9, 0) and _triton_launches_pdl())
+            and device_capability(t.device.index) >= (9, 0) and _triton_launches_pdl())
 
 
 def pdl_enabled(t: torch.Tensor) -> bool:

@@ -20,8 +20,8 @@ import triton.language as tl
 
 from p3quant.formats import BitMoDTensor, Int4Tensor
 
-from .common import (bitmod_special2, cdiv, decode_tables, decode_w4, decode_word_ptx, interpreting, next_power_of_2,
-                     on_input_device, require_device)
+from .common import (bitmod_special2, cdiv, decode_tables, decode_w4, decode_word_ptx, device_capability, interpreting,
+                     next_power_of_2, on_input_device, require_device)
 
 # Operands (pack=1): $0..$3 the pairs, $4 the word, $5..$8 tables, $9 m64, $10 bias, $11 the fp32 scale.
 _ASM_DEQUANT = tl.constexpr(decode_word_ptx(("$0", "$1", "$2", "$3"), "$4", ("$5", "$6", "$7", "$8"), "$9", "$10", "$11"))
@@ -163,7 +163,8 @@ def weight_values_fp8(weight: BitMoDTensor | Int4Tensor) -> tuple[torch.Tensor, 
         raise TypeError(f"{what}: weight must be a BitMoDTensor or Int4Tensor, got {type(weight).__name__}")
     words, aux, n, k = _operands(what, weight)
     out = torch.empty((n, k), dtype=torch.float8_e4m3fn, device=words.device)
-    _launch_dequant(words, weight, aux, out, use_asm=VALUES_FP8_USE_ASM and not interpreting(), unscaled=True)
+    use_asm = VALUES_FP8_USE_ASM and not interpreting() and device_capability(words.device.index) >= (8, 9)  # cvt to E4M3
+    _launch_dequant(words, weight, aux, out, use_asm=use_asm, unscaled=True)
     return out, 0.5 if isinstance(weight, BitMoDTensor) else 1.0
 
 

@@ -26,6 +26,8 @@ reference rounding Q_act(x) to x.dtype before its matmul.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import triton
 import triton.language as tl
@@ -33,8 +35,8 @@ import triton.language as tl
 from p3quant.formats import BitMoDTensor, Int4Tensor
 
 from .act_quant import quantize_activation_fp8, quantize_activation_once
-from .common import (bitmod_special2, cdiv, clamped_rows, decode_tables, decode_w4, dot16, fp8_dot_supported,
-                     interpreting, next_power_of_2, on_input_device, pdl_launch, pdl_launch_dependents, pdl_wait,
+from .common import (bitmod_special2, cdiv, clamped_rows, decode_tables, decode_w4, device_capability, dot16,
+                     fp8_dot_supported, interpreting, next_power_of_2, on_input_device, pdl_launch, pdl_launch_dependents, pdl_wait,
                      require_device)
 from .dequant_w4 import dequantize_w4, weight_values_fp8
 from .w4_mma import rows_epilogue, w4_mma_matmul
@@ -379,8 +381,8 @@ def _gemv_config() -> tuple[int, int, int, int]:
 # measures it against the CUDA-core GEMV (M = 1) and the tiled kernel around these bounds.
 MMA_MIN_M = 2
 MMA_MAX_M = 64
-# W4A8 with at least this many rows: dequantize the weight once to fp16 and let cuBLAS multiply (prefill);
-# benchmarks/bench_gemm.py measures both paths around it.
+# W4A8 with at least this many rows: the weight converted once (to FP8 for the block-scaled path, else to fp16)
+# and cuBLAS multiplies (prefill); benchmarks/bench_gemm.py measures the paths around it.
 DEQUANT_MIN_M = 256
 GEMV_A16_CONFIG = (8, 1024, 4, 3)  # W4A16 GEMV (the previous kernel and its sweep's best)
 _MM_CONFIGS = {
@@ -492,50 +494,47 @@ _MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype")  # fp16 x fp16 -> fp32 outpu
 # tokens' scales on the activations, the groups' scales on the weights), through torch's scaled_mm where it has
 # them (torch >= 2.10). Benchmarks and GPU checks may switch it off to compare with the fp16 dequant path.
 FP8_BLOCKWISE = True
-_blockwise_unsupported: dict[tuple[int, bool], str] = {}  # (device, M % 4 == 0) -> why cuBLAS refused it
+_blockwise_unsupported: dict[int, str] = {}  # device index -> why torch / cuBLAS refused block scaling there
 
 
 def _blockwise_fp8_ok(x: torch.Tensor, prep: _Prepared, out_dtype: torch.dtype) -> bool:
-    """Whether the block-scaled FP8 path applies: shapes cuBLAS's FP8 GEMM takes and a device it ran on."""
+    """Whether the block-scaled FP8 path applies: shapes cuBLAS's FP8 GEMM takes, on a Hopper GPU (torch's
+    1x128 block scaling is SM90-only) where it has not been refused."""
     return (FP8_BLOCKWISE and x.is_cuda and torch.version.hip is None and not interpreting()
             and hasattr(torch.nn.functional, "scaled_mm") and hasattr(torch.nn.functional, "ScalingType")
             and prep.group == 128 and prep.k % 128 == 0 and prep.n % 16 == 0
             and out_dtype in (torch.float16, torch.bfloat16)
-            and torch.cuda.get_device_capability(x.device) >= (9, 0)
-            and _blockwise_key(x) not in _blockwise_unsupported)
-
-
-def _blockwise_key(x: torch.Tensor) -> tuple[int, bool]:
-    # cuBLAS (CUDA 13.0, H200) refused M = 1030 and took M = 300: the token scales' column stride M must be a
-    # multiple of 4 (16 bytes), so a refusal marks only that kind of M
-    return x.device.index or 0, x.shape[0] % 4 == 0
+            and device_capability(x.device.index)[0] == 9
+            and (x.device.index or 0) not in _blockwise_unsupported)
 
 
 def _blockwise_fp8_matmul(x: torch.Tensor, weight: BitMoDTensor | Int4Tensor, bias: torch.Tensor | None,
                           out_dtype: torch.dtype, out: torch.Tensor | None) -> torch.Tensor | None:
     """y = sum over groups g of xs[m] * s[n, g] * f * (FP8 codes of x) . (integer weight values), in cuBLAS.
 
-    The products are exact and the scales multiply each 128-wide group's fp32 partial sum, so the result equals
-    the reference up to fp32 summation order (no rounding of the weights to fp16). Returns None (after one
-    warning) where this torch / cuBLAS refuses block scaling: the caller then takes the dequant path.
+    The products are exact and the scales multiply each 128-wide block's partial sum, which Hopper's FP8 MMA
+    adds with a reduced-precision adder (as the tiled kernel's): no rounding of the weights to fp16. The rows are
+    padded to a multiple of 4 (cuBLAS refused M = 1030 and took M = 300 on an H200: the token scales' column
+    stride M must be 16-byte aligned). Returns None (after one warning per device) where torch / cuBLAS refuses
+    block scaling: the caller then takes the dequant path.
     """
     fn = torch.nn.functional
     m, k = x.shape
-    kg = k // 128
-    codes, xs = quantize_activation_fp8(x)
+    rows, kg = -(-m // 4) * 4, k // 128
+    codes, xs = quantize_activation_fp8(x, rows=rows)
     values, factor = weight_values_fp8(weight)
-    scale_a = xs.unsqueeze(0).expand(kg, m).contiguous().t()  # [M, K / 128], column-major as cuBLAS wants
+    scale_a = xs.unsqueeze(0).expand(kg, rows).contiguous().t()  # [rows, K / 128], column-major as cuBLAS wants
     scale_b = (weight.scales.float() * factor).t().contiguous().t()  # [N, K / 128], column-major
     block = fn.ScalingType.BlockWise1x128
     try:
         y = fn.scaled_mm(codes, values.t(), scale_a, block, scale_b, block,
-                         output_dtype=out_dtype if bias is None else torch.float32)
-    except (RuntimeError, NotImplementedError) as err:
-        import warnings
-
-        _blockwise_unsupported[_blockwise_key(x)] = str(err)
-        warnings.warn(f"w4_matmul: cuBLAS refused block-scaled FP8 ({str(err)[:200]}); W4A8 prefill falls back to "
-                      "an fp16 copy of the weight", RuntimeWarning, stacklevel=3)
+                         output_dtype=out_dtype if bias is None else torch.float32)[:m]
+    except torch.OutOfMemoryError:
+        raise
+    except (RuntimeError, NotImplementedError, ValueError) as err:
+        _blockwise_unsupported[x.device.index or 0] = str(err)
+        warnings.warn(f"w4_matmul: torch / cuBLAS refused block-scaled FP8 ({str(err)[:200]}); W4A8 prefill falls "
+                      "back to an fp16 copy of the weight", RuntimeWarning, stacklevel=4)
         return None
     if bias is not None:
         y = torch.add(y, bias, out=out if out is not None else torch.empty_like(y, dtype=out_dtype))
@@ -644,7 +643,8 @@ def w4_matmul(
                             or out.device != x.device):
         raise ValueError(f"{what}: out must be a contiguous {out_dtype} [{m}, {n}] tensor on {x.device}")
     a_fp8 = activation_format == "fp8_e4m3"
-    if a_fp8 and m >= DEQUANT_MIN_M and _blockwise_fp8_ok(x2, prep, out_dtype):
+    # the prefill paths take only what the M = 1 and small-M kernels (below) do not
+    if a_fp8 and m >= DEQUANT_MIN_M and m > max(1, MMA_MAX_M) and _blockwise_fp8_ok(x2, prep, out_dtype):
         y = _blockwise_fp8_matmul(x2, weight, bias, out_dtype, out)
         if y is not None:
             return y.reshape(*lead, n)

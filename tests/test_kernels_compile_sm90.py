@@ -43,19 +43,22 @@ for is_bitmod in (True, False):
         dequant_w4._dequant_kernel, ["*i32", "*fp16", "*u8", "*fp16"] + ["i32"] * 6,
         dict(GROUP=128, BLOCK_N=16, BLOCK_W=64, IS_BITMOD=is_bitmod, USE_ASM=True),
         divisible=("KW", "s_w", "s_o"), num_warps=4)
-out["weight_values_fp8"] = compile_ptx(  # the FP8 operand of the block-scaled prefill GEMM
-    dequant_w4._dequant_kernel, ["*i32", "*fp16", "*u8", "*fp8e4nv"] + ["i32"] * 6,
-    dict(GROUP=128, BLOCK_N=16, BLOCK_W=64, IS_BITMOD=True, USE_ASM=True, UNSCALED=True),
-    divisible=("KW", "s_w", "s_o"), num_warps=4)
+for is_bitmod in (True, False):  # the FP8 operand of the block-scaled prefill GEMM
+    out[f"weight_values_fp8_bitmod={is_bitmod}"] = compile_ptx(
+        dequant_w4._dequant_kernel, ["*i32", "*fp16", "*u8", "*fp8e4nv"] + ["i32"] * 6,
+        dict(GROUP=128, BLOCK_N=16, BLOCK_W=64, IS_BITMOD=is_bitmod, USE_ASM=True, UNSCALED=True),
+        divisible=("KW", "s_w", "s_o"), num_warps=4)
 out["epilogue"] = compile_ptx(w4_mma._rows_epilogue_kernel, ["*fp32", "*fp32", "*bf16", "*bf16"] + ["i32"] * 3,
                               dict(SPLIT_K=4, BLOCK=1024, IS_BITMOD=True, HAS_BIAS=True, ROW_SCALE=True, PDL=True), num_warps=4)
 # one weight (with and without programmatic dependent launch); q/k/v-style segments (the segment choice reassigns
 # pointers at run time)
+gemv_n, gemv_k, gemv_warps, gemv_stages = gemm_w4._gemv_config()  # the shipped launch configuration
 for name, segments, pdl in (("gemv_1", 1, True), ("gemv_3", 3, True), ("gemv_1_no_pdl", 1, False)):
     out[name] = compile_ptx(
         gemm_w4._w4_gemv_kernel, gemm_w4.GEMV_ARG_TYPES,
-        dict(KW=512, SEGMENTS=segments, GROUP=128, BLOCK_N=4, BLOCK_K=1024, IS_BITMOD=True, HAS_BIAS=segments > 1,
-             USE_ASM=True, EVEN_K=True, PDL=pdl), divisible=("K", "stride_xm", "stride_wn"), num_warps=1, num_stages=1)
+        dict(KW=512, SEGMENTS=segments, GROUP=128, BLOCK_N=gemv_n, BLOCK_K=gemv_k, IS_BITMOD=True, HAS_BIAS=segments > 1,
+             USE_ASM=True, EVEN_K=True, PDL=pdl), divisible=("K", "stride_xm", "stride_wn"), num_warps=gemv_warps,
+        num_stages=gemv_stages)
 for layout, q_type in ((0, "*fp8e4nv"), (1, "*fp32"), (2, "*fp16")):  # in order, split, half-planes
     out[f"act_quant_{layout}"] = compile_ptx(act_quant._act_quant_kernel, ["*bf16", q_type, "*fp32", "i32", "i32", "i32"],
                                              dict(BLOCK_K=4096, LAYOUT=layout, PDL=True), divisible=("K", "stride_xm", "stride_qm"),
@@ -121,7 +124,8 @@ def test_gpu_kernels_compile_for_hopper_with_their_inline_ptx():
         assert "cvt.rn.f16x2.f32" in ptx[fmt], fmt  # one rounding per weight
         assert "st.global.v4" in ptx[fmt], fmt  # four fp16 pairs per 16-byte store
     # exact fp16 pairs to E4M3 pairs (every value is an E4M3 number), a word's 8 bytes in one 8-byte store
-    assert "cvt.rn.satfinite.e4m3x2.f16x2" in ptx["weight_values_fp8"] and "st.global.v2.b64" in ptx["weight_values_fp8"]
+    for fmt in ("weight_values_fp8_bitmod=True", "weight_values_fp8_bitmod=False"):
+        assert "cvt.rn.satfinite.e4m3x2.f16x2" in ptx[fmt] and "st.global.v2.b64" in ptx[fmt], fmt
     assert "ld.global" in ptx["epilogue"]
     assert all("st.global" in ptx[f"act_quant_{layout}"] for layout in range(3))
     for gemv in ("gemv_1", "gemv_3"):
@@ -146,7 +150,7 @@ def test_decode_kernels_wait_for_the_previous_kernel_before_touching_its_data():
     predecessor before any global load or store; only the GEMV's first weight tiles and the norm's weight (which no
     kernel writes) are read before the wait."""
     ptx = _compile_all()
-    pdl = [name for name in ptx if name not in ("gemv_1_no_pdl", "weight_values_fp8") and not name.startswith("dequant")]
+    pdl = [name for name in ptx if name != "gemv_1_no_pdl" and not name.startswith(("dequant", "weight_values"))]
     for name in pdl:
         lines = ptx[name].splitlines()
         waits = [i for i, line in enumerate(lines) if "griddepcontrol.wait" in line]

@@ -1,5 +1,7 @@
 """Fused W4 dequant-GEMM and FP8 activation quantization vs the torch reference, in the Triton interpreter."""
 
+import warnings
+
 import pytest
 import torch
 
@@ -14,7 +16,8 @@ from p3quant.nn.backends import TorchBackend, get_backend
 # fp32->bf16 cast truncates: 2**-8), and the reference also rounds FP8 activations to bf16 (2**-9).
 BF16_TOL = 2.0**-7
 FP32_TOL = 1e-5  # fp32 accumulation over K <= 2048 against float64 of the same quantized operands
-# W4A8 at M >= DEQUANT_MIN_M multiplies an fp16 copy of the weight: one rounding per weight (<= 2**-11 relative)
+# W4A8 at M >= DEQUANT_MIN_M on the CPU multiplies an fp16 copy of the weight: one rounding per weight (<= 2**-11
+# relative); the block-scaled FP8 path (Hopper) is checked below with a stand-in for torch's scaled_mm
 DEQUANT_TOL = 2.0**-10
 
 
@@ -102,12 +105,12 @@ def _scaled_mm_1x128(a, b, scale_a, recipe_a, scale_b, recipe_b, output_dtype=to
     return ((a.double() * sa) @ (b.double() * sb.t())).to(output_dtype)
 
 
-@pytest.mark.parametrize("wfmt", ["bitmod", "int4"])
+@pytest.mark.parametrize("wfmt,m", [("bitmod", 40), ("int4", 42)])  # 42: rows padded to a multiple of 4
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_blockwise_fp8_prefill_operands(monkeypatch, wfmt, with_bias):
+def test_blockwise_fp8_prefill_operands(monkeypatch, wfmt, m, with_bias):
     monkeypatch.setattr(torch.nn.functional, "scaled_mm", _scaled_mm_1x128)
     gen = torch.Generator().manual_seed(11)
-    m, n, k = 40, 48, 256
+    n, k = 48, 256
     x = torch.randn(m, k, generator=gen).to(torch.bfloat16) * 3
     weight = _weight(wfmt, n, k, 128, gen)
     bias = torch.randn(n, generator=gen).to(torch.bfloat16) if with_bias else None
@@ -120,17 +123,65 @@ def test_blockwise_fp8_prefill_operands(monkeypatch, wfmt, with_bias):
     assert _rel(y, exact) < BF16_TOL
 
 
+def _route_blockwise_on_cpu(monkeypatch, scaled_mm):
+    """w4_matmul's prefill as on a Hopper GPU: the block-scaled path's gate without its device conditions, and a
+    stand-in for torch's CUDA-only scaled_mm."""
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(args[0].shape[0])
+        return scaled_mm(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_mm", counted)
+    monkeypatch.setattr(gemm_w4, "_blockwise_unsupported", {})
+    monkeypatch.setattr(gemm_w4, "_blockwise_fp8_ok", lambda x, prep, out_dtype: (
+        prep.group == 128 and out_dtype in (torch.float16, torch.bfloat16) and 0 not in gemm_w4._blockwise_unsupported))
+    monkeypatch.setattr(gemm_w4, "DEQUANT_MIN_M", 128)
+    return calls
+
+
+def test_w4_matmul_routes_prefill_through_blockwise_fp8(monkeypatch):
+    calls = _route_blockwise_on_cpu(monkeypatch, _scaled_mm_1x128)
+    gen = torch.Generator().manual_seed(13)
+    x = torch.randn(2, 65, 256, generator=gen).to(torch.bfloat16)  # M = 130 rows: padded to 132
+    weight = _weight("bitmod", 32, 256, 128, gen)
+    bias = torch.randn(32, generator=gen).to(torch.bfloat16)
+    out = torch.full((130, 32), float("nan"), dtype=torch.bfloat16)
+    y = w4_matmul(x, weight, bias, "fp8_e4m3", out=out)
+    assert calls == [132] and y.shape == (2, 65, 32) and y.data_ptr() == out.data_ptr()
+    exact = quantize_scaled_fp8(x.reshape(130, 256)).dequantize().double() @ weight.dequantize().double().t()
+    assert _rel(out, exact + bias.double()) < BF16_TOL
+
+
 def test_blockwise_fp8_refusal_falls_back_once(monkeypatch):
     def refuse(*args, **kwargs):
         raise RuntimeError("block scaling needs cuBLAS >= 12.9")
 
-    monkeypatch.setattr(torch.nn.functional, "scaled_mm", refuse)
-    monkeypatch.setattr(gemm_w4, "_blockwise_unsupported", {})
+    calls = _route_blockwise_on_cpu(monkeypatch, refuse)
     gen = torch.Generator().manual_seed(12)
-    x = torch.randn(16, 128, generator=gen)
-    with pytest.warns(RuntimeWarning, match="falls back"):
-        assert gemm_w4._blockwise_fp8_matmul(x, _weight("bitmod", 16, 128, 128, gen), None, torch.bfloat16, None) is None
-    assert gemm_w4._blockwise_unsupported == {(0, True): "block scaling needs cuBLAS >= 12.9"}
+    x = torch.randn(130, 256, generator=gen).to(torch.bfloat16)
+    weight = _weight("int4", 16, 256, 128, gen)
+    exact = quantize_scaled_fp8(x).dequantize().double() @ weight.dequantize().double().t()
+    for attempt in range(2):
+        out = torch.full((130, 16), float("nan"), dtype=torch.bfloat16)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            w4_matmul(x, weight, None, "fp8_e4m3", out=out)
+        refusals = [w for w in caught if "falls back to an fp16 copy" in str(w.message)]
+        assert len(refusals) == (1 if attempt == 0 else 0) and len(calls) == 1  # asked once, then not again
+        assert _rel(out, exact) < BF16_TOL  # the dequant path filled `out`
+    assert gemm_w4._blockwise_unsupported == {0: "block scaling needs cuBLAS >= 12.9"}
+
+
+def test_activation_quant_pads_rows_with_zeros():
+    x = torch.randn(5, 256, generator=torch.Generator().manual_seed(14)) + 1
+    codes, scales = quantize_activation_fp8(x)
+    padded, padded_scales = quantize_activation_fp8(x, rows=8)
+    assert padded.shape == (8, 256) and padded_scales.shape == (8,)
+    assert torch.equal(padded[:5].float(), codes.float()) and torch.equal(padded_scales[:5], scales)
+    assert not padded[5:].float().any() and not padded_scales[5:].any()
+    with pytest.raises(ValueError, match="fewer"):
+        quantize_activation_fp8(x, rows=4)
 
 
 def test_dequantize_w4_rejects_bad_input():
