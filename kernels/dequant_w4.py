@@ -7,9 +7,10 @@ Each value is fp16(grid x scale): one rounding of the exact dequantized weight (
 
 On the GPU (fp16 output) each int32 word of 8 codes is decoded by inline PTX (common.decode_word_ptx) into four
 fp16 pairs in code order, scaled in fp32 and rounded once; the four pairs of a word are stored as one 16-byte
-vector. weight_values_fp8 (the block-scaled FP8 prefill's operand) converts the unscaled pairs to E4M3 pairs in
-the same asm block and stores a word's 8 bytes as one int64. The interpreter and fp32 output decode with
-decode_w4.
+vector. The interpreter and fp32 output decode with decode_w4. weight_values_fp8 (the block-scaled FP8
+prefill's operand) writes each word's 8 unscaled values as E4M3 bytes, packed in code order into one int64 (no
+exchange of codes between threads); with VALUES_FP8_USE_ASM the same PTX decode gives the fp16 pairs and one
+conversion per pair the E4M3 pairs.
 """
 
 from __future__ import annotations
@@ -49,9 +50,8 @@ def _join8(c0, c1, c2, c3, c4, c5, c6, c7, BLOCK_N: tl.constexpr, BLOCK_W: tl.co
 @triton.jit
 def _dequant_kernel(words_ptr, scales_ptr, aux_ptr, out_ptr, N, KW, s_w, s_s, s_a, s_o,
                     GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, IS_BITMOD: tl.constexpr,
-                    USE_ASM: tl.constexpr, UNSCALED: tl.constexpr = False):
-    """Program: BLOCK_N rows x BLOCK_W words (8 codes each, code i of word w = column 8w + i). UNSCALED writes
-    the integer values (BitMoD grid x 2, INT4 code - zp) without the group scale."""
+                    USE_ASM: tl.constexpr):
+    """Program: BLOCK_N rows x BLOCK_W words (8 codes each, code i of word w = column 8w + i)."""
     rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)  # rows * K may exceed int32
     wi = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
     mask = (rows < N)[:, None] & (wi < KW)[None, :]
@@ -61,21 +61,10 @@ def _dequant_kernel(words_ptr, scales_ptr, aux_ptr, out_ptr, N, KW, s_w, s_s, s_
     aux = tl.load(aux_ptr + rows[:, None] * s_a + group[None, :], mask=mask, other=0).to(tl.int32)
     if IS_BITMOD:
         scale = scale * 0.5  # the decode gives the grid x 2
-    if UNSCALED:
-        scale = tl.full((BLOCK_N, BLOCK_W), 1.0, tl.float32)
     cols = tl.arange(0, BLOCK_W * 8)
     out_cols = tl.program_id(1) * BLOCK_W * 8 + cols
     out_mask = (rows < N)[:, None] & (out_cols < KW * 8)[None, :]
-    if USE_ASM and UNSCALED:  # FP8 output: a word's 8 E4M3 bytes as one int64, in code order
-        tp0, tp1, tn0, tn1 = decode_tables(aux, IS_BITMOD)
-        lo, hi = tl.inline_asm_elementwise(
-            _ASM_VALUES_FP8, _ASM_VALUES_FP8_CONSTRAINTS,
-            [words, tp0, tp1, tn0, tn1, tl.full((BLOCK_N, BLOCK_W), 0x64646464, tl.int32), tl.full((BLOCK_N, BLOCK_W), 0x64106410, tl.int32)],
-            dtype=(tl.int32, tl.int32), is_pure=True, pack=1)
-        eight = lo.to(tl.uint32, bitcast=True).to(tl.int64) | (hi.to(tl.int64) << 32)
-        out64 = out_ptr.to(tl.pointer_type(tl.int64))
-        tl.store(out64 + rows[:, None] * (s_o // 8) + wi[None, :], eight, mask=mask)
-    elif USE_ASM:  # fp16 output: 4 fp16 pairs per word, stored through an int32 view of the output
+    if USE_ASM:  # fp16 output: 4 fp16 pairs per word, stored through an int32 view of the output
         tp0, tp1, tn0, tn1 = decode_tables(aux, IS_BITMOD)
         p0, p1, p2, p3 = tl.inline_asm_elementwise(
             _ASM_DEQUANT, _ASM_DEQUANT_CONSTRAINTS,
@@ -102,10 +91,50 @@ def _dequant_kernel(words_ptr, scales_ptr, aux_ptr, out_ptr, N, KW, s_w, s_s, s_
         tl.store(out_ptr + rows[:, None] * s_o + out_cols[None, :], values, mask=out_mask)
 
 
+@triton.jit
+def _fp8_byte(words, i: tl.constexpr, aux, IS_BITMOD: tl.constexpr):
+    """Code i of each word as its value's E4M3 byte, at byte position i % 4 of an int32."""
+    value = decode_w4((words >> (4 * i)) & 15, aux, IS_BITMOD).to(tl.float32).to(tl.float8e4nv)
+    return value.to(tl.uint8, bitcast=True).to(tl.int32) << (8 * (i % 4))
+
+
+@triton.jit
+def _values_fp8_kernel(words_ptr, aux_ptr, out_ptr, N, KW, s_w, s_a, s_o, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_G: tl.constexpr, IS_BITMOD: tl.constexpr, USE_ASM: tl.constexpr):
+    """Program: BLOCK_N rows x BLOCK_G groups; each word's 8 values (BitMoD grid x 2, INT4 code - zp) as E4M3
+    bytes in code order, stored as one int64 (no exchange of codes between threads). The tile is [rows, groups,
+    words] so that the group parameters broadcast along the last axis instead of being loaded per word (which
+    made Triton convert every decoded code's layout through shared memory)."""
+    GW: tl.constexpr = GROUP // 8
+    rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    groups = tl.program_id(1) * BLOCK_G + tl.arange(0, BLOCK_G)
+    wi = groups[None, :, None] * GW + tl.arange(0, GW)[None, None, :]
+    mask = (rows < N)[:, None, None] & (wi < KW)
+    words = tl.load(words_ptr + rows[:, None, None] * s_w + wi, mask=mask, other=0)
+    aux_mask = (rows < N)[:, None] & (groups < KW // GW)[None, :]
+    aux = tl.load(aux_ptr + rows[:, None] * s_a + groups[None, :], mask=aux_mask, other=0).to(tl.int32)[:, :, None]
+    if USE_ASM:
+        tp0, tp1, tn0, tn1 = decode_tables(aux, IS_BITMOD)
+        lo, hi = tl.inline_asm_elementwise(  # the operands broadcast to the words' shape
+            _ASM_VALUES_FP8, _ASM_VALUES_FP8_CONSTRAINTS,
+            [words, tp0, tp1, tn0, tn1, tl.full(words.shape, 0x64646464, tl.int32), tl.full(words.shape, 0x64106410, tl.int32)],
+            dtype=(tl.int32, tl.int32), is_pure=True, pack=1)
+    else:
+        if IS_BITMOD:
+            aux = bitmod_special2(aux)
+        lo = (_fp8_byte(words, 0, aux, IS_BITMOD) | _fp8_byte(words, 1, aux, IS_BITMOD)
+              | _fp8_byte(words, 2, aux, IS_BITMOD) | _fp8_byte(words, 3, aux, IS_BITMOD))
+        hi = (_fp8_byte(words, 4, aux, IS_BITMOD) | _fp8_byte(words, 5, aux, IS_BITMOD)
+              | _fp8_byte(words, 6, aux, IS_BITMOD) | _fp8_byte(words, 7, aux, IS_BITMOD))
+    eight = lo.to(tl.uint32, bitcast=True).to(tl.int64) | (hi.to(tl.int64) << 32)
+    tl.store(out_ptr.to(tl.pointer_type(tl.int64)) + rows[:, None, None] * (s_o // 8) + wi, eight, mask=mask)
+
+
 DEQUANT_USE_ASM = True  # benchmarks / gpu checks may switch it off to compare against the pure-Triton decode
-# weight_values_fp8 by inline PTX: compiled and checked for sm_90 on the CPU (tests/test_kernels_compile_sm90.py),
-# ~3x fewer instructions than the pure-Triton decode, but not yet run on a GPU: off until gpu_check's byte-for-byte
-# comparison with the pure-Triton values (check_blockwise_prefill) has passed there.
+# weight_values_fp8 by inline PTX: compiled for sm_90 (tests/test_kernels_compile_sm90.py: 344 instructions per
+# program against the pure-Triton kernel's 1072 under Triton 3.6) and equal to the pure-Triton bytes in the PTX
+# emulator (tests/test_kernels_w4_mma.py), but not yet run on a GPU: off until gpu_check's byte-for-byte comparison
+# (check_blockwise_prefill) has passed there.
 VALUES_FP8_USE_ASM = False
 
 
@@ -126,15 +155,11 @@ def _operands(what: str, weight: BitMoDTensor | Int4Tensor) -> tuple[torch.Tenso
     return words, aux, n, k
 
 
-def _launch_dequant(words: torch.Tensor, weight: BitMoDTensor | Int4Tensor, aux: torch.Tensor, out: torch.Tensor,
-                    use_asm: bool, unscaled: bool = False) -> None:
-    n, k = out.shape
+def _blocks(n: int, k: int) -> tuple[int, int, tuple[int, int]]:
+    """(BLOCK_N, BLOCK_W, grid) of the [N, K] conversions."""
     block_n, block_w = (16, 16) if interpreting() else (16, 64)
     block_w = min(block_w, next_power_of_2(k // 8))
-    grid = (cdiv(n, block_n), cdiv(k // 8, block_w))
-    _dequant_kernel[grid](words, weight.scales, aux, out, n, k // 8, words.stride(0), weight.scales.stride(0), aux.stride(0),
-                          out.stride(0), GROUP=weight.group_size, BLOCK_N=block_n, BLOCK_W=block_w,
-                          IS_BITMOD=isinstance(weight, BitMoDTensor), USE_ASM=use_asm, UNSCALED=unscaled, num_warps=4)
+    return block_n, block_w, (cdiv(n, block_n), cdiv(k // 8, block_w))
 
 
 @on_input_device
@@ -149,7 +174,11 @@ def dequantize_w4(weight: BitMoDTensor | Int4Tensor, dtype: torch.dtype = torch.
         raise TypeError(f"{what}: dtype must be float16 or float32, got {dtype}")
     words, aux, n, k = _operands(what, weight)
     out = torch.empty((n, k), dtype=dtype, device=words.device)
-    _launch_dequant(words, weight, aux, out, use_asm=DEQUANT_USE_ASM and not interpreting() and dtype == torch.float16)
+    block_n, block_w, grid = _blocks(n, k)
+    _dequant_kernel[grid](words, weight.scales, aux, out, n, k // 8, words.stride(0), weight.scales.stride(0), aux.stride(0),
+                          out.stride(0), GROUP=weight.group_size, BLOCK_N=block_n, BLOCK_W=block_w,
+                          IS_BITMOD=isinstance(weight, BitMoDTensor),
+                          USE_ASM=DEQUANT_USE_ASM and not interpreting() and dtype == torch.float16, num_warps=4)
     return out
 
 
@@ -163,8 +192,13 @@ def weight_values_fp8(weight: BitMoDTensor | Int4Tensor) -> tuple[torch.Tensor, 
         raise TypeError(f"{what}: weight must be a BitMoDTensor or Int4Tensor, got {type(weight).__name__}")
     words, aux, n, k = _operands(what, weight)
     out = torch.empty((n, k), dtype=torch.float8_e4m3fn, device=words.device)
-    use_asm = VALUES_FP8_USE_ASM and not interpreting() and device_capability(words.device.index) >= (8, 9)  # cvt to E4M3
-    _launch_dequant(words, weight, aux, out, use_asm=use_asm, unscaled=True)
+    groups = k // weight.group_size
+    block_n, block_g = 16, min(next_power_of_2(groups), max(1, 512 // weight.group_size))  # 64 words per row
+    grid = (cdiv(n, block_n), cdiv(groups, block_g))
+    _values_fp8_kernel[grid](words, aux, out, n, k // 8, words.stride(0), aux.stride(0), out.stride(0),
+                             GROUP=weight.group_size, BLOCK_N=block_n, BLOCK_G=block_g,
+                             IS_BITMOD=isinstance(weight, BitMoDTensor), num_warps=4,
+                             USE_ASM=VALUES_FP8_USE_ASM and not interpreting() and device_capability(words.device.index) >= (8, 9))
     return out, 0.5 if isinstance(weight, BitMoDTensor) else 1.0
 
 

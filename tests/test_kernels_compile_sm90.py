@@ -44,10 +44,11 @@ for is_bitmod in (True, False):
         dict(GROUP=128, BLOCK_N=16, BLOCK_W=64, IS_BITMOD=is_bitmod, USE_ASM=True),
         divisible=("KW", "s_w", "s_o"), num_warps=4)
 for is_bitmod in (True, False):  # the FP8 operand of the block-scaled prefill GEMM
-    out[f"weight_values_fp8_bitmod={is_bitmod}"] = compile_ptx(
-        dequant_w4._dequant_kernel, ["*i32", "*fp16", "*u8", "*fp8e4nv"] + ["i32"] * 6,
-        dict(GROUP=128, BLOCK_N=16, BLOCK_W=64, IS_BITMOD=is_bitmod, USE_ASM=True, UNSCALED=True),
-        divisible=("KW", "s_w", "s_o"), num_warps=4)
+    for use_asm in (True, False):
+        out[f"weight_values_fp8_bitmod={is_bitmod}_asm={use_asm}"] = compile_ptx(
+            dequant_w4._values_fp8_kernel, ["*i32", "*u8", "*fp8e4nv"] + ["i32"] * 5,
+            dict(GROUP=128, BLOCK_N=16, BLOCK_G=4, IS_BITMOD=is_bitmod, USE_ASM=use_asm),
+            divisible=("KW", "s_w", "s_o"), num_warps=4)
 out["epilogue"] = compile_ptx(w4_mma._rows_epilogue_kernel, ["*fp32", "*fp32", "*bf16", "*bf16"] + ["i32"] * 3,
                               dict(SPLIT_K=4, BLOCK=1024, IS_BITMOD=True, HAS_BIAS=True, ROW_SCALE=True, PDL=True), num_warps=4)
 # one weight (with and without programmatic dependent launch); q/k/v-style segments (the segment choice reassigns
@@ -124,8 +125,10 @@ def test_gpu_kernels_compile_for_hopper_with_their_inline_ptx():
         assert "cvt.rn.f16x2.f32" in ptx[fmt], fmt  # one rounding per weight
         assert "st.global.v4" in ptx[fmt], fmt  # four fp16 pairs per 16-byte store
     # exact fp16 pairs to E4M3 pairs (every value is an E4M3 number), a word's 8 bytes in one 8-byte store
-    for fmt in ("weight_values_fp8_bitmod=True", "weight_values_fp8_bitmod=False"):
-        assert "cvt.rn.satfinite.e4m3x2.f16x2" in ptx[fmt] and "st.global.v2.b64" in ptx[fmt], fmt
+    for is_bitmod in (True, False):  # E4M3 pairs from exact fp16 pairs (PTX) or fp32 values; 8 bytes per int64 store
+        asm, plain = (ptx[f"weight_values_fp8_bitmod={is_bitmod}_asm={a}"] for a in (True, False))
+        assert "cvt.rn.satfinite.e4m3x2.f16x2" in asm and "cvt.rn.satfinite.e4m3x2.f32" in plain
+        assert "st.global.v2.b64" in asm and "st.global.v2.b64" in plain
     assert "ld.global" in ptx["epilogue"]
     assert all("st.global" in ptx[f"act_quant_{layout}"] for layout in range(3))
     for gemv in ("gemv_1", "gemv_3"):

@@ -80,7 +80,7 @@ def test_dequantize_w4_is_bit_exact(wfmt, n, k, group):
 
 
 @pytest.mark.parametrize("wfmt", ["bitmod", "int4"])
-@pytest.mark.parametrize("n,k,group", [(37, 256, 128), (16, 1408, 64)])
+@pytest.mark.parametrize("n,k,group", [(37, 256, 128), (16, 1408, 64), (5, 96, 32)])
 def test_weight_values_fp8_times_scales_is_the_dequantized_weight(wfmt, n, k, group):
     weight = _weight(wfmt, n, k, group, torch.Generator().manual_seed(n + k + group))
     values, factor = weight_values_fp8(weight)

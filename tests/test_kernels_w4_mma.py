@@ -122,8 +122,8 @@ def _f32(a: int) -> np.float32:
 
 def _run_ptx(asm: str, operands: dict[str, int]) -> dict[str, int]:
     """Execute the straight-line PTX subset the decodes use (mov, xor, or, shr, prmt, sub.rn.f16x2, fma.rn.bf16x2,
-    the fp32 scaling: mov.b32 {l, h}, cvt.f32.f16, mul.rn.f32, cvt.rn.f16x2.f32, and the GEMV's fma.rn.f32);
-    rounding to nearest even."""
+    the fp32 scaling: mov.b32 {l, h}, cvt.f32.f16, mul.rn.f32, cvt.rn.f16x2.f32, the GEMV's fma.rn.f32, and the FP8
+    weight values' cvt.rn.satfinite.e4m3x2.f16x2 and mov.b32 d, {lo, hi}); rounding to nearest even."""
     regs = dict(operands)
 
     def val(token: str) -> int:
@@ -135,6 +135,11 @@ def _run_ptx(asm: str, operands: dict[str, int]) -> dict[str, int]:
         if not line or line in "{}" or line.startswith(".reg"):
             continue
         op, args = line.split(None, 1)
+        if op == "mov.b32" and args.rstrip().endswith("}"):  # mov.b32 dst, {lo, hi}: pack two 16-bit registers
+            dst, pair = args.split(",", 1)
+            lo, hi = (val(t) for t in pair.strip("{} ").split(","))
+            regs[dst.strip()] = (lo & 0xFFFF) | ((hi & 0xFFFF) << 16)
+            continue
         if op == "mov.b32" and args.startswith("{"):  # mov.b32 {l, h}, src
             pair, src = args.rsplit(",", 1)
             lo, hi = (t.strip() for t in pair.strip("{} ").split(","))
@@ -164,6 +169,10 @@ def _run_ptx(asm: str, operands: dict[str, int]) -> dict[str, int]:
             regs[dst] = int(np.array([exact], np.float32).view(np.uint32)[0])
         elif op == "mul.rn.f32":
             regs[dst] = int(np.array([_f32(val(src[0])) * _f32(val(src[1]))], np.float32).view(np.uint32)[0])
+        elif op == "cvt.rn.satfinite.e4m3x2.f16x2":  # each fp16 half to E4M3 in the same half (lo -> low byte)
+            halves = torch.from_numpy(_f16x2(val(src[0])).astype(np.float32))
+            e4m3 = halves.clamp(-448, 448).to(torch.float8_e4m3fn).view(torch.uint8).tolist()
+            regs[dst] = e4m3[0] | (e4m3[1] << 8)
         elif op == "cvt.rn.f16x2.f32":  # d = {a -> upper half, b -> lower half}
             regs[dst] = _pack_f16x2(np.float16(_f32(val(src[1]))), np.float16(_f32(val(src[0]))))
         else:
@@ -252,6 +261,27 @@ def test_inline_ptx_dequant_equals_dequantize_in_fp16(fmt):
             ops.update(zip(("$5", "$6", "$7", "$8"), tables[n * aux.shape[1] + g]))
             regs = _run_ptx(_ASM_DEQUANT.value, ops)
             got = [float(v) for i in range(4) for v in _f16x2(regs[f"${i}"])]
+            assert got == expected[n, 8 * w: 8 * w + 8].tolist(), (fmt, n, w)
+
+
+@pytest.mark.parametrize("fmt", ["bitmod", "int4"])
+def test_inline_ptx_fp8_values_equal_the_triton_ones(fmt):
+    """dequant_w4's FP8-values PTX (decode, fp16 pairs to E4M3 pairs, two packed registers) on every word of a real
+    quantized weight: the same 8 bytes, in code order, as weight_values_fp8's pure-Triton kernel."""
+    from p3quant.kernels.dequant_w4 import _ASM_VALUES_FP8, weight_values_fp8
+
+    group = 32
+    weight = (BITMOD4 if fmt == "bitmod" else INT4).quantize(torch.randn(8, 64) * torch.logspace(-3, 2, 8)[:, None], group)
+    aux = weight.selectors if fmt == "bitmod" else weight.zeros
+    tables = _tables(aux.flatten(), fmt == "bitmod")
+    words = weight.packed.contiguous().view(torch.int32)
+    expected = weight_values_fp8(weight)[0].view(torch.uint8)
+    for n in range(words.shape[0]):
+        for w in range(words.shape[1]):
+            ops = {"$2": int(words[n, w]) & 0xFFFFFFFF, "$7": CONSTANTS["m64"], "$8": CONSTANTS["bias"]}
+            ops.update(zip(("$3", "$4", "$5", "$6"), tables[n * aux.shape[1] + 8 * w // group]))
+            regs = _run_ptx(_ASM_VALUES_FP8.value, ops)
+            got = [(regs[f"${r}"] >> (8 * i)) & 0xFF for r in (0, 1) for i in range(4)]
             assert got == expected[n, 8 * w: 8 * w + 8].tolist(), (fmt, n, w)
 
 
