@@ -39,42 +39,52 @@ _ASM_VALUES_FP8_CONSTRAINTS = tl.constexpr("=r,=r," + ",".join(["r"] * 7))
 
 
 @triton.jit
-def _join8(c0, c1, c2, c3, c4, c5, c6, c7, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr):
-    """[..., W] x 8 -> [..., W * 8] with c_i at column 8w + i."""
+def _join8(c0, c1, c2, c3, c4, c5, c6, c7, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, GW: tl.constexpr):
+    """[..., GW] x 8 -> [..., GW * 8] with c_i at column 8w + i."""
     lo = tl.join(tl.join(c0, c4), tl.join(c2, c6))
     hi = tl.join(tl.join(c1, c5), tl.join(c3, c7))
     joined = tl.join(lo, hi)
-    return tl.reshape(joined, [BLOCK_N, BLOCK_W * 8])
+    return tl.reshape(joined, [BLOCK_N, BLOCK_G, GW * 8])
+
+
+@triton.jit
+def _group_tile(words_ptr, aux_ptr, N, KW, s_w, s_a, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr):
+    """A program's [BLOCK_N rows, BLOCK_G groups, GROUP / 8 words] tile of int32 words, its group parameters
+    [rows, groups, 1] (broadcast along the words, not loaded per word: per-word loads had Triton convert every
+    decoded code's layout through shared memory), rows, groups, word indices and mask."""
+    GW: tl.constexpr = GROUP // 8
+    rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)  # rows * K may exceed int32
+    groups = tl.program_id(1) * BLOCK_G + tl.arange(0, BLOCK_G)
+    wi = groups[None, :, None] * GW + tl.arange(0, GW)[None, None, :]
+    mask = (rows < N)[:, None, None] & (wi < KW)
+    words = tl.load(words_ptr + rows[:, None, None] * s_w + wi, mask=mask, other=0)
+    group_mask = (rows < N)[:, None] & (groups < KW // GW)[None, :]
+    aux = tl.load(aux_ptr + rows[:, None] * s_a + groups[None, :], mask=group_mask, other=0).to(tl.int32)[:, :, None]
+    return words, aux, rows, groups, wi, mask, group_mask
 
 
 @triton.jit
 def _dequant_kernel(words_ptr, scales_ptr, aux_ptr, out_ptr, N, KW, s_w, s_s, s_a, s_o,
-                    GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, IS_BITMOD: tl.constexpr,
+                    GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, IS_BITMOD: tl.constexpr,
                     USE_ASM: tl.constexpr):
-    """Program: BLOCK_N rows x BLOCK_W words (8 codes each, code i of word w = column 8w + i)."""
-    rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)  # rows * K may exceed int32
-    wi = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
-    mask = (rows < N)[:, None] & (wi < KW)[None, :]
-    words = tl.load(words_ptr + rows[:, None] * s_w + wi[None, :], mask=mask, other=0)
-    group = (8 * wi) // GROUP  # a word never straddles a group (GROUP % 8 == 0)
-    scale = tl.load(scales_ptr + rows[:, None] * s_s + group[None, :], mask=mask, other=0.0).to(tl.float32)
-    aux = tl.load(aux_ptr + rows[:, None] * s_a + group[None, :], mask=mask, other=0).to(tl.int32)
+    """Program: BLOCK_N rows x BLOCK_G groups (8 codes per word, code i of word w = column 8w + i)."""
+    GW: tl.constexpr = GROUP // 8
+    words, aux, rows, groups, wi, mask, group_mask = _group_tile(words_ptr, aux_ptr, N, KW, s_w, s_a, GROUP, BLOCK_N, BLOCK_G)
+    scale = tl.load(scales_ptr + rows[:, None] * s_s + groups[None, :], mask=group_mask, other=0.0).to(tl.float32)[:, :, None]
     if IS_BITMOD:
         scale = scale * 0.5  # the decode gives the grid x 2
-    cols = tl.arange(0, BLOCK_W * 8)
-    out_cols = tl.program_id(1) * BLOCK_W * 8 + cols
-    out_mask = (rows < N)[:, None] & (out_cols < KW * 8)[None, :]
     if USE_ASM:  # fp16 output: 4 fp16 pairs per word, stored through an int32 view of the output
         tp0, tp1, tn0, tn1 = decode_tables(aux, IS_BITMOD)
-        p0, p1, p2, p3 = tl.inline_asm_elementwise(
+        p0, p1, p2, p3 = tl.inline_asm_elementwise(  # the operands broadcast to the words' shape
             _ASM_DEQUANT, _ASM_DEQUANT_CONSTRAINTS,
-            [words, tp0, tp1, tn0, tn1, tl.full((BLOCK_N, BLOCK_W), 0x64646464, tl.int32), tl.full((BLOCK_N, BLOCK_W), 0x64106410, tl.int32), scale],
+            [words, tp0, tp1, tn0, tn1, tl.full(words.shape, 0x64646464, tl.int32), tl.full(words.shape, 0x64106410, tl.int32),
+             scale],
             dtype=(tl.int32,) * 4, is_pure=True, pack=1)
-        pairs = tl.reshape(tl.join(tl.join(p0, p2), tl.join(p1, p3)), [BLOCK_N, BLOCK_W * 4])
-        pcols = tl.program_id(1) * BLOCK_W * 4 + tl.arange(0, BLOCK_W * 4)
+        pairs = tl.reshape(tl.join(tl.join(p0, p2), tl.join(p1, p3)), [BLOCK_N, BLOCK_G, GW * 4])
+        pcols = groups[None, :, None] * (GW * 4) + tl.arange(0, GW * 4)[None, None, :]
         out32 = out_ptr.to(tl.pointer_type(tl.int32))
-        tl.store(out32 + rows[:, None] * (s_o // 2) + pcols[None, :], pairs,
-                 mask=(rows < N)[:, None] & (pcols < KW * 4)[None, :])
+        tl.store(out32 + rows[:, None, None] * (s_o // 2) + pcols, pairs,
+                 mask=(rows < N)[:, None, None] & (pcols < KW * 4))
     else:
         if IS_BITMOD:
             aux = bitmod_special2(aux)
@@ -87,8 +97,9 @@ def _dequant_kernel(words_ptr, scales_ptr, aux_ptr, out_ptr, N, KW, s_w, s_s, s_
         c5 = (decode_w4((words >> 20) & 15, aux, IS_BITMOD).to(tl.float32) * scale).to(ty)
         c6 = (decode_w4((words >> 24) & 15, aux, IS_BITMOD).to(tl.float32) * scale).to(ty)
         c7 = (decode_w4((words >> 28) & 15, aux, IS_BITMOD).to(tl.float32) * scale).to(ty)
-        values = _join8(c0, c1, c2, c3, c4, c5, c6, c7, BLOCK_N, BLOCK_W)
-        tl.store(out_ptr + rows[:, None] * s_o + out_cols[None, :], values, mask=out_mask)
+        values = _join8(c0, c1, c2, c3, c4, c5, c6, c7, BLOCK_N, BLOCK_G, GW)
+        cols = groups[None, :, None] * GROUP + tl.arange(0, GROUP)[None, None, :]
+        tl.store(out_ptr + rows[:, None, None] * s_o + cols, values, mask=(rows < N)[:, None, None] & (cols < KW * 8))
 
 
 @triton.jit
@@ -102,17 +113,8 @@ def _fp8_byte(words, i: tl.constexpr, aux, IS_BITMOD: tl.constexpr):
 def _values_fp8_kernel(words_ptr, aux_ptr, out_ptr, N, KW, s_w, s_a, s_o, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
                        BLOCK_G: tl.constexpr, IS_BITMOD: tl.constexpr, USE_ASM: tl.constexpr):
     """Program: BLOCK_N rows x BLOCK_G groups; each word's 8 values (BitMoD grid x 2, INT4 code - zp) as E4M3
-    bytes in code order, stored as one int64 (no exchange of codes between threads). The tile is [rows, groups,
-    words] so that the group parameters broadcast along the last axis instead of being loaded per word (which
-    made Triton convert every decoded code's layout through shared memory)."""
-    GW: tl.constexpr = GROUP // 8
-    rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-    groups = tl.program_id(1) * BLOCK_G + tl.arange(0, BLOCK_G)
-    wi = groups[None, :, None] * GW + tl.arange(0, GW)[None, None, :]
-    mask = (rows < N)[:, None, None] & (wi < KW)
-    words = tl.load(words_ptr + rows[:, None, None] * s_w + wi, mask=mask, other=0)
-    aux_mask = (rows < N)[:, None] & (groups < KW // GW)[None, :]
-    aux = tl.load(aux_ptr + rows[:, None] * s_a + groups[None, :], mask=aux_mask, other=0).to(tl.int32)[:, :, None]
+    bytes in code order, stored as one int64 (no exchange of codes between threads)."""
+    words, aux, rows, groups, wi, mask, group_mask = _group_tile(words_ptr, aux_ptr, N, KW, s_w, s_a, GROUP, BLOCK_N, BLOCK_G)
     if USE_ASM:
         tp0, tp1, tn0, tn1 = decode_tables(aux, IS_BITMOD)
         lo, hi = tl.inline_asm_elementwise(  # the operands broadcast to the words' shape
@@ -155,11 +157,11 @@ def _operands(what: str, weight: BitMoDTensor | Int4Tensor) -> tuple[torch.Tenso
     return words, aux, n, k
 
 
-def _blocks(n: int, k: int) -> tuple[int, int, tuple[int, int]]:
-    """(BLOCK_N, BLOCK_W, grid) of the [N, K] conversions."""
-    block_n, block_w = (16, 16) if interpreting() else (16, 64)
-    block_w = min(block_w, next_power_of_2(k // 8))
-    return block_n, block_w, (cdiv(n, block_n), cdiv(k // 8, block_w))
+def _blocks(n: int, k: int, group: int) -> tuple[int, int, tuple[int, int]]:
+    """(BLOCK_N, BLOCK_G, grid) of the [N, K] conversions: 16 rows x up to 64 words per program."""
+    groups = k // group
+    block_n, block_g = 16, min(next_power_of_2(groups), max(1, (16 if interpreting() else 64) * 8 // group))
+    return block_n, block_g, (cdiv(n, block_n), cdiv(groups, block_g))
 
 
 @on_input_device
@@ -174,9 +176,9 @@ def dequantize_w4(weight: BitMoDTensor | Int4Tensor, dtype: torch.dtype = torch.
         raise TypeError(f"{what}: dtype must be float16 or float32, got {dtype}")
     words, aux, n, k = _operands(what, weight)
     out = torch.empty((n, k), dtype=dtype, device=words.device)
-    block_n, block_w, grid = _blocks(n, k)
+    block_n, block_g, grid = _blocks(n, k, weight.group_size)
     _dequant_kernel[grid](words, weight.scales, aux, out, n, k // 8, words.stride(0), weight.scales.stride(0), aux.stride(0),
-                          out.stride(0), GROUP=weight.group_size, BLOCK_N=block_n, BLOCK_W=block_w,
+                          out.stride(0), GROUP=weight.group_size, BLOCK_N=block_n, BLOCK_G=block_g,
                           IS_BITMOD=isinstance(weight, BitMoDTensor),
                           USE_ASM=DEQUANT_USE_ASM and not interpreting() and dtype == torch.float16, num_warps=4)
     return out
@@ -192,9 +194,7 @@ def weight_values_fp8(weight: BitMoDTensor | Int4Tensor) -> tuple[torch.Tensor, 
         raise TypeError(f"{what}: weight must be a BitMoDTensor or Int4Tensor, got {type(weight).__name__}")
     words, aux, n, k = _operands(what, weight)
     out = torch.empty((n, k), dtype=torch.float8_e4m3fn, device=words.device)
-    groups = k // weight.group_size
-    block_n, block_g = 16, min(next_power_of_2(groups), max(1, 512 // weight.group_size))  # 64 words per row
-    grid = (cdiv(n, block_n), cdiv(groups, block_g))
+    block_n, block_g, grid = _blocks(n, k, weight.group_size)
     _values_fp8_kernel[grid](words, aux, out, n, k // 8, words.stride(0), aux.stride(0), out.stride(0),
                              GROUP=weight.group_size, BLOCK_N=block_n, BLOCK_G=block_g,
                              IS_BITMOD=isinstance(weight, BitMoDTensor), num_warps=4,

@@ -41,7 +41,7 @@ for name, is_bitmod, block_m, split_k, x_type in (("mma_bitmod=True", True, 16, 
 for is_bitmod in (True, False):
     out[f"dequant_bitmod={is_bitmod}"] = compile_ptx(
         dequant_w4._dequant_kernel, ["*i32", "*fp16", "*u8", "*fp16"] + ["i32"] * 6,
-        dict(GROUP=128, BLOCK_N=16, BLOCK_W=64, IS_BITMOD=is_bitmod, USE_ASM=True),
+        dict(GROUP=128, BLOCK_N=16, BLOCK_G=4, IS_BITMOD=is_bitmod, USE_ASM=True),
         divisible=("KW", "s_w", "s_o"), num_warps=4)
 for is_bitmod in (True, False):  # the FP8 operand of the block-scaled prefill GEMM
     for use_asm in (True, False):
