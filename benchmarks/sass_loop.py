@@ -5,7 +5,7 @@ the cubin, finds the loop (the backward branch) and counts its instructions by o
 "instructions per word" figures were taken: a cheap check of a kernel change before spending GPU time.
 
 Run: python benchmarks/sass_loop.py [--configs '4,1024,1;8,1024,2'] [--segments 3] [--pdl], or --attention for
-the decode-attention passes.
+the decode-attention passes, or --conversions for the prefill's weight conversions (dequant_w4).
 """
 
 from __future__ import annotations
@@ -64,13 +64,36 @@ def registers(cubin: bytes) -> int:
     return int(re.search(r"REG:(\d+)", usage).group(1))
 
 
-def total_instructions(cubin: bytes) -> int:
-    """All machine instructions of a compiled kernel."""
+def all_opcodes(cubin: bytes) -> collections.Counter:
+    """Opcodes of all machine instructions of a compiled kernel."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as fh:
         fh.write(cubin)
         fh.flush()
         sass = subprocess.run([os.path.join(BIN, "cuobjdump"), "-sass", fh.name], capture_output=True, text=True, check=True).stdout
-    return sum(1 for line in sass.splitlines() if re.search(r"/\*[0-9a-f]{4,}\*/\s+\S", line))
+    found = (re.search(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)", line) for line in sass.splitlines())
+    return collections.Counter(m.group(1).split(".")[0] for m in found if m)
+
+
+def total_instructions(cubin: bytes) -> int:
+    """All machine instructions of a compiled kernel."""
+    return sum(all_opcodes(cubin).values())
+
+
+def conversion_counts() -> None:
+    """Instructions per program (16 rows x 4 groups of 128, 4 warps) of the prefill's weight conversions: the fp16
+    dequantization and the FP8 values, each with its PTX and its pure-Triton decode; STS / LDS are shared-memory
+    round trips (layout conversions)."""
+    from p3quant.kernels import dequant_w4
+
+    for name, fn, types in (("fp16 dequant", dequant_w4._dequant_kernel, ["*i32", "*fp16", "*u8", "*fp16"] + ["i32"] * 6),
+                            ("FP8 values", dequant_w4._values_fp8_kernel, ["*i32", "*u8", "*fp8e4nv"] + ["i32"] * 5)):
+        for is_bitmod in (True, False):
+            for use_asm in (True, False):
+                cubin = compile_sm90(fn, types, dict(GROUP=128, BLOCK_N=16, BLOCK_G=4, IS_BITMOD=is_bitmod, USE_ASM=use_asm),
+                                     divisible=("KW", "s_w", "s_o"), num_warps=4).asm["cubin"]
+                ops = all_opcodes(cubin)
+                print(f"{name}, {'BitMoD' if is_bitmod else 'INT4'}, {'PTX' if use_asm else 'pure-Triton'} decode: "
+                      f"{sum(ops.values())} instructions, {registers(cubin)} registers, STS {ops['STS']}, LDS {ops['LDS']}")
 
 
 def attention_counts() -> None:
@@ -99,9 +122,13 @@ def main() -> None:
     parser.add_argument("--segments", type=int, default=1, help="weights per launch, as for q/k/v (1 to 3)")
     parser.add_argument("--pdl", action="store_true", help="compile the programmatic-dependent-launch variant")
     parser.add_argument("--attention", action="store_true", help="count the decode-attention passes instead")
+    parser.add_argument("--conversions", action="store_true", help="count the prefill's weight conversions instead")
     args = parser.parse_args()
     if args.attention:
         attention_counts()
+        return
+    if args.conversions:
+        conversion_counts()
         return
     configs = [gemm_w4._gemv_config()]
     if args.configs:
