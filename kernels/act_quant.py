@@ -1,9 +1,9 @@
 """Per-token FP8-E4M3 activation quantization (the A8 of W4A8), bit-exact with quantize_scaled_fp8.
 
 scale = fp16(amax / 448) per row (clamped to fp16's normal range, as formats.grouping.store_scale);
-codes = E4M3(x / scale) rounded to nearest even, saturating. One program per row, two passes over it (or, after a
-producer kernel that wrote per-chunk maxima, one program per row and chunk: codes_from_chunk_amax); the codes go
-to memory in the order the consuming kernel reads them.
+codes = E4M3(x / scale) rounded to nearest even, saturating. One program per row, reading it once (in registers up
+to ONE_PASS_MAX_K wide, else twice in chunks), or, after a producer kernel that wrote per-chunk maxima, one program
+per row and chunk: codes_from_chunk_amax; the codes go to memory in the order the consuming kernel reads them.
 """
 
 from __future__ import annotations
@@ -112,26 +112,40 @@ def codes_from_chunk_amax(y: torch.Tensor, chunk_amax: torch.Tensor, block_k: in
 
 @triton.jit
 def _act_quant_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, BLOCK_K: tl.constexpr, LAYOUT: tl.constexpr,
-                      PDL: tl.constexpr = False):
-    """One row's scale and codes, stored as q's dtype (FP8, or fp16 / fp32 holding the same values exactly)."""
+                      ONE_PASS: tl.constexpr, PDL: tl.constexpr = False):
+    """One row's scale and codes, stored as q's dtype (FP8, or fp16 / fp32 holding the same values exactly).
+    ONE_PASS (K <= BLOCK_K): the row stays in registers between its maximum and its codes, read once."""
     pdl_begin(PDL)
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK_K)
-    scale = _row_scale(x_ptr, row, K, stride_xm, BLOCK_K)
-    tl.store(s_ptr + row, scale)
-    for k0 in range(0, K, BLOCK_K):
-        k = k0 + offs
-        mask = k < K
-        x = tl.load(x_ptr + row * stride_xm + k, mask=mask, other=0.0).to(tl.float32)
-        store_codes(q_ptr + row * stride_qm, fp8_codes(x, scale), k0, k, mask, K, LAYOUT, BLOCK_K)
+    if ONE_PASS:
+        mask = offs < K
+        x = tl.load(x_ptr + row * stride_xm + offs, mask=mask, other=0.0).to(tl.float32)
+        scale = fp8_token_scale(tl.max(tl.abs(x), axis=0))
+        tl.store(s_ptr + row, scale)
+        store_codes(q_ptr + row * stride_qm, fp8_codes(x, scale), 0, offs, mask, K, LAYOUT, BLOCK_K)
+    else:
+        scale = _row_scale(x_ptr, row, K, stride_xm, BLOCK_K)
+        tl.store(s_ptr + row, scale)
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + offs
+            mask = k < K
+            x = tl.load(x_ptr + row * stride_xm + k, mask=mask, other=0.0).to(tl.float32)
+            store_codes(q_ptr + row * stride_qm, fp8_codes(x, scale), k0, k, mask, K, LAYOUT, BLOCK_K)
+
+
+ONE_PASS_MAX_K = 16384  # rows up to this width are read once (16 warps hold 32 values per thread)
 
 
 def _quantize_into(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, layout: int) -> None:
     m, k = x.shape
     if m:
-        block = min(next_power_of_2(k), 4096)
+        block = next_power_of_2(k)
+        one_pass = block <= ONE_PASS_MAX_K
+        block = block if one_pass else 4096
+        warps = 4 if block <= 1024 else 8 if block <= 4096 else 16
         _act_quant_kernel[(m,)](x, codes, scales, k, x.stride(0), codes.stride(0), BLOCK_K=block, LAYOUT=layout,
-                                num_warps=4 if block <= 1024 else 8, **pdl_launch(x))
+                                ONE_PASS=one_pass, num_warps=warps, **pdl_launch(x))
 
 
 @on_input_device

@@ -62,8 +62,11 @@ for name, segments, pdl in (("gemv_1", 1, True), ("gemv_3", 3, True), ("gemv_1_n
         num_stages=gemv_stages)
 for layout, q_type in ((0, "*fp8e4nv"), (1, "*fp32"), (2, "*fp16")):  # in order, split, half-planes
     out[f"act_quant_{layout}"] = compile_ptx(act_quant._act_quant_kernel, ["*bf16", q_type, "*fp32", "i32", "i32", "i32"],
-                                             dict(BLOCK_K=4096, LAYOUT=layout, PDL=True), divisible=("K", "stride_xm", "stride_qm"),
-                                             num_warps=8)
+                                             dict(BLOCK_K=4096, LAYOUT=layout, ONE_PASS=True, PDL=True),
+                                             divisible=("K", "stride_xm", "stride_qm"), num_warps=8)
+out["act_quant_two_pass"] = compile_ptx(act_quant._act_quant_kernel, ["*bf16", "*fp8e4nv", "*fp32", "i32", "i32", "i32"],
+                                        dict(BLOCK_K=4096, LAYOUT=0, ONE_PASS=False, PDL=True),
+                                        divisible=("K", "stride_xm", "stride_qm"), num_warps=8)
 out["silu_mul"] = compile_ptx(silu_mul._silu_mul_kernel, ["*bf16", "*bf16", "*bf16", "*fp32"] + ["i32"] * 5,
                               dict(BLOCK_K=1024, WANT_AMAX=True, PDL=True), divisible=("K", "stride_gm", "stride_um", "stride_ym"),
                               num_warps=4)

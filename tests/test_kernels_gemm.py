@@ -203,7 +203,11 @@ def test_backend_linear_3d_fp16_and_int8_fallback():
         assert _rel(y, ref.linear(x, weight, None, afmt)) < 2.0**-9  # fp16 outputs: one rounding each side
 
 
-def test_activation_quant_is_bit_exact():
+@pytest.mark.parametrize("one_pass_max_k", [16384, 64])  # the row read once in registers / twice in chunks
+def test_activation_quant_is_bit_exact(monkeypatch, one_pass_max_k):
+    from p3quant.kernels import act_quant
+
+    monkeypatch.setattr(act_quant, "ONE_PASS_MAX_K", one_pass_max_k)
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(7, 300, generator=gen) * torch.logspace(-6, 3, 300)  # spans FP8 subnormals to saturation
     x = x.to(torch.bfloat16)
