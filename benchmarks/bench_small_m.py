@@ -185,7 +185,8 @@ def _timings(best: tuple) -> str:
 
 
 def prefill() -> str:
-    """W4A8 at M >= DEQUANT_MIN_M: the dequant kernel alone (PTX vs pure-Triton decode) and the whole path vs bf16."""
+    """W4A8 at M >= DEQUANT_MIN_M: the fp16 dequant kernel alone (PTX vs pure-Triton decode; the path of groups
+    other than 128) and the whole default path (FP8 block-scaled cuBLAS with these groups of 128) vs bf16."""
     rows = []
     for name, (n, k) in SHAPES.items():
         w = bitmod_weight_copies(n, k, 1, GROUP)[0]
@@ -202,7 +203,7 @@ def prefill() -> str:
             bf = bench_rotating([lambda: x @ dense.t()])
             rows.append((f"{name} {n}x{k}", m, times[0], moved / times[0] / 1e6, times[1], p3, bf, bf / p3))
             print(rows[-1], flush=True)
-    hdr = ["shape NxK", "M", "dequant PTX us", "dequant PTX TB/s", "dequant pure-Triton us", "W4A8 path us", "bf16 us", "W4A8 x bf16"]
+    hdr = ["shape NxK", "M", "dequant PTX us", "dequant PTX TB/s", "dequant pure-Triton us", "W4A8 prefill path us", "bf16 us", "W4A8 x bf16"]
     means = [f"M={m}: mean W4A8 x bf16 over the 4 Llama shapes {sum(r[7] for r in rows if r[1] == m) / 4:.2f}x" for m in (256, 1024, 4096)]
     return "## prefill (eager; weights L2-cold by size)\n" + table(hdr, rows) + "\n" + "\n".join(means)
 
