@@ -96,17 +96,17 @@ def check_blockwise_prefill() -> list[str]:
         saved = dequant_w4.VALUES_FP8_USE_ASM
         try:
             dequant_w4.VALUES_FP8_USE_ASM = True
-            ptx_values, factor = weight_values_fp8(wq)
+            ptx_values, ptx_scales = weight_values_fp8(wq)
             dequant_w4.VALUES_FP8_USE_ASM = False
-            triton_values, _ = weight_values_fp8(wq)
+            triton_values, triton_scales = weight_values_fp8(wq)
         except Exception as err:  # noqa: BLE001  (the PTX variant's first GPU run: report, do not stop the checks)
             out.append(f"FAIL weight_values_fp8 {wfmt} N={n} K={k}: {type(err).__name__}: {str(err)[:200]}")
             continue
         finally:
             dequant_w4.VALUES_FP8_USE_ASM = saved
-        same = torch.equal(ptx_values.view(torch.uint8), triton_values.view(torch.uint8))
-        exact = torch.equal(ptx_values.float() * factor * wq.scales.float().repeat_interleave(wq.group_size, 1),
-                            wq.dequantize().float())
+        same = (torch.equal(ptx_values.view(torch.uint8), triton_values.view(torch.uint8))
+                and torch.equal(ptx_scales, triton_scales))
+        exact = torch.equal(ptx_values.float() * ptx_scales.repeat_interleave(wq.group_size, 1), wq.dequantize().float())
         out.append(f"{'PASS' if same and exact else 'FAIL'} weight_values_fp8 {wfmt} N={n} K={k}: PTX bytes == "
                    f"pure-Triton bytes {same}, x factor x scales == dequantize() {exact}")
     real = gemm_w4._blockwise_fp8_matmul

@@ -41,8 +41,8 @@ def run(ms: tuple[int, ...]) -> str:
     rows = []
     for name, (n, k) in LLAMA_SHAPES.items():
         weights = bitmod_weight_copies(n, k, copies_for(n * k // 2))
-        values = [weight_values_fp8(w)[0] for w in weights]
-        scales_b = [(w.scales.float() * 0.5).t().contiguous().t() for w in weights]
+        operands = [weight_values_fp8(w) for w in weights]
+        values, scales_b = [v for v, _ in operands], [sb for _, sb in operands]
         dense = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(copies_for(n * k * 2))]
         fp8_dense = [d.to(torch.float8_e4m3fn) for d in dense[: len(values)]]
         for m in ms:

@@ -86,7 +86,7 @@ def conversion_counts() -> None:
     from p3quant.kernels import dequant_w4
 
     for name, fn, types in (("fp16 dequant", dequant_w4._dequant_kernel, ["*i32", "*fp16", "*u8", "*fp16"] + ["i32"] * 6),
-                            ("FP8 values", dequant_w4._values_fp8_kernel, ["*i32", "*u8", "*fp8e4nv"] + ["i32"] * 5)):
+                            ("FP8 values", dequant_w4._values_fp8_kernel, ["*i32", "*fp16", "*u8", "*fp8e4nv", "*fp32"] + ["i32"] * 6)):
         for is_bitmod in (True, False):
             for use_asm in (True, False):
                 cubin = compile_sm90(fn, types, dict(GROUP=128, BLOCK_N=16, BLOCK_G=4, IS_BITMOD=is_bitmod, USE_ASM=use_asm),

@@ -110,11 +110,15 @@ def _fp8_byte(words, i: tl.constexpr, aux, IS_BITMOD: tl.constexpr):
 
 
 @triton.jit
-def _values_fp8_kernel(words_ptr, aux_ptr, out_ptr, N, KW, s_w, s_a, s_o, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
-                       BLOCK_G: tl.constexpr, IS_BITMOD: tl.constexpr, USE_ASM: tl.constexpr):
+def _values_fp8_kernel(words_ptr, scales_ptr, aux_ptr, out_ptr, sb_ptr, N, KW, s_w, s_s, s_a, s_o,
+                       GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, IS_BITMOD: tl.constexpr,
+                       USE_ASM: tl.constexpr):
     """Program: BLOCK_N rows x BLOCK_G groups; each word's 8 values (BitMoD grid x 2, INT4 code - zp) as E4M3
-    bytes in code order, stored as one int64 (no exchange of codes between threads)."""
+    bytes in code order, stored as one int64 (no exchange of codes between threads), and the groups' fp32 scales
+    (x 1/2 for BitMoD) in column-major sb[group, row]."""
     words, aux, rows, groups, wi, mask, group_mask = _group_tile(words_ptr, aux_ptr, N, KW, s_w, s_a, GROUP, BLOCK_N, BLOCK_G)
+    scale = tl.load(scales_ptr + rows[:, None] * s_s + groups[None, :], mask=group_mask, other=0.0).to(tl.float32)
+    tl.store(sb_ptr + groups[None, :] * N + rows[:, None], scale * 0.5 if IS_BITMOD else scale, mask=group_mask)
     if USE_ASM:
         tp0, tp1, tn0, tn1 = decode_tables(aux, IS_BITMOD)
         lo, hi = tl.inline_asm_elementwise(  # the operands broadcast to the words' shape
@@ -133,8 +137,8 @@ def _values_fp8_kernel(words_ptr, aux_ptr, out_ptr, N, KW, s_w, s_a, s_o, GROUP:
 
 
 DEQUANT_USE_ASM = True  # benchmarks / gpu checks may switch it off to compare against the pure-Triton decode
-# weight_values_fp8 by inline PTX: compiled for sm_90 (tests/test_kernels_compile_sm90.py: 344 instructions per
-# program against the pure-Triton kernel's 1072 under Triton 3.6) and equal to the pure-Triton bytes in the PTX
+# weight_values_fp8 by inline PTX: compiled for sm_90 (tests/test_kernels_compile_sm90.py: 360 instructions per
+# program against the pure-Triton kernel's 1088 under Triton 3.6) and equal to the pure-Triton bytes in the PTX
 # emulator (tests/test_kernels_w4_mma.py), but not yet run on a GPU: off until gpu_check's byte-for-byte comparison
 # (check_blockwise_prefill) has passed there.
 VALUES_FP8_USE_ASM = False
@@ -185,21 +189,23 @@ def dequantize_w4(weight: BitMoDTensor | Int4Tensor, dtype: torch.dtype = torch.
 
 
 @on_input_device
-def weight_values_fp8(weight: BitMoDTensor | Int4Tensor) -> tuple[torch.Tensor, float]:
-    """The weight's integer values [N, K] as float8_e4m3fn (BitMoD grid x 2 in [-16, 16], or INT4 code - zp in
-    [-15, 15]: every one an exact E4M3 number) and the factor that brings them to grid units (0.5 or 1), so that
-    the dequantized weight is values x factor x the group scale: the operand of a block-scaled FP8 GEMM."""
+def weight_values_fp8(weight: BitMoDTensor | Int4Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The weight as the operands of a block-scaled FP8 GEMM: its integer values [N, K] as float8_e4m3fn (BitMoD
+    grid x 2 in [-16, 16], or INT4 code - zp in [-15, 15]: every one an exact E4M3 number) and their scales [N,
+    K / group] in fp32 (the group scale, x 1/2 for BitMoD), column-major as cuBLAS takes block scales:
+    values x scales (repeated over each group) is exactly the dequantized weight."""
     what = "weight_values_fp8"
     if not isinstance(weight, (BitMoDTensor, Int4Tensor)):
         raise TypeError(f"{what}: weight must be a BitMoDTensor or Int4Tensor, got {type(weight).__name__}")
     words, aux, n, k = _operands(what, weight)
     out = torch.empty((n, k), dtype=torch.float8_e4m3fn, device=words.device)
+    scales = torch.empty((k // weight.group_size, n), dtype=torch.float32, device=words.device)
     block_n, block_g, grid = _blocks(n, k, weight.group_size)
-    _values_fp8_kernel[grid](words, aux, out, n, k // 8, words.stride(0), aux.stride(0), out.stride(0),
-                             GROUP=weight.group_size, BLOCK_N=block_n, BLOCK_G=block_g,
+    _values_fp8_kernel[grid](words, weight.scales, aux, out, scales, n, k // 8, words.stride(0), weight.scales.stride(0),
+                             aux.stride(0), out.stride(0), GROUP=weight.group_size, BLOCK_N=block_n, BLOCK_G=block_g,
                              IS_BITMOD=isinstance(weight, BitMoDTensor), num_warps=4,
                              USE_ASM=VALUES_FP8_USE_ASM and not interpreting() and device_capability(words.device.index) >= (8, 9))
-    return out, 0.5 if isinstance(weight, BitMoDTensor) else 1.0
+    return out, scales.t()
 
 
 __all__ = ["dequantize_w4", "weight_values_fp8"]

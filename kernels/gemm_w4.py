@@ -510,7 +510,8 @@ def _blockwise_fp8_ok(x: torch.Tensor, prep: _Prepared, out_dtype: torch.dtype) 
 
 def _blockwise_fp8_matmul(x: torch.Tensor, weight: BitMoDTensor | Int4Tensor, bias: torch.Tensor | None,
                           out_dtype: torch.dtype, out: torch.Tensor | None) -> torch.Tensor | None:
-    """y = sum over groups g of xs[m] * s[n, g] * f * (FP8 codes of x) . (integer weight values), in cuBLAS.
+    """y = sum over groups g of xs[m] * s[n, g] * (FP8 codes of x) . (integer weight values), in cuBLAS (s: the
+    group scale, x 1/2 for BitMoD, whose integer values are the grid x 2).
 
     The products are exact and the scales multiply each 128-wide block's partial sum, which Hopper's FP8 MMA
     adds with a reduced-precision adder (as the tiled kernel's): no rounding of the weights to fp16. The rows are
@@ -522,9 +523,8 @@ def _blockwise_fp8_matmul(x: torch.Tensor, weight: BitMoDTensor | Int4Tensor, bi
     m, k = x.shape
     rows, kg = -(-m // 4) * 4, k // 128
     codes, xs = quantize_activation_fp8(x, rows=rows)
-    values, factor = weight_values_fp8(weight)
+    values, scale_b = weight_values_fp8(weight)  # [N, K], [N, K / 128] column-major
     scale_a = xs.unsqueeze(0).expand(kg, rows).contiguous().t()  # [rows, K / 128], column-major as cuBLAS wants
-    scale_b = (weight.scales.float() * factor).t().contiguous().t()  # [N, K / 128], column-major
     block = fn.ScalingType.BlockWise1x128
     try:
         y = fn.scaled_mm(codes, values.t(), scale_a, block, scale_b, block,

@@ -46,7 +46,7 @@ for is_bitmod in (True, False):
 for is_bitmod in (True, False):  # the FP8 operand of the block-scaled prefill GEMM
     for use_asm in (True, False):
         out[f"weight_values_fp8_bitmod={is_bitmod}_asm={use_asm}"] = compile_ptx(
-            dequant_w4._values_fp8_kernel, ["*i32", "*u8", "*fp8e4nv"] + ["i32"] * 5,
+            dequant_w4._values_fp8_kernel, ["*i32", "*fp16", "*u8", "*fp8e4nv", "*fp32"] + ["i32"] * 6,
             dict(GROUP=128, BLOCK_N=16, BLOCK_G=4, IS_BITMOD=is_bitmod, USE_ASM=use_asm),
             divisible=("KW", "s_w", "s_o"), num_warps=4)
 out["epilogue"] = compile_ptx(w4_mma._rows_epilogue_kernel, ["*fp32", "*fp32", "*bf16", "*bf16"] + ["i32"] * 3,

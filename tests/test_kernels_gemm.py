@@ -83,11 +83,11 @@ def test_dequantize_w4_is_bit_exact(wfmt, n, k, group):
 @pytest.mark.parametrize("n,k,group", [(37, 256, 128), (16, 1408, 64), (5, 96, 32)])
 def test_weight_values_fp8_times_scales_is_the_dequantized_weight(wfmt, n, k, group):
     weight = _weight(wfmt, n, k, group, torch.Generator().manual_seed(n + k + group))
-    values, factor = weight_values_fp8(weight)
+    values, scales = weight_values_fp8(weight)
     assert values.dtype == torch.float8_e4m3fn and values.shape == (n, k)
     assert values.float().abs().max() <= 16 and torch.equal(values.float(), values.float().round())
-    scales = weight.scales.float().repeat_interleave(group, dim=1)
-    assert torch.equal(values.float() * factor * scales, weight.dequantize().float())
+    assert scales.shape == (n, k // group) and scales.stride() == (1, n) and scales.dtype == torch.float32
+    assert torch.equal(values.float() * scales.repeat_interleave(group, dim=1), weight.dequantize().float())
 
 
 def _scaled_mm_1x128(a, b, scale_a, recipe_a, scale_b, recipe_b, output_dtype=torch.bfloat16, **_):
