@@ -43,7 +43,9 @@ def _timed_generate(model, ids: torch.Tensor, new: int, cache=None) -> float:
     extra = {}
     if cache is not None:
         cache.reset()
-        extra["past_key_values"] = cache
+        from p3quant.nn.patching import cache_argument
+
+        extra[cache_argument(model)] = cache
     torch.cuda.synchronize()
     start = time.perf_counter()
     model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new, do_sample=False,

@@ -81,6 +81,7 @@ def eager_step_us_per_layer(layers: int = 4, steps: int = 50) -> float:
     """Host us per layer of an eager decode step (transformers forward, P3 cache) under torch.inference_mode."""
     import p3quant
     import p3quant.nn.kv_cache as kv_cache
+    from p3quant.nn.patching import cache_argument
     from transformers import LlamaConfig, LlamaForCausalLM
     from triton.runtime.interpreter import GridExecutor
 
@@ -93,11 +94,12 @@ def eager_step_us_per_layer(layers: int = 4, steps: int = 50) -> float:
     launch, use_append_kernel = GridExecutor.__call__, kv_cache._use_append_kernel
     try:
         with torch.inference_mode():
-            cache = model(ids, use_cache=True).past_key_values  # a real prefill: the cache holds valid tokens
+            out = model(ids, use_cache=True)  # a real prefill: the cache holds valid tokens
+            cache = out.cache if "cache" in out else out.past_key_values  # renamed in transformers 5.2x
             GridExecutor.__call__ = lambda self, *args, **kwargs: None
             kv_cache._use_append_kernel = lambda x: x.stride(-1) == 1  # the GPU's host path for the KV append
             token = ids[:, -1:]
-            step_us = _per_call_us(lambda: model(token, past_key_values=cache, use_cache=True), steps)
+            step_us = _per_call_us(lambda: model(token, use_cache=True, **{cache_argument(model): cache}), steps)
     finally:
         GridExecutor.__call__, kv_cache._use_append_kernel = launch, use_append_kernel
     return step_us / layers

@@ -9,6 +9,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import p3quant
 from p3quant import P3Config
 from p3quant.nn import kv_cache
+from p3quant.nn.patching import cache_argument
 
 
 @pytest.mark.parametrize("key_position", ["post_rope", "pre_rope"])
@@ -25,8 +26,8 @@ def test_kernel_append_equals_torch_append(monkeypatch, key_position: str) -> No
     def run():
         cache = model.p3_make_cache()
         with torch.no_grad():
-            logits = model(ids, attention_mask=mask, past_key_values=cache, use_cache=True).logits
-            step = model(ids[:, :1], attention_mask=torch.cat([mask, mask[:, :1]], 1), past_key_values=cache,
+            logits = model(ids, attention_mask=mask, **{cache_argument(model): cache}, use_cache=True).logits
+            step = model(ids[:, :1], attention_mask=torch.cat([mask, mask[:, :1]], 1), **{cache_argument(model): cache},
                          use_cache=True).logits
         return cache.layers[0], torch.cat([logits, step], 1)
 

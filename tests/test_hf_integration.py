@@ -15,6 +15,7 @@ from transformers import (
 import p3quant
 from p3quant import P3Cache, P3Config, P3Linear
 from p3quant.quantizers import fake_quantize_activation
+from p3quant.nn.patching import cache_argument
 
 VOCAB = 96
 COMMON = dict(hidden_size=128, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
@@ -143,8 +144,8 @@ def _prefill_then_decode_last_logits(model: nn.Module, ids: torch.Tensor) -> tup
     with torch.no_grad():
         full = model(ids).logits[:, -1]
         cache = model.p3_make_cache()
-        model(ids[:, :-1], past_key_values=cache, use_cache=True)
-        step = model(ids[:, -1:], past_key_values=cache, use_cache=True).logits[:, -1]
+        model(ids[:, :-1], **{cache_argument(model): cache}, use_cache=True)
+        step = model(ids[:, -1:], **{cache_argument(model): cache}, use_cache=True).logits[:, -1]
     return full, step
 
 
@@ -169,9 +170,9 @@ def test_smoothing_factor_comes_from_the_prompt_only() -> None:
     ids = torch.randint(0, VOCAB, (1, 20))
     cache = model.p3_make_cache()
     with torch.no_grad():
-        model(ids[:, :12], past_key_values=cache, use_cache=True)
+        model(ids[:, :12], **{cache_argument(model): cache}, use_cache=True)
         factor = cache.layers[0].smoothing.clone()
-        model(ids[:, 12:13], past_key_values=cache, use_cache=True)
+        model(ids[:, 12:13], **{cache_argument(model): cache}, use_cache=True)
     assert torch.equal(cache.layers[0].smoothing, factor)
     assert factor.shape == (1, 2, 1, 32) and torch.isfinite(factor).all() and (factor > 0).all()
 
@@ -205,7 +206,7 @@ def test_cache_stores_packed_codes_and_is_small() -> None:
     model = p3quant.quantize(LlamaForCausalLM(LlamaConfig(**config)).eval(), _cfg())
     cache = model.p3_make_cache()
     with torch.no_grad():
-        model(torch.randint(0, VOCAB, (2, 256)), past_key_values=cache, use_cache=True)
+        model(torch.randint(0, VOCAB, (2, 256)), **{cache_argument(model): cache}, use_cache=True)
     layer = cache.layers[0]
     assert layer.key_store.packed.dtype == torch.uint8 and layer.key_store.length == 255
     assert layer.residual_keys.shape[-2] == 1
@@ -216,7 +217,7 @@ def test_kivi_per_channel_keys_quantize_in_token_groups() -> None:
     model = p3quant.quantize(_tiny("llama"), _cfg("kivi-kv4", kivi_group_size=8))
     cache = model.p3_make_cache()
     with torch.no_grad():
-        model(torch.randint(0, VOCAB, (1, 21)), past_key_values=cache, use_cache=True)
+        model(torch.randint(0, VOCAB, (1, 21)), **{cache_argument(model): cache}, use_cache=True)
     layer = cache.layers[0]
     assert len(layer.channel_key_chunks) == 2 and layer.residual_keys.shape[-2] == 5
 
@@ -263,5 +264,5 @@ def test_clear_errors_for_bad_group_size_unsupported_models_and_double_quantizat
 
         cache = DynamicCache()
         cache.update(torch.randn(1, 2, 3, 32), torch.randn(1, 2, 3, 32), 0)
-        model(torch.randint(0, VOCAB, (1, 4)), past_key_values=cache, use_cache=True)
+        model(torch.randint(0, VOCAB, (1, 4)), **{cache_argument(model): cache}, use_cache=True)
     assert isinstance(model.p3_make_cache(), P3Cache)

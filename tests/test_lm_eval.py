@@ -45,11 +45,17 @@ def _tiny(vocab: int) -> LlamaForCausalLM:
 
 
 def test_offline_tasks_load(require_data) -> None:
-    from lm_eval.tasks import TaskManager, get_task_dict
+    from lm_eval.tasks import TaskManager
 
     for relative in DATA_FILES.values():
         require_data(relative)
-    tasks = get_task_dict(TASKS, TaskManager(include_path=str(TASKS_DIR), include_defaults=False))
+    manager = TaskManager(include_path=str(TASKS_DIR), include_defaults=False)
+    if hasattr(manager, "load"):  # newer lm-eval (get_task_dict deprecated): a flat dict of the leaf tasks
+        tasks = manager.load(TASKS)["tasks"]
+    else:
+        from lm_eval.tasks import get_task_dict
+
+        tasks = get_task_dict(TASKS, manager)
     for name in TASKS:
         task = tasks[name]
         docs = list(task.test_docs() if task.has_test_docs() else task.validation_docs())

@@ -10,6 +10,7 @@ import torch
 
 import p3quant
 from p3quant import P3Config, P3Linear, models
+from p3quant.nn.patching import cache_argument
 
 
 def _load(name: str):
@@ -58,7 +59,7 @@ def test_smollm2_w4a8kv4p8_generates_and_shrinks(smollm2) -> None:
     cache = qmodel.p3_make_cache()
     ids = tokenizer("The quick brown fox jumps over the lazy dog. " * 30, return_tensors="pt")["input_ids"][:, :256]
     with torch.no_grad():
-        qmodel(ids, past_key_values=cache, use_cache=True)
+        qmodel(ids, **{cache_argument(qmodel): cache}, use_cache=True)
     assert cache.nbytes() <= 0.30 * cache.fp16_nbytes()
 
 
