@@ -1,4 +1,5 @@
-"""Packed 4-bit weights (BitMoD or INT4 asymmetric) -> a 16-bit [N, K] matrix, for the large-M (prefill) path.
+"""Packed 4-bit weights (BitMoD or INT4 asymmetric) -> an fp16 [N, K] matrix, or their FP8 values and block
+scales, for the large-M (prefill) paths.
 
 At M in the hundreds and above, a GEMM is compute-bound: decoding every weight tile again for every block of
 rows (as the fused kernel does) costs more than decoding the weight once into a temporary fp16 matrix and
