@@ -74,10 +74,16 @@ def store_row_with_codes(y, y_row_ptr, q_row_ptr, s_ptr, row, k, mask, K, LAYOUT
     FP8 scale and codes computed from the rounded values (bit-exact with _act_quant_kernel on y)."""
     tl.store(y_row_ptr + k, y, mask=mask)
     if LAYOUT != 0:
-        yf = y.to(tl.float32)
-        scale = fp8_token_scale(tl.max(tl.abs(yf), axis=0))
-        tl.store(s_ptr + row, scale)
-        store_codes(q_row_ptr, fp8_codes(yf, scale), 0, k, mask, K, LAYOUT, k.shape[0])
+        store_scale_and_codes(y.to(tl.float32), q_row_ptr, s_ptr, row, k, mask, K, LAYOUT)
+
+
+@triton.jit
+def store_scale_and_codes(x, q_row_ptr, s_ptr, row, k, mask, K, LAYOUT: tl.constexpr):
+    """A whole row x (fp32, at offsets k = arange(BLOCK), zeros where masked): its per-token FP8 scale and its
+    codes in LAYOUT."""
+    scale = fp8_token_scale(tl.max(tl.abs(x), axis=0))
+    tl.store(s_ptr + row, scale)
+    store_codes(q_row_ptr, fp8_codes(x, scale), 0, k, mask, K, LAYOUT, k.shape[0])
 
 
 @triton.jit
@@ -121,9 +127,7 @@ def _act_quant_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, BLOCK_K: tl.
     if ONE_PASS:
         mask = offs < K
         x = tl.load(x_ptr + row * stride_xm + offs, mask=mask, other=0.0).to(tl.float32)
-        scale = fp8_token_scale(tl.max(tl.abs(x), axis=0))
-        tl.store(s_ptr + row, scale)
-        store_codes(q_ptr + row * stride_qm, fp8_codes(x, scale), 0, offs, mask, K, LAYOUT, BLOCK_K)
+        store_scale_and_codes(x, q_ptr + row * stride_qm, s_ptr, row, offs, mask, K, LAYOUT)
     else:
         scale = _row_scale(x_ptr, row, K, stride_xm, BLOCK_K)
         tl.store(s_ptr + row, scale)

@@ -494,6 +494,7 @@ _MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype")  # fp16 x fp16 -> fp32 outpu
 # tokens' scales on the activations, the groups' scales on the weights), through torch's scaled_mm where it has
 # them (torch >= 2.10). Benchmarks and GPU checks may switch it off to compare with the fp16 dequant path.
 FP8_BLOCKWISE = True
+_HAS_SCALED_MM = hasattr(torch.nn.functional, "scaled_mm") and hasattr(torch.nn.functional, "ScalingType")
 _blockwise_unsupported: dict[int, str] = {}  # device index -> why torch / cuBLAS refused block scaling there
 
 
@@ -501,7 +502,7 @@ def _blockwise_fp8_ok(x: torch.Tensor, prep: _Prepared, out_dtype: torch.dtype) 
     """Whether the block-scaled FP8 path applies: shapes cuBLAS's FP8 GEMM takes, on a Hopper GPU (torch's
     1x128 block scaling is SM90-only) where it has not been refused."""
     return (FP8_BLOCKWISE and x.is_cuda and torch.version.hip is None and not interpreting()
-            and hasattr(torch.nn.functional, "scaled_mm") and hasattr(torch.nn.functional, "ScalingType")
+            and _HAS_SCALED_MM
             and prep.group == 128 and prep.k % 128 == 0 and prep.n % 16 == 0
             and out_dtype in (torch.float16, torch.bfloat16)
             and device_capability(x.device.index)[0] == 9
@@ -521,7 +522,7 @@ def _blockwise_fp8_matmul(x: torch.Tensor, weight: BitMoDTensor | Int4Tensor, bi
     """
     fn = torch.nn.functional
     m, k = x.shape
-    rows, kg = -(-m // 4) * 4, k // 128
+    rows, kg = cdiv(m, 4) * 4, k // 128
     codes, xs = quantize_activation_fp8(x, rows=rows)
     values, scale_b = weight_values_fp8(weight)  # [N, K], [N, K / 128] column-major
     scale_a = xs.unsqueeze(0).expand(kg, rows).contiguous().t()  # [rows, K / 128], column-major as cuBLAS wants
