@@ -1,5 +1,6 @@
-"""The fused RMSNorm (+ FP8 codes in the GEMV's split layout) at decode sizes: CUDA-graph time by warps per
-program, against PyTorch's LlamaRMSNorm followed by the separate activation-quantization launch.
+"""The decode step's one-program-per-row kernels by warps per program (CUDA-graph time): the fused RMSNorm (+ FP8
+codes in the GEMV's split layout) against PyTorch's LlamaRMSNorm followed by the separate activation-quantization
+launch, and that activation quantization alone (the o and down projections' inputs).
 
 Run: python benchmarks/bench_rmsnorm.py
 """
@@ -17,12 +18,12 @@ from _common import environment, graph_rotating_us, table  # noqa: E402
 
 from p3quant.kernels import act_quant, rmsnorm  # noqa: E402
 
+WARPS = (4, 8, 16, 32)
 
-def main() -> None:
+
+def rmsnorm_rows() -> list[tuple]:
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-    print(environment(), flush=True)
-    act_quant.ACTIVATION_REUSE = False
     rows = []
     for m, k in ((1, 4096), (8, 4096), (1, 8192)):
         xs = [torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for _ in range(8)]
@@ -37,14 +38,42 @@ def main() -> None:
 
         base = graph_rotating_us([lambda x=x: reference(x) for x in xs])
         try:
-            for warps in (4, 8, 16, 32):
+            for warps in WARPS:
                 rmsnorm.WARPS_OVERRIDE = warps
                 assert torch.equal(rmsnorm.rms_norm(xs[0], norm.weight, 1e-5, "split"), want)
                 us = graph_rotating_us([lambda x=x: rmsnorm.rms_norm(x, norm.weight, 1e-5, layout) for x in xs])
-                rows.append((m, k, warps, us, base, base / us))
+                rows.append(("fused RMSNorm + codes", m, k, warps, us, base, base / us))
         finally:
             rmsnorm.WARPS_OVERRIDE = None
-    print(table(["M", "K", "warps", "fused us", "LlamaRMSNorm + act quant us", "speedup"], rows))
+    return rows
+
+
+def act_quant_rows() -> list[tuple]:
+    rows = []
+    for m, k in ((1, 4096), (1, 14336), (8, 4096)):
+        xs = [torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for _ in range(8)]
+        codes = torch.empty(m, act_quant.codes_width(1, k), device="cuda")
+        scales = torch.empty(m, device="cuda")
+        default = graph_rotating_us([lambda x=x: act_quant.quantize_activation_fp8_split(x, codes, scales) for x in xs])
+        want = codes.clone()
+        try:
+            for warps in WARPS:
+                act_quant.WARPS_OVERRIDE = warps
+                act_quant.quantize_activation_fp8_split(xs[-1], codes, scales)
+                assert torch.equal(codes, want)
+                us = graph_rotating_us([lambda x=x: act_quant.quantize_activation_fp8_split(x, codes, scales) for x in xs])
+                rows.append(("act quant (split layout)", m, k, warps, us, default, default / us))
+        finally:
+            act_quant.WARPS_OVERRIDE = None
+    return rows
+
+
+def main() -> None:
+    print(environment(), flush=True)
+    act_quant.ACTIVATION_REUSE = False
+    rows = rmsnorm_rows() + act_quant_rows()
+    print(table(["kernel", "M", "K", "warps", "us", "baseline us (PyTorch + act quant; act quant: default warps)",
+                 "speedup"], rows))
 
 
 if __name__ == "__main__":

@@ -15,6 +15,8 @@ import traceback
 import warnings
 
 import torch
+import triton
+import triton.language as tl
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -290,6 +292,70 @@ def check_fused_ops() -> list[str]:
     return out
 
 
+@triton.jit
+def _native_rounding_kernel(miss_ptr, start, BLOCK: tl.constexpr):
+    """Per program: how many of BLOCK consecutive fp32 bit patterns (from start) round differently natively and
+    arithmetically, to E4M3 (NaN inputs skipped) and to bf16 (inputs whose cast overflows skipped: the arithmetic
+    rounding saturates where the cast gives an infinity)."""
+    bits = start + tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    x = bits.to(tl.uint32).to(tl.float32, bitcast=True)
+    finite_input = x == x
+    e4m3_native = common.round_e4m3_native(x).to(tl.int32, bitcast=True)
+    e4m3_arith = common.round_minifloat(x, 3, -6, common.FP8_MAX, False).to(tl.int32, bitcast=True)
+    bf16_native = x.to(tl.bfloat16).to(tl.float32)
+    bf16_arith = common.round_minifloat(x, 7, -126, common.BF16_MAX, False).to(tl.int32, bitcast=True)
+    bf16_finite = tl.abs(bf16_native) <= common.BF16_MAX
+    e4m3_miss = finite_input & (e4m3_native != e4m3_arith)
+    bf16_miss = bf16_finite & (bf16_native.to(tl.int32, bitcast=True) != bf16_arith)
+    tl.store(miss_ptr + 2 * tl.program_id(0), tl.sum(e4m3_miss.to(tl.int32), axis=0))
+    tl.store(miss_ptr + 2 * tl.program_id(0) + 1, tl.sum(bf16_miss.to(tl.int32), axis=0))
+
+
+def check_native_rounding() -> list[str]:
+    """Compiled kernels round to E4M3 and bf16 with the GPU's conversions (common.NATIVE_ROUNDING), the
+    interpreter arithmetically: both on all 2**32 fp32 inputs. Then the kernels that use them against their
+    references: activation quantization bit-exact with quantize_scaled_fp8, the fused RMSNorm within one bf16 ulp
+    of LlamaRMSNorm with its FP8 codes bit-exact with act_quant's of its output, and the attention's FP8 query
+    (covered by check_attention's reference comparison)."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from p3quant.kernels import act_quant
+    from p3quant.kernels.rmsnorm import rms_norm
+
+    out = []
+    block, chunk = 4096, 1 << 30
+    misses = torch.zeros(2, dtype=torch.int64, device="cuda")
+    for start in range(0, 1 << 32, chunk):
+        per_program = torch.empty(chunk // block, 2, dtype=torch.int32, device="cuda")
+        _native_rounding_kernel[(chunk // block,)](per_program, start, BLOCK=block, num_warps=8)
+        misses += per_program.sum(0)
+    e4m3, bf16 = misses.tolist()
+    out.append(f"{'PASS' if e4m3 == 0 else 'FAIL'} native E4M3 rounding == arithmetic on all 2**32 fp32 inputs "
+               f"(NaNs skipped): {e4m3} differ")
+    out.append(f"{'PASS' if bf16 == 0 else 'FAIL'} native bf16 rounding == arithmetic on all 2**32 fp32 inputs "
+               f"(NaNs and overflows skipped): {bf16} differ")
+    for m, k in ((1, 4096), (5, 14336), (3, 20000)):
+        x = (torch.randn(m, k, device="cuda") * torch.logspace(-4, 3, k, device="cuda")).to(torch.bfloat16)
+        codes, scales = act_quant.quantize_activation_fp8(x)
+        ref = quantize_scaled_fp8(x.float().cpu())
+        ok = (torch.equal(codes.view(torch.uint8).cpu(), ref.codes) and
+              torch.equal(scales.cpu(), ref.scales.float().flatten()))
+        out.append(f"{'PASS' if ok else 'FAIL'} act_quant M={m} K={k} bit-exact with quantize_scaled_fp8")
+    for m, k in ((1, 4096), (4, 8192)):
+        x = (torch.randn(m, k, device="cuda") * 3).to(torch.bfloat16)
+        norm = LlamaRMSNorm(k, eps=1e-5).to("cuda", torch.bfloat16)
+        norm.weight.data.uniform_(0.5, 1.5)
+        y = rms_norm(x, norm.weight, 1e-5, "split")
+        fused_codes, fused_scales = act_quant._last[2]
+        ulps = (y.view(torch.int16).int() - norm(x).view(torch.int16).int()).abs().max().item()
+        codes, scales = torch.empty_like(fused_codes), torch.empty_like(fused_scales)
+        act_quant.quantize_activation_fp8_split(y.view(m, k), codes, scales)
+        ok = ulps <= 1 and torch.equal(codes, fused_codes) and torch.equal(scales, fused_scales)
+        out.append(f"{'PASS' if ok else 'FAIL'} fused RMSNorm M={m} K={k}: max {ulps} bf16 ulp from LlamaRMSNorm, "
+                   "its FP8 codes == act_quant's of its output")
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
@@ -315,7 +381,7 @@ def main() -> None:
             fh.write(text + "\n")
         print(f"== {name} done", flush=True)
 
-    section("correctness", lambda: "\n".join(check_gemm() + check_attention() + check_fused_ops() + check_second_gpu()
+    section("correctness", lambda: "\n".join(check_native_rounding() + check_gemm() + check_attention() + check_fused_ops() + check_second_gpu()
                                               + check_static_generate()))
     import bench_decode_attention
     import bench_gemm

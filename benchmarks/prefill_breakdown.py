@@ -2,7 +2,8 @@
 quantization, the weight's values to FP8, cuBLAS's block-scaled FP8 GEMM alone, against bf16 cuBLAS and FP8
 row-scaled torch._scaled_mm (the floor for an FP8 GEMM), on the Llama-3.1-8B decoder shapes.
 
-Parts are CUDA-graph replays (GPU time alone); "whole eager" is w4_matmul as a model calls it (host time included).
+Parts are CUDA-graph replays (GPU time alone); "whole eager" is w4_matmul as a model calls it (host time included),
+and the last three columns time the parts eagerly, to show which one's host time the eager call pays.
 "weight values PTX" times the inline-PTX variant of the weight's FP8 values (dequant_w4.VALUES_FP8_USE_ASM).
 Run: python benchmarks/prefill_breakdown.py [--ms M ...]. Prints a markdown table last.
 """
@@ -63,15 +64,19 @@ def run(ms: tuple[int, ...]) -> str:
             rowwise = _graph_us([lambda d=d: torch._scaled_mm(codes, d.t(), row_a, row_b, out_dtype=torch.bfloat16)
                                          for d in fp8_dense])
             bf16 = _graph_us([lambda d=d: x @ d.t() for d in dense])
+            parts_eager = [bench_rotating([lambda: quantize_activation_fp8(x)]),
+                           bench_rotating([lambda w=w: weight_values_fp8(w) for w in weights]),
+                           bench_rotating([lambda v=v, sb=sb: fn.scaled_mm(codes, v.t(), scale_a, block, sb, block)
+                                           for v, sb in zip(values, scales_b)])]
             whole_graph = _graph_us([lambda w=w: w4_matmul(x, w, None, "fp8_e4m3") for w in weights])
             whole_eager = bench_rotating([lambda w=w: w4_matmul(x, w, None, "fp8_e4m3") for w in weights])
             wbytes = n * k // 2 + n * k  # packed codes read, FP8 values written
             rows.append((f"{name} {n}x{k}", m, act, wval, wbytes / wval / 1e6, wval_ptx, wbytes / wval_ptx / 1e6, mm, rowwise, mm / rowwise, bf16,
-                         whole_graph, whole_eager, bf16 / whole_graph))
+                         whole_graph, whole_eager, bf16 / whole_graph, *parts_eager))
     headers = ["shape NxK", "M", "act quant us", "weight values us", "weight values TB/s", "weight values PTX us",
                "weight values PTX TB/s", "block-scaled mm us",
                "row-scaled FP8 mm us", "block / row", "bf16 us", "whole graph us", "whole eager us",
-               "whole graph x bf16"]
+               "whole graph x bf16", "act quant eager us", "weight values eager us", "block-scaled mm eager us"]
     return table(headers, rows)
 
 

@@ -14,8 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (FP8_MAX, fp8_token_scale, next_power_of_2, on_input_device, pdl_begin, pdl_launch,
-                     require_device, round_minifloat)
+from .common import (fp8_token_scale, next_power_of_2, on_input_device, pdl_begin, pdl_launch,
+                     require_device, round_e4m3)
 
 
 @triton.jit
@@ -65,7 +65,7 @@ def store_codes(q_row_ptr, q, k0, k, mask, K, LAYOUT: tl.constexpr, BLOCK: tl.co
 @triton.jit
 def fp8_codes(x, scale):
     """E4M3 values of fp32 x / scale, rounded to nearest even, saturating (quantize_scaled_fp8's codes)."""
-    return round_minifloat(tl.math.div_rn(x, scale), 3, -6, FP8_MAX, False)
+    return round_e4m3(tl.math.div_rn(x, scale))
 
 
 @triton.jit
@@ -139,6 +139,9 @@ def _act_quant_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, BLOCK_K: tl.
 
 
 ONE_PASS_MAX_K = 16384  # rows up to this width are read once (16 warps hold 32 values per thread)
+# A decode step's row is one program whose time is its threads' instruction latency, so more warps (fewer values
+# per thread) make it faster; WARPS_OVERRIDE (benchmarks only) replaces the choice.
+WARPS_OVERRIDE: int | None = None
 
 
 def _quantize_into(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, layout: int) -> None:
@@ -149,7 +152,7 @@ def _quantize_into(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, l
         block = block if one_pass else 4096
         warps = 4 if block <= 1024 else 8 if block <= 4096 else 16
         _act_quant_kernel[(m,)](x, codes, scales, k, x.stride(0), codes.stride(0), BLOCK_K=block, LAYOUT=layout,
-                                ONE_PASS=one_pass, num_warps=warps, **pdl_launch(x))
+                                ONE_PASS=one_pass, num_warps=WARPS_OVERRIDE or warps, **pdl_launch(x))
 
 
 @on_input_device

@@ -1,8 +1,10 @@
 """Shared Triton helpers: exact minifloat rounding in fp32, BitMoD/INT4 decode, device checks.
 
-Rounding is done arithmetically (exponent bits + magic-number round-to-nearest-even) instead of
-`.to(tl.float8e4nv)`, because it must equal p3quant.formats.MiniFloat.round_to_grid bit for bit on
-every backend, including the Triton CPU interpreter (whose fp32->fp8 cast mis-rounds carries).
+Rounding is done arithmetically (exponent bits + magic-number round-to-nearest-even), because it must equal
+p3quant.formats.MiniFloat.round_to_grid bit for bit on every backend, including the Triton CPU interpreter
+(whose fp32->fp8 cast mis-rounds carries and whose fp32->bf16 cast truncates). Compiled kernels round to E4M3 and
+bf16 with the GPU's own conversions instead (NATIVE_ROUNDING): one instruction per value or pair against about a
+dozen, and the same value on every fp32 input (benchmarks/gpu_check.py's check_native_rounding compares all 2**32).
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ def interpreting() -> bool:
     """True when Triton runs in its CPU interpreter (tests), where CPU tensors are allowed."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
+
+NATIVE_ROUNDING = tl.constexpr(not interpreting())  # see the module docstring
 
 _F = TypeVar("_F", bound=Callable)
 
@@ -198,6 +202,34 @@ def round_minifloat(x, MAN_BITS: tl.constexpr, MIN_EXP: tl.constexpr, MAX_VALUE:
     return tl.where(x.to(tl.int32, bitcast=True) < 0, -rounded, rounded)
 
 
+# fp32 pairs to E4M3 (nearest even, saturating at +-448) and back: cvt packs a into the upper byte, b the lower;
+# the widening keeps each byte's half in place (the same order as the PTX manual gives for both).
+_E4M3_PAIR = tl.constexpr("""{
+.reg .b16 q, lo, hi;
+.reg .b32 h;
+cvt.rn.satfinite.e4m3x2.f32 q, $3, $2;
+cvt.rn.f16x2.e4m3x2 h, q;
+mov.b32 {lo, hi}, h;
+cvt.f32.f16 $0, lo;
+cvt.f32.f16 $1, hi;
+}""")
+
+
+@triton.jit
+def round_e4m3_native(x):
+    """fp32 x rounded to FP8-E4M3 by the GPU's conversion (nearest even, saturating at +-448), as fp32."""
+    return tl.inline_asm_elementwise(_E4M3_PAIR, "=f,=f,f,f", [x], dtype=tl.float32, is_pure=True, pack=2)
+
+
+@triton.jit
+def round_e4m3(x):
+    """fp32 x rounded to FP8-E4M3 (nearest even, saturating at +-448), as fp32: MiniFloat E4M3's grid."""
+    if NATIVE_ROUNDING:
+        return round_e4m3_native(x)
+    else:
+        return round_minifloat(x, 3, -6, FP8_MAX, False)
+
+
 @triton.jit
 def round_like_output(x, y_ptr):
     """fp32 x rounded (nearest even) to the 16-bit element type of y_ptr, kept as fp32 (arithmetic, not a cast)."""
@@ -209,9 +241,9 @@ def round_like_output(x, y_ptr):
 
 @triton.jit
 def round_to_output(x, y_ptr):
-    """fp32 -> the 16-bit element type of y_ptr, round to nearest even. bf16 is rounded arithmetically first:
-    the interpreter's fp32 -> bf16 cast truncates (the GPU's rounds; both then agree)."""
-    if y_ptr.dtype.element_ty == tl.bfloat16:
+    """fp32 -> the 16-bit element type of y_ptr, round to nearest even. Under the interpreter bf16 is rounded
+    arithmetically first: its fp32 -> bf16 cast truncates (the GPU's rounds; both then agree)."""
+    if y_ptr.dtype.element_ty == tl.bfloat16 and not NATIVE_ROUNDING:
         x = round_like_output(x, y_ptr)
     return x.to(y_ptr.dtype.element_ty)
 

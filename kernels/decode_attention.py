@@ -37,8 +37,9 @@ import triton.language as tl
 from p3quant.attention_math import QuantizedKV
 from p3quant.formats import Int4Tensor
 
-from .common import (cdiv, decode_halves, FP16_TINY, FP8_MAX, fp8_token_scale, interpreting, next_power_of_2,
-                     on_input_device, pdl_begin, pdl_launch, require_device, round_minifloat, round_to_output)
+from .common import (cdiv, decode_halves, FP16_TINY, fp8_token_scale, interpreting, next_power_of_2,
+                     on_input_device, pdl_begin, pdl_launch, require_device, round_e4m3, round_minifloat,
+                     round_to_output)
 
 UE4M4_MAX = tl.constexpr(1.9375)
 _BLOCK_R = 16
@@ -172,8 +173,8 @@ def _scores_kernel(
     if QUANT_Q:  # FP8-E4M3 per (token, head), scale = fp16(amax / 448)
         amax = tl.maximum(tl.max(tl.abs(q_lo), axis=1), tl.max(tl.abs(q_hi), axis=1))
         q_scale = fp8_token_scale(amax)
-        q_lo = round_minifloat(tl.math.div_rn(q_lo, q_scale[:, None]), 3, -6, FP8_MAX, False)
-        q_hi = round_minifloat(tl.math.div_rn(q_hi, q_scale[:, None]), 3, -6, FP8_MAX, False)
+        q_lo = round_e4m3(tl.math.div_rn(q_lo, q_scale[:, None]))
+        q_hi = round_e4m3(tl.math.div_rn(q_hi, q_scale[:, None]))
     m_i = tl.full([G4], float("-inf"), tl.float32)
     l_i = tl.zeros([G4], tl.float32)
     vmax = tl.zeros([BLOCK_T], tl.float32)

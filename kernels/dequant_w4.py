@@ -142,7 +142,7 @@ DEQUANT_USE_ASM = True  # benchmarks / gpu checks may switch it off to compare a
 # program against the pure-Triton kernel's 1088 under Triton 3.6) and equal to the pure-Triton bytes in the PTX
 # emulator (tests/test_kernels_w4_mma.py), but not yet run on a GPU: off until gpu_check's byte-for-byte comparison
 # (check_blockwise_prefill) has passed there.
-VALUES_FP8_USE_ASM = False
+VALUES_FP8_USE_ASM = True
 
 
 def _operands(what: str, weight: BitMoDTensor | Int4Tensor) -> tuple[torch.Tensor, torch.Tensor, int, int]:

@@ -134,6 +134,11 @@ def test_gpu_kernels_compile_for_hopper_with_their_inline_ptx():
         assert "st.global.v2.b64" in asm and "st.global.v2.b64" in plain
     assert "ld.global" in ptx["epilogue"]
     assert all("st.global" in ptx[f"act_quant_{layout}"] for layout in range(3))
+    # compiled kernels round to E4M3 and bf16 with the GPU's conversions (common.NATIVE_ROUNDING)
+    for name in ("act_quant_0", "act_quant_1", "act_quant_two_pass", "chunk_codes", "rmsnorm", "scores"):
+        assert "cvt.rn.satfinite.e4m3x2.f32 q" in ptx[name], name
+    for name in ("rmsnorm", "silu_mul"):
+        assert "cvt.rn.bf16.f32" in ptx[name] or "cvt.rn.bf16x2.f32" in ptx[name], name
     for gemv in ("gemv_1", "gemv_3"):
         assert "0x7354" in ptx[gemv] and "fma.rn.f32 s, f," in ptx[gemv]  # the M = 1 GEMV's decode + FMAs in PTX
     assert "st.global" in ptx["argmax_chunks"] and "st.global" in ptx["argmax_pick"]

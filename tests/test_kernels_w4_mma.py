@@ -1,5 +1,6 @@
 """Tensor-core small-M W4A8 GEMM (kernels/w4_mma.py): the interpreter path vs the exact quantized product, and
-the GPU's inline-PTX decode run through a small PTX emulator over every code, special value and zero point."""
+the GPU's inline PTX (decodes, the native E4M3 rounding) run through a small PTX emulator over every code, special
+value and zero point."""
 
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ import triton.language as tl
 from p3quant.formats import BITMOD4, INT4, quantize_scaled_fp8
 from p3quant.kernels import common, gemm_w4, w4_mma
 from p3quant.kernels.act_quant import quantize_activation_fp8, quantize_activation_fp8_halves
-from p3quant.kernels.common import bitmod_special2, decode_tables, decode_w4
+from p3quant.kernels.common import bitmod_special2, decode_tables, decode_w4, round_e4m3
 
 FP32_TOL = 1e-5  # fp32 accumulation against float64 of the same quantized operands
 
@@ -122,8 +123,9 @@ def _f32(a: int) -> np.float32:
 
 def _run_ptx(asm: str, operands: dict[str, int]) -> dict[str, int]:
     """Execute the straight-line PTX subset the decodes use (mov, xor, or, shr, prmt, sub.rn.f16x2, fma.rn.bf16x2,
-    the fp32 scaling: mov.b32 {l, h}, cvt.f32.f16, mul.rn.f32, cvt.rn.f16x2.f32, the GEMV's fma.rn.f32, and the FP8
-    weight values' cvt.rn.satfinite.e4m3x2.f16x2 and mov.b32 d, {lo, hi}); rounding to nearest even."""
+    the fp32 scaling: mov.b32 {l, h}, cvt.f32.f16, mul.rn.f32, cvt.rn.f16x2.f32, the GEMV's fma.rn.f32, the FP8
+    weight values' cvt.rn.satfinite.e4m3x2.f16x2 and mov.b32 d, {lo, hi}, and common.round_e4m3_native's
+    cvt.rn.satfinite.e4m3x2.f32 and cvt.rn.f16x2.e4m3x2); rounding to nearest even."""
     regs = dict(operands)
 
     def val(token: str) -> int:
@@ -173,6 +175,14 @@ def _run_ptx(asm: str, operands: dict[str, int]) -> dict[str, int]:
             halves = torch.from_numpy(_f16x2(val(src[0])).astype(np.float32))
             e4m3 = halves.clamp(-448, 448).to(torch.float8_e4m3fn).view(torch.uint8).tolist()
             regs[dst] = e4m3[0] | (e4m3[1] << 8)
+        elif op == "cvt.rn.satfinite.e4m3x2.f32":  # d = {a -> upper byte, b -> lower byte}
+            pair = torch.tensor([_f32(val(src[1])), _f32(val(src[0]))], dtype=torch.float32)
+            e4m3 = pair.clamp(-448, 448).to(torch.float8_e4m3fn).view(torch.uint8).tolist()
+            regs[dst] = e4m3[0] | (e4m3[1] << 8)
+        elif op == "cvt.rn.f16x2.e4m3x2":  # each byte to fp16 in the same place (low byte -> low half)
+            codes = torch.tensor([val(src[0]) & 0xFF, (val(src[0]) >> 8) & 0xFF], dtype=torch.uint8)
+            halves = codes.view(torch.float8_e4m3fn).to(torch.float16).numpy()
+            regs[dst] = _pack_f16x2(halves[0], halves[1])
         elif op == "cvt.rn.f16x2.f32":  # d = {a -> upper half, b -> lower half}
             regs[dst] = _pack_f16x2(np.float16(_f32(val(src[1]))), np.float16(_f32(val(src[0]))))
         else:
@@ -287,6 +297,36 @@ def test_inline_ptx_fp8_values_equal_the_triton_ones(fmt):
 
 def _bits(x: float) -> int:
     return int(np.array([x], np.float32).view(np.uint32)[0])
+
+
+@triton.jit
+def _round_e4m3_kernel(x_ptr, y_ptr, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    tl.store(y_ptr + offs, round_e4m3(tl.load(x_ptr + offs)))
+
+
+def test_native_e4m3_rounding_ptx_equals_the_arithmetic_rounding():
+    """common.round_e4m3_native's PTX (fp32 pairs to E4M3 and back), emulated: each element of a pair comes back
+    in its own place, rounded as the interpreter's arithmetic round_e4m3 rounds it (ties, saturation, signed zeros,
+    values below E4M3's smallest subnormal and infinities included)."""
+    from p3quant.kernels.common import _E4M3_PAIR
+
+    grid = torch.tensor(sorted(set(torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float().tolist())
+                               - {float("nan")}))
+    grid = grid[~grid.isnan()]
+    ties = (grid[:-1] + grid[1:]) / 2  # exact midpoints (E4M3 values have 4 significant bits)
+    spread = torch.randn(1000) * torch.pow(2.0, torch.randint(-14, 12, (1000,)).float())
+    x = torch.cat([ties, -ties, spread, torch.tensor([0.0, -0.0, 448.0, 464.0, 479.0, 1e30, -1e30, 2.0 ** -10,
+                                                     float("inf"), float("-inf")])])
+    x = torch.cat([x, x[:1]]) if x.numel() % 2 else x
+    block = 1 << (x.numel() - 1).bit_length()
+    padded = torch.zeros(block)
+    padded[: x.numel()] = x
+    want = torch.empty_like(padded)
+    _round_e4m3_kernel[(1,)](padded, want, BLOCK=block)
+    for i in range(0, x.numel(), 2):
+        regs = _run_ptx(_E4M3_PAIR.value, {"$2": _bits(float(x[i])), "$3": _bits(float(x[i + 1]))})
+        assert (regs["$0"], regs["$1"]) == (_bits(float(want[i])), _bits(float(want[i + 1]))), (x[i], x[i + 1])
 
 
 @pytest.mark.parametrize("fmt", ["bitmod", "int4"])
