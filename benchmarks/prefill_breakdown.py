@@ -3,7 +3,8 @@ quantization, the weight's values to FP8, cuBLAS's block-scaled FP8 GEMM alone, 
 row-scaled torch._scaled_mm (the floor for an FP8 GEMM), on the Llama-3.1-8B decoder shapes.
 
 Parts are CUDA-graph replays (GPU time alone); "whole eager" is w4_matmul as a model calls it (host time included),
-and the last three columns time the parts eagerly, to show which one's host time the eager call pays.
+and the last five columns are host times (the wall time of one call, whose launches are asynchronous) of the
+parts and of the whole call, to show where the eager call's host time goes.
 "weight values PTX" times the inline-PTX variant of the weight's FP8 values (dequant_w4.VALUES_FP8_USE_ASM).
 Run: python benchmarks/prefill_breakdown.py [--ms M ...]. Prints a markdown table last.
 """
@@ -11,6 +12,8 @@ Run: python benchmarks/prefill_breakdown.py [--ms M ...]. Prints a markdown tabl
 from __future__ import annotations
 
 import argparse
+import statistics
+import time
 
 import torch
 
@@ -34,6 +37,20 @@ def _graph_us(calls) -> float:
     except Exception as err:  # noqa: BLE001  (reported, the other columns still run)
         print(f"not timed: {type(err).__name__}: {str(err)[:200]}", flush=True)
         return float("nan")
+
+
+def _host_us(fn, reps: int = 60) -> float:
+    """Median host time of one call: its launches are asynchronous, so the wall time until it returns is the host's
+    (synchronized every few calls, so that the launch queue never fills and blocks)."""
+    times = []
+    for i in range(reps):
+        if i % 4 == 0:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    torch.cuda.synchronize()
+    return statistics.median(times) * 1e6
 
 
 def run(ms: tuple[int, ...]) -> str:
@@ -64,19 +81,21 @@ def run(ms: tuple[int, ...]) -> str:
             rowwise = _graph_us([lambda d=d: torch._scaled_mm(codes, d.t(), row_a, row_b, out_dtype=torch.bfloat16)
                                          for d in fp8_dense])
             bf16 = _graph_us([lambda d=d: x @ d.t() for d in dense])
-            parts_eager = [bench_rotating([lambda: quantize_activation_fp8(x)]),
-                           bench_rotating([lambda w=w: weight_values_fp8(w) for w in weights]),
-                           bench_rotating([lambda v=v, sb=sb: fn.scaled_mm(codes, v.t(), scale_a, block, sb, block)
-                                           for v, sb in zip(values, scales_b)])]
+            parts_host = [_host_us(lambda: quantize_activation_fp8(x, rows=m)),
+                          _host_us(lambda: weight_values_fp8(weights[0])),
+                          _host_us(lambda: xs.unsqueeze(0).expand(k // 128, m).contiguous().t()),
+                          _host_us(lambda: fn.scaled_mm(codes, values[0].t(), scale_a, block, scales_b[0], block)),
+                          _host_us(lambda: w4_matmul(x, weights[0], None, "fp8_e4m3"))]
             whole_graph = _graph_us([lambda w=w: w4_matmul(x, w, None, "fp8_e4m3") for w in weights])
             whole_eager = bench_rotating([lambda w=w: w4_matmul(x, w, None, "fp8_e4m3") for w in weights])
             wbytes = n * k // 2 + n * k  # packed codes read, FP8 values written
             rows.append((f"{name} {n}x{k}", m, act, wval, wbytes / wval / 1e6, wval_ptx, wbytes / wval_ptx / 1e6, mm, rowwise, mm / rowwise, bf16,
-                         whole_graph, whole_eager, bf16 / whole_graph, *parts_eager))
+                         whole_graph, whole_eager, bf16 / whole_graph, *parts_host))
     headers = ["shape NxK", "M", "act quant us", "weight values us", "weight values TB/s", "weight values PTX us",
                "weight values PTX TB/s", "block-scaled mm us",
                "row-scaled FP8 mm us", "block / row", "bf16 us", "whole graph us", "whole eager us",
-               "whole graph x bf16", "act quant eager us", "weight values eager us", "block-scaled mm eager us"]
+               "whole graph x bf16", "host us: act quant", "weight values", "token scales' layout", "block-scaled mm",
+               "whole w4_matmul"]
     return table(headers, rows)
 
 

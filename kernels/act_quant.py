@@ -138,7 +138,7 @@ def _act_quant_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, BLOCK_K: tl.
             store_codes(q_ptr + row * stride_qm, fp8_codes(x, scale), k0, k, mask, K, LAYOUT, BLOCK_K)
 
 
-ONE_PASS_MAX_K = 16384  # rows up to this width are read once (16 warps hold 32 values per thread)
+ONE_PASS_MAX_K = 16384  # rows up to this width are read once (32 warps hold 16 values per thread)
 # A decode step's row is one program whose time is its threads' instruction latency, so more warps (fewer values
 # per thread) make it faster; WARPS_OVERRIDE (benchmarks only) replaces the choice.
 WARPS_OVERRIDE: int | None = None
@@ -150,7 +150,7 @@ def _quantize_into(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, l
         block = next_power_of_2(k)
         one_pass = block <= ONE_PASS_MAX_K
         block = block if one_pass else 4096
-        warps = 4 if block <= 1024 else 8 if block <= 4096 else 16
+        warps = 4 if block <= 1024 else 16 if block <= 8192 else 32  # bench_rmsnorm.py's sweep (H200)
         _act_quant_kernel[(m,)](x, codes, scales, k, x.stride(0), codes.stride(0), BLOCK_K=block, LAYOUT=layout,
                                 ONE_PASS=one_pass, num_warps=WARPS_OVERRIDE or warps, **pdl_launch(x))
 

@@ -177,7 +177,8 @@ def round_minifloat(x, MAN_BITS: tl.constexpr, MIN_EXP: tl.constexpr, MAX_VALUE:
 
     The quantum of x's binade is 2**(max(floor(log2|x|), MIN_EXP) - MAN_BITS); scaling by it is exact. A grid whose
     smallest quantum lies below fp32's normal range (bf16: 2**-133) rounds |x| < 1 on |x| * 2**64 and scales the
-    result back, both exact. The sign comes from x's sign bit, so -0.0 stays -0.0 as in a cast.
+    result back, both exact. The sign is x's sign bit, set by a bitwise or, so -0.0 and negative values that round
+    to zero keep it as in a cast (a negation lost it in compiled kernels: gpu_check.check_native_rounding).
     """
     SHIFT: tl.constexpr = MIN_EXP - MAN_BITS < -126
     mag = tl.abs(x)
@@ -199,7 +200,8 @@ def round_minifloat(x, MAN_BITS: tl.constexpr, MIN_EXP: tl.constexpr, MAX_VALUE:
     if SHIFT:
         rounded = rounded * tl.where(small, 5.421010862427522e-20, 1.0)  # 2**-64
     rounded = tl.minimum(rounded, MAX_VALUE)
-    return tl.where(x.to(tl.int32, bitcast=True) < 0, -rounded, rounded)
+    sign = (x.to(tl.int32, bitcast=True) >> 31) << 31  # x's sign bit, set on the (non-negative) result
+    return (rounded.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)
 
 
 # fp32 pairs to E4M3 (nearest even, saturating at +-448) and back: cvt packs a into the upper byte, b the lower;
