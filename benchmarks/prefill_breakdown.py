@@ -12,6 +12,9 @@ Run: python benchmarks/prefill_breakdown.py [--ms M ...]. Prints a markdown tabl
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
+import pstats
 import statistics
 import time
 
@@ -99,11 +102,36 @@ def run(ms: tuple[int, ...]) -> str:
     return table(headers, rows)
 
 
+def host_profile(m: int, calls: int = 200, top: int = 30) -> str:
+    """cProfile of `calls` eager w4_matmul calls on the qkv shape at M = m: where the host time goes."""
+    n, k = LLAMA_SHAPES["qkv"]
+    weight = bitmod_weight_copies(n, k, 1)[0]
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        w4_matmul(x, weight, None, "fp8_e4m3")
+    torch.cuda.synchronize()
+    profile = cProfile.Profile()
+    profile.enable()
+    for i in range(calls):
+        w4_matmul(x, weight, None, "fp8_e4m3")
+        if i % 4 == 3:
+            torch.cuda.synchronize()
+    profile.disable()
+    text = io.StringIO()
+    pstats.Stats(profile, stream=text).sort_stats("tottime").print_stats(top)
+    return f"host profile, w4_matmul qkv {n}x{k} M={m}, {calls} calls (tottime, s):\n{text.getvalue()}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ms", type=int, nargs="+", default=[1024, 4096])
+    parser.add_argument("--host-profile", action="store_true", help="print a cProfile of the eager call instead")
     args = parser.parse_args()
     print(environment())
+    if args.host_profile:
+        for m in args.ms:
+            print(host_profile(m))
+        return
     print(run(tuple(args.ms)))
 
 
