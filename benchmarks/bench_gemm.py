@@ -10,7 +10,9 @@ the table.
 At M >= DEQUANT_MIN_M the "dequant" column times the fp16 copy of the weight and the "FP8 block-scaled" column
 the FP8 values with cuBLAS's 1x128 block scales (the default with groups of 128 on Hopper).
 
-Run: python benchmarks/bench_gemm.py [--quick] [--gemlite] [--ms M ...] [--skip-fused]. Prints a markdown table last.
+Run: python benchmarks/bench_gemm.py [--quick] [--gemlite [--gemlite-autotune fast|default|max]] [--ms M ...]
+[--shapes NAME ...] [--skip-fused]. Prints each row as it is measured (so that a run cut short still reports), then
+the markdown table.
 """
 
 from __future__ import annotations
@@ -86,14 +88,20 @@ def _forced(path: str, fn):
 
 
 def run(quick: bool = False, gemlite: bool = False, ms: tuple[int, ...] | None = None,
-        skip_fused: bool = False) -> tuple[str, list[dict]]:
+        skip_fused: bool = False, shapes: tuple[str, ...] | None = None) -> tuple[str, list[dict]]:
     """Benchmark every shape and M (with GemLite's W4A16 / W4A8 layers if `gemlite`); returns the markdown table
-    and the raw rows. `ms` replaces the list of M; `skip_fused` leaves out the tiled kernel's column."""
+    and the raw rows. `ms` replaces the list of M, `shapes` the shapes (names of GEMM_SHAPES); `skip_fused`
+    leaves out the tiled kernel's column."""
+    unknown = set(shapes or ()) - set(SHAPES)
+    if unknown:
+        raise ValueError(f"bench_gemm: unknown shapes {sorted(unknown)}; choose from {sorted(SHAPES)}")
     copy_bw = copy_bandwidth_tbs()
     rows, raw = [], []
     gemlite_notes = []
     ms = ms or ((1, 16, 64, 256, 1024, 4096) if quick else MS)
     for name, (n, k) in SHAPES.items():
+        if shapes and name not in shapes:
+            continue
         wbytes = n * k // 2 + n * (k // GROUP) * 3
         ncopy = copies_for(wbytes)
         weights = bitmod_weight_copies(n, k, ncopy, GROUP)
@@ -137,6 +145,7 @@ def run(quick: bool = False, gemlite: bool = False, ms: tuple[int, ...] | None =
                             tinygemm_us=tg, fp8_us=f8, gemlite_a16_us=g16, gemlite_a8_us=g8, tbs=tbs))
             rows.append((f"{name} {n}x{k}", m, p3, tbs, 100 * tbs / copy_bw, bf16, bf16 / p3, mma, fused, dq, bw, a16, bf16 / a16, tg, bf16 / tg, f8)
                         + ((g16, bf16 / g16, g8, bf16 / g8) if gemlite else ()))
+            print(table([""] * len(rows[-1]), rows[-1:]).splitlines()[-1], flush=True)  # the row, as the table prints it
     headers = ["shape NxK", "M", "P3 W4A8 us", "TB/s", "% copy BW", "bf16 us", "W4A8 x bf16", "W4A8 small-M us", "W4A8 fused us",
                "W4A8 dequant+cuBLAS us", "W4A8 FP8 block-scaled cuBLAS us",
                "W4A16 us", "W4A16 x bf16", "tinygemm us", "tinygemm x bf16", "fp8 scaled_mm us"]
@@ -165,9 +174,18 @@ def main() -> None:
     parser.add_argument("--gemlite", action="store_true", help="also time GemLite's W4A16 and W4A8 layers (its autotuning takes minutes)")
     parser.add_argument("--ms", type=int, nargs="+", help="the values of M (default: all, or --quick's six)")
     parser.add_argument("--skip-fused", action="store_true", help="leave out the tiled fused kernel's column (slow at large M)")
+    parser.add_argument("--shapes", nargs="+", choices=list(SHAPES), help="the shapes (default: all)")
+    parser.add_argument("--gemlite-autotune", choices=["fast", "default", "max"],
+                        help="GemLite's autotuning mode (gemlite.set_autotune; its default is 'fast', which took over "
+                             "4 minutes for the --quick grid on an H200; 'default' takes its fixed configs)")
     args = parser.parse_args()
-    print(environment())
-    text, _ = run(args.quick, args.gemlite, tuple(args.ms) if args.ms else None, args.skip_fused)
+    print(environment(), flush=True)
+    if args.gemlite and args.gemlite_autotune:
+        import gemlite
+
+        gemlite.set_autotune(args.gemlite_autotune)
+    text, _ = run(args.quick, args.gemlite, tuple(args.ms) if args.ms else None, args.skip_fused,
+                  tuple(args.shapes) if args.shapes else None)
     print(text)
 
 
