@@ -179,8 +179,10 @@ def main() -> None:
                         help="GemLite's autotuning mode (gemlite.set_autotune; its default is 'fast', which took over "
                              "4 minutes for the --quick grid on an H200; 'default' takes its fixed configs)")
     args = parser.parse_args()
+    if args.gemlite_autotune and not args.gemlite:
+        parser.error("--gemlite-autotune needs --gemlite")
     print(environment(), flush=True)
-    if args.gemlite and args.gemlite_autotune:
+    if args.gemlite_autotune:
         import gemlite
 
         gemlite.set_autotune(args.gemlite_autotune)

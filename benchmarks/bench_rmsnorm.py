@@ -52,7 +52,7 @@ def act_quant_rows() -> list[tuple]:
     rows = []
     for m, k in ((1, 4096), (1, 14336), (8, 4096)):
         xs = [torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for _ in range(8)]
-        codes = torch.empty(m, act_quant.codes_width(1, k), device="cuda")
+        codes = torch.empty(m, act_quant.codes_width(act_quant.LAYOUT_CODES["split"], k), device="cuda")
         scales = torch.empty(m, device="cuda")
         default = graph_rotating_us([lambda x=x: act_quant.quantize_activation_fp8_split(x, codes, scales) for x in xs])
         want = codes.clone()

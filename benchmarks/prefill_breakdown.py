@@ -5,18 +5,21 @@ row-scaled torch._scaled_mm (the floor for an FP8 GEMM), on the Llama-3.1-8B dec
 Parts are CUDA-graph replays (GPU time alone); "whole eager" is w4_matmul as a model calls it (host time included),
 and the last five columns are host times (the wall time of one call, whose launches are asynchronous) of the
 parts and of the whole call, to show where the eager call's host time goes.
-"weight values PTX" times the inline-PTX variant of the weight's FP8 values (dequant_w4.VALUES_FP8_USE_ASM).
+"weight values" times the weight's FP8 values with the pure-Triton decode and with the inline-PTX one (the default,
+dequant_w4.VALUES_FP8_USE_ASM).
 Run: python benchmarks/prefill_breakdown.py [--ms M ...]. Prints a markdown table last.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import io
 import pstats
 import statistics
 import time
+from typing import Callable, Iterator
 
 import torch
 
@@ -42,7 +45,7 @@ def _graph_us(calls) -> float:
         return float("nan")
 
 
-def _host_us(fn, reps: int = 60) -> float:
+def _host_us(fn: Callable[[], object], reps: int = 60) -> float:
     """Median host time of one call: its launches are asynchronous, so the wall time until it returns is the host's
     (synchronized every few calls, so that the launch queue never fills and blocks)."""
     times = []
@@ -54,6 +57,17 @@ def _host_us(fn, reps: int = 60) -> float:
         times.append(time.perf_counter() - start)
     torch.cuda.synchronize()
     return statistics.median(times) * 1e6
+
+
+@contextlib.contextmanager
+def _values_decode(use_asm: bool) -> Iterator[None]:
+    """weight_values_fp8 with its inline-PTX decode on or off (the default: on) inside the block."""
+    saved = dequant_w4.VALUES_FP8_USE_ASM
+    dequant_w4.VALUES_FP8_USE_ASM = use_asm
+    try:
+        yield
+    finally:
+        dequant_w4.VALUES_FP8_USE_ASM = saved
 
 
 def run(ms: tuple[int, ...]) -> str:
@@ -72,13 +86,10 @@ def run(ms: tuple[int, ...]) -> str:
             scale_a = xs.unsqueeze(0).expand(k // 128, m).contiguous().t()
             row_a, row_b = torch.ones(m, 1, device="cuda"), torch.ones(1, n, device="cuda")
             act = _graph_us([lambda: quantize_activation_fp8(x)])
-            wval = _graph_us([lambda w=w: weight_values_fp8(w) for w in weights])
-            saved = dequant_w4.VALUES_FP8_USE_ASM
-            dequant_w4.VALUES_FP8_USE_ASM = True
-            try:
+            with _values_decode(use_asm=False):
+                wval = _graph_us([lambda w=w: weight_values_fp8(w) for w in weights])
+            with _values_decode(use_asm=True):
                 wval_ptx = _graph_us([lambda w=w: weight_values_fp8(w) for w in weights])
-            finally:
-                dequant_w4.VALUES_FP8_USE_ASM = saved
             mm = _graph_us([lambda v=v, sb=sb: fn.scaled_mm(codes, v.t(), scale_a, block, sb, block)
                                     for v, sb in zip(values, scales_b)])
             rowwise = _graph_us([lambda d=d: torch._scaled_mm(codes, d.t(), row_a, row_b, out_dtype=torch.bfloat16)
@@ -94,7 +105,7 @@ def run(ms: tuple[int, ...]) -> str:
             wbytes = n * k // 2 + n * k  # packed codes read, FP8 values written
             rows.append((f"{name} {n}x{k}", m, act, wval, wbytes / wval / 1e6, wval_ptx, wbytes / wval_ptx / 1e6, mm, rowwise, mm / rowwise, bf16,
                          whole_graph, whole_eager, bf16 / whole_graph, *parts_host))
-    headers = ["shape NxK", "M", "act quant us", "weight values us", "weight values TB/s", "weight values PTX us",
+    headers = ["shape NxK", "M", "act quant us", "weight values pure-Triton us", "pure-Triton TB/s", "weight values PTX us",
                "weight values PTX TB/s", "block-scaled mm us",
                "row-scaled FP8 mm us", "block / row", "bf16 us", "whole graph us", "whole eager us",
                "whole graph x bf16", "host us: act quant", "weight values", "token scales' layout", "block-scaled mm",

@@ -107,7 +107,8 @@ def attention_counts() -> None:
     pv_types = ["*i32", "*fp16", "*u8", "*bf16"] + ["*fp32"] * 5 + ["*i64"] + ["i32"] * 19
     for warps in (4, 8):
         for name, fn, types, extra in (("scores", attention._scores_kernel, scores_types,
-                                        dict(HAS_SMOOTH=True, QUANT_Q=True, HAS_MASK=False, HAS_SOFTCAP=False)),
+                                        dict(HAS_SMOOTH=True, QUANT_Q=True, HAS_MASK=False, HAS_SOFTCAP=False,
+                                             NATIVE_E4M3=True)),
                                        ("P.V", attention._pv_kernel, pv_types, dict(SP=64, HALF_UP=False))):
             cubin = compile_sm90(fn, types, dict(shape, **extra), num_warps=warps).asm["cubin"]
             ops = loop_opcodes(cubin)

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from .common import (fp8_token_scale, next_power_of_2, on_input_device, pdl_begin, pdl_launch,
-                     require_device, round_e4m3)
+                     native_e4m3, require_device, round_e4m3)
 
 
 @triton.jit
@@ -63,32 +63,35 @@ def store_codes(q_row_ptr, q, k0, k, mask, K, LAYOUT: tl.constexpr, BLOCK: tl.co
 
 
 @triton.jit
-def fp8_codes(x, scale):
-    """E4M3 values of fp32 x / scale, rounded to nearest even, saturating (quantize_scaled_fp8's codes)."""
-    return round_e4m3(tl.math.div_rn(x, scale))
+def fp8_codes(x, scale, NATIVE_E4M3: tl.constexpr):
+    """E4M3 values of fp32 x / scale, rounded to nearest even, saturating (quantize_scaled_fp8's codes); NATIVE_E4M3:
+    common.native_e4m3 of the launch's device."""
+    return round_e4m3(tl.math.div_rn(x, scale), NATIVE_E4M3)
 
 
 @triton.jit
-def store_row_with_codes(y, y_row_ptr, q_row_ptr, s_ptr, row, k, mask, K, LAYOUT: tl.constexpr):
+def store_row_with_codes(y, y_row_ptr, q_row_ptr, s_ptr, row, k, mask, K, LAYOUT: tl.constexpr,
+                         NATIVE_E4M3: tl.constexpr):
     """Store a fused kernel's 16-bit output row y (at offsets k = arange(BLOCK)) and, with a LAYOUT, its per-token
     FP8 scale and codes computed from the rounded values (bit-exact with _act_quant_kernel on y)."""
     tl.store(y_row_ptr + k, y, mask=mask)
     if LAYOUT != 0:
-        store_scale_and_codes(y.to(tl.float32), q_row_ptr, s_ptr, row, k, mask, K, LAYOUT)
+        store_scale_and_codes(y.to(tl.float32), q_row_ptr, s_ptr, row, k, mask, K, LAYOUT, NATIVE_E4M3)
 
 
 @triton.jit
-def store_scale_and_codes(x, q_row_ptr, s_ptr, row, k, mask, K, LAYOUT: tl.constexpr):
+def store_scale_and_codes(x, q_row_ptr, s_ptr, row, k, mask, K, LAYOUT: tl.constexpr, NATIVE_E4M3: tl.constexpr):
     """A whole row x (fp32, at offsets k = arange(BLOCK), zeros where masked): its per-token FP8 scale and its
     codes in LAYOUT."""
     scale = fp8_token_scale(tl.max(tl.abs(x), axis=0))
     tl.store(s_ptr + row, scale)
-    store_codes(q_row_ptr, fp8_codes(x, scale), 0, k, mask, K, LAYOUT, k.shape[0])
+    store_codes(q_row_ptr, fp8_codes(x, scale, NATIVE_E4M3), 0, k, mask, K, LAYOUT, k.shape[0])
 
 
 @triton.jit
 def _codes_from_chunk_amax_kernel(y_ptr, amax_ptr, q_ptr, s_ptr, K, CHUNKS, stride_ym, stride_qm,
-                                  BLOCK_K: tl.constexpr, CP: tl.constexpr, LAYOUT: tl.constexpr, PDL: tl.constexpr = False):
+                                  BLOCK_K: tl.constexpr, CP: tl.constexpr, LAYOUT: tl.constexpr,
+                                  NATIVE_E4M3: tl.constexpr = False, PDL: tl.constexpr = False):
     """Program (row, chunk): the row's scale from the per-chunk amax values a producer kernel wrote (chunk 0
     stores it), then the chunk's codes (bit-exact with _act_quant_kernel on y)."""
     pdl_begin(PDL)
@@ -101,7 +104,7 @@ def _codes_from_chunk_amax_kernel(y_ptr, amax_ptr, q_ptr, s_ptr, K, CHUNKS, stri
     k = chunk * BLOCK_K + tl.arange(0, BLOCK_K)
     mask = k < K
     y = tl.load(y_ptr + row * stride_ym + k, mask=mask, other=0.0).to(tl.float32)
-    store_codes(q_ptr + row * stride_qm, fp8_codes(y, scale), chunk * BLOCK_K, k, mask, K, LAYOUT, BLOCK_K)
+    store_codes(q_ptr + row * stride_qm, fp8_codes(y, scale, NATIVE_E4M3), chunk * BLOCK_K, k, mask, K, LAYOUT, BLOCK_K)
 
 
 def codes_from_chunk_amax(y: torch.Tensor, chunk_amax: torch.Tensor, block_k: int, layout: int, codes: torch.Tensor,
@@ -113,12 +116,12 @@ def codes_from_chunk_amax(y: torch.Tensor, chunk_amax: torch.Tensor, block_k: in
     chunks = chunk_amax.shape[1]
     _codes_from_chunk_amax_kernel[(m, chunks)](y, chunk_amax, codes, scales, k, chunks, y.stride(0), codes.stride(0),
                                                BLOCK_K=block_k, CP=next_power_of_2(chunks), LAYOUT=layout,
-                                               num_warps=4, **pdl_launch(y))
+                                               NATIVE_E4M3=native_e4m3(y.device), num_warps=4, **pdl_launch(y))
 
 
 @triton.jit
 def _act_quant_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, BLOCK_K: tl.constexpr, LAYOUT: tl.constexpr,
-                      ONE_PASS: tl.constexpr, PDL: tl.constexpr = False):
+                      ONE_PASS: tl.constexpr, NATIVE_E4M3: tl.constexpr = False, PDL: tl.constexpr = False):
     """One row's scale and codes, stored as q's dtype (FP8, or fp16 / fp32 holding the same values exactly).
     ONE_PASS (K <= BLOCK_K): the row stays in registers between its maximum and its codes, read once."""
     pdl_begin(PDL)
@@ -127,7 +130,7 @@ def _act_quant_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, BLOCK_K: tl.
     if ONE_PASS:
         mask = offs < K
         x = tl.load(x_ptr + row * stride_xm + offs, mask=mask, other=0.0).to(tl.float32)
-        store_scale_and_codes(x, q_ptr + row * stride_qm, s_ptr, row, offs, mask, K, LAYOUT)
+        store_scale_and_codes(x, q_ptr + row * stride_qm, s_ptr, row, offs, mask, K, LAYOUT, NATIVE_E4M3)
     else:
         scale = _row_scale(x_ptr, row, K, stride_xm, BLOCK_K)
         tl.store(s_ptr + row, scale)
@@ -135,7 +138,7 @@ def _act_quant_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, BLOCK_K: tl.
             k = k0 + offs
             mask = k < K
             x = tl.load(x_ptr + row * stride_xm + k, mask=mask, other=0.0).to(tl.float32)
-            store_codes(q_ptr + row * stride_qm, fp8_codes(x, scale), k0, k, mask, K, LAYOUT, BLOCK_K)
+            store_codes(q_ptr + row * stride_qm, fp8_codes(x, scale, NATIVE_E4M3), k0, k, mask, K, LAYOUT, BLOCK_K)
 
 
 ONE_PASS_MAX_K = 16384  # rows up to this width are read once (32 warps hold 16 values per thread)
@@ -150,9 +153,11 @@ def _quantize_into(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, l
         block = next_power_of_2(k)
         one_pass = block <= ONE_PASS_MAX_K
         block = block if one_pass else 4096
-        warps = 4 if block <= 1024 else 16 if block <= 8192 else 32  # bench_rmsnorm.py's sweep (H200)
+        # bench_rmsnorm.py's sweep (H200, one-pass rows of 4096 and 14336): 16 and 32 warps
+        warps = 4 if block <= 1024 else 16 if block <= 8192 else 32
         _act_quant_kernel[(m,)](x, codes, scales, k, x.stride(0), codes.stride(0), BLOCK_K=block, LAYOUT=layout,
-                                ONE_PASS=one_pass, num_warps=WARPS_OVERRIDE or warps, **pdl_launch(x))
+                                ONE_PASS=one_pass, NATIVE_E4M3=native_e4m3(x.device), num_warps=WARPS_OVERRIDE or warps,
+                                **pdl_launch(x))
 
 
 @on_input_device

@@ -2,9 +2,12 @@
 
 Rounding is done arithmetically (exponent bits + magic-number round-to-nearest-even), because it must equal
 p3quant.formats.MiniFloat.round_to_grid bit for bit on every backend, including the Triton CPU interpreter
-(whose fp32->fp8 cast mis-rounds carries and whose fp32->bf16 cast truncates). Compiled kernels round to E4M3 and
-bf16 with the GPU's own conversions instead (NATIVE_ROUNDING): one instruction per value or pair against about a
-dozen, and the same value on every fp32 input (benchmarks/gpu_check.py's check_native_rounding compares all 2**32).
+(whose fp32->fp8 cast mis-rounds carries and whose fp32->bf16 cast truncates). Compiled kernels use the GPU's own
+conversions where they exist: fp32 -> bf16 outputs by the cast (NATIVE_BF16_CAST), and FP8-E4M3 codes on sm_89+
+NVIDIA GPUs (native_e4m3) by cvt.rn.satfinite.e4m3x2.f32, a handful of instructions per pair of values against a
+dozen per value. On an H200 both give the arithmetic rounding's value on every non-NaN fp32 input
+(benchmarks/gpu_check.py's check_native_rounding compares all 2**32); the one difference is overflow: a bf16 cast
+gives +-inf, as PyTorch's does, where the arithmetic rounding saturates.
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-NATIVE_ROUNDING = tl.constexpr(not interpreting())  # see the module docstring
+NATIVE_BF16_CAST = tl.constexpr(not interpreting())  # see the module docstring
 
 _F = TypeVar("_F", bound=Callable)
 
@@ -223,10 +226,18 @@ def round_e4m3_native(x):
     return tl.inline_asm_elementwise(_E4M3_PAIR, "=f,=f,f,f", [x], dtype=tl.float32, is_pure=True, pack=2)
 
 
+def native_e4m3(device: torch.device) -> bool:
+    """Whether kernels on `device` may round to E4M3 with the GPU's conversion (an NVIDIA GPU of compute
+    capability 8.9 or newer; not the interpreter, not ROCm): the NATIVE argument of round_e4m3."""
+    return (device.type == "cuda" and not interpreting() and torch.version.hip is None
+            and device_capability(device.index if device.index is not None else torch.cuda.current_device()) >= (8, 9))
+
+
 @triton.jit
-def round_e4m3(x):
-    """fp32 x rounded to FP8-E4M3 (nearest even, saturating at +-448), as fp32: MiniFloat E4M3's grid."""
-    if NATIVE_ROUNDING:
+def round_e4m3(x, NATIVE: tl.constexpr):
+    """fp32 x rounded to FP8-E4M3 (nearest even, saturating at +-448), as fp32: MiniFloat E4M3's grid. NATIVE
+    (see native_e4m3) by the GPU's conversion, else arithmetically; the same value for every non-NaN x."""
+    if NATIVE:
         return round_e4m3_native(x)
     else:
         return round_minifloat(x, 3, -6, FP8_MAX, False)
@@ -244,8 +255,9 @@ def round_like_output(x, y_ptr):
 @triton.jit
 def round_to_output(x, y_ptr):
     """fp32 -> the 16-bit element type of y_ptr, round to nearest even. Under the interpreter bf16 is rounded
-    arithmetically first: its fp32 -> bf16 cast truncates (the GPU's rounds; both then agree)."""
-    if y_ptr.dtype.element_ty == tl.bfloat16 and not NATIVE_ROUNDING:
+    arithmetically first: its fp32 -> bf16 cast truncates (the GPU's rounds; both then agree, but for overflow,
+    which the cast turns into +-inf as PyTorch does and the arithmetic rounding saturates)."""
+    if y_ptr.dtype.element_ty == tl.bfloat16 and not NATIVE_BF16_CAST:
         x = round_like_output(x, y_ptr)
     return x.to(y_ptr.dtype.element_ty)
 

@@ -38,7 +38,7 @@ from p3quant.attention_math import QuantizedKV
 from p3quant.formats import Int4Tensor
 
 from .common import (cdiv, decode_halves, FP16_TINY, fp8_token_scale, interpreting, next_power_of_2,
-                     on_input_device, pdl_begin, pdl_launch, require_device, round_e4m3, round_minifloat,
+                     on_input_device, pdl_begin, pdl_launch, native_e4m3, require_device, round_e4m3, round_minifloat,
                      round_to_output)
 
 UE4M4_MAX = tl.constexpr(1.9375)
@@ -133,7 +133,7 @@ def _scores_kernel(
     s_vsb, s_vsh, s_vst, s_rkb, s_rkh, s_rkt, s_mb, s_scb, s_sch,
     G: tl.constexpr, GP: tl.constexpr, D8: tl.constexpr, DW: tl.constexpr, BLOCK_T: tl.constexpr,
     BLOCK_R: tl.constexpr, USE_ASM: tl.constexpr, G4: tl.constexpr, HAS_SMOOTH: tl.constexpr, QUANT_Q: tl.constexpr, HAS_MASK: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, DEVICE_LEN: tl.constexpr, PDL: tl.constexpr = False,
+    HAS_SOFTCAP: tl.constexpr, DEVICE_LEN: tl.constexpr, NATIVE_E4M3: tl.constexpr = False, PDL: tl.constexpr = False,
 ):
     pdl_begin(PDL)  # the cache's newest token and the query come from the kernels just before
     pid = tl.program_id(0)
@@ -173,8 +173,8 @@ def _scores_kernel(
     if QUANT_Q:  # FP8-E4M3 per (token, head), scale = fp16(amax / 448)
         amax = tl.maximum(tl.max(tl.abs(q_lo), axis=1), tl.max(tl.abs(q_hi), axis=1))
         q_scale = fp8_token_scale(amax)
-        q_lo = round_e4m3(tl.math.div_rn(q_lo, q_scale[:, None]))
-        q_hi = round_e4m3(tl.math.div_rn(q_hi, q_scale[:, None]))
+        q_lo = round_e4m3(tl.math.div_rn(q_lo, q_scale[:, None]), NATIVE_E4M3)
+        q_hi = round_e4m3(tl.math.div_rn(q_hi, q_scale[:, None]), NATIVE_E4M3)
     m_i = tl.full([G4], float("-inf"), tl.float32)
     l_i = tl.zeros([G4], tl.float32)
     vmax = tl.zeros([BLOCK_T], tl.float32)
@@ -474,7 +474,7 @@ def p3_decode_attention(
         kz.stride(0), kz.stride(1), kz.stride(2), vs.stride(0), vs.stride(1), vs.stride(2),
         rk.stride(0), rk.stride(1), rk.stride(2), mask_arg.stride(0), scores.stride(0), scores.stride(1),
         HAS_SMOOTH=sm is not None, QUANT_Q=quantized, HAS_MASK=mask is not None, HAS_SOFTCAP=softcap is not None,
-        DEVICE_LEN=device_len, num_warps=NUM_WARPS, **shape, **pdl_launch(q),
+        DEVICE_LEN=device_len, NATIVE_E4M3=native_e4m3(q.device), num_warps=NUM_WARPS, **shape, **pdl_launch(q),
     )
     _pv_kernel[grid](
         vp, vs, vz, rv, scores, m_stat, l_stat, v_max, partial, len_arg,

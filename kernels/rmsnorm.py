@@ -16,8 +16,8 @@ import triton
 import triton.language as tl
 
 from .act_quant import code_buffers, remember_quantized, store_row_with_codes
-from .common import (next_power_of_2, on_input_device, pdl_launch, pdl_launch_dependents, pdl_wait, require_device,
-                     round_to_output)
+from .common import (native_e4m3, next_power_of_2, on_input_device, pdl_launch, pdl_launch_dependents, pdl_wait,
+                     require_device, round_to_output)
 
 MAX_FEATURES = 16384  # one row per program, held in registers
 # A decode step's row is one program on one SM, whose time is its warps' instruction latency (Nsight Compute,
@@ -28,7 +28,8 @@ WARPS_OVERRIDE: int | None = None
 
 @triton.jit
 def _rmsnorm_kernel(x_ptr, w_ptr, y_ptr, q_ptr, s_ptr, K, eps, stride_xm, stride_ym, stride_qm,
-                    BLOCK_K: tl.constexpr, LAYOUT: tl.constexpr, PDL: tl.constexpr = False):
+                    BLOCK_K: tl.constexpr, LAYOUT: tl.constexpr, NATIVE_E4M3: tl.constexpr = False,
+                    PDL: tl.constexpr = False):
     pdl_launch_dependents(PDL)
     row = tl.program_id(0)
     k = tl.arange(0, BLOCK_K)
@@ -39,7 +40,7 @@ def _rmsnorm_kernel(x_ptr, w_ptr, y_ptr, q_ptr, s_ptr, K, eps, stride_xm, stride
     variance = tl.sum(x * x, axis=0) / K
     normed = round_to_output(x * tl.math.rsqrt(variance + eps), y_ptr)
     y = round_to_output(w.to(tl.float32) * normed.to(tl.float32), y_ptr)
-    store_row_with_codes(y, y_ptr + row * stride_ym, q_ptr + row * stride_qm, s_ptr, row, k, mask, K, LAYOUT)
+    store_row_with_codes(y, y_ptr + row * stride_ym, q_ptr + row * stride_qm, s_ptr, row, k, mask, K, LAYOUT, NATIVE_E4M3)
 
 
 @on_input_device
@@ -63,7 +64,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, layout: str | No
     if m:
         block = next_power_of_2(k)
         _rmsnorm_kernel[(m,)](x2, weight, y2, codes, scales, k, float(eps), x2.stride(0), y2.stride(0), codes.stride(0),
-                              BLOCK_K=block, LAYOUT=code,
+                              BLOCK_K=block, LAYOUT=code, NATIVE_E4M3=native_e4m3(x.device),
                               num_warps=WARPS_OVERRIDE or (4 if block <= 2048 else 16), **pdl_launch(x2))
     if code:
         remember_quantized(y, layout, codes, scales)

@@ -19,13 +19,13 @@ from triton.compiler import ASTSource
 from p3quant.kernels import act_quant, argmax, decode_attention, dequant_w4, gemm_w4, kv_append, rmsnorm, rope, silu_mul, w4_mma
 
 
-def compile_ptx(fn, types, constexprs, divisible=(), **options):
+def compile_ptx(fn, types, constexprs, divisible=(), arch=90, **options):
     # pointers and the named integer arguments as Triton specializes them at run time (multiples of 16)
     names = fn.arg_names
     signature = dict(zip(names, types + ["constexpr"] * (len(names) - len(types))))
     attrs = {(i,): [["tt.divisibility", 16]] for i, t in enumerate(types) if t.startswith("*") or names[i] in divisible}
     source = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
-    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options).asm["ptx"]
 
 
 out = {}
@@ -62,21 +62,33 @@ for name, segments, pdl in (("gemv_1", 1, True), ("gemv_3", 3, True), ("gemv_1_n
         num_stages=gemv_stages)
 for layout, q_type in ((0, "*fp8e4nv"), (1, "*fp32"), (2, "*fp16")):  # in order, split, half-planes
     out[f"act_quant_{layout}"] = compile_ptx(act_quant._act_quant_kernel, ["*bf16", q_type, "*fp32", "i32", "i32", "i32"],
-                                             dict(BLOCK_K=4096, LAYOUT=layout, ONE_PASS=True, PDL=True),
-                                             divisible=("K", "stride_xm", "stride_qm"), num_warps=8)
+                                             dict(BLOCK_K=4096, LAYOUT=layout, ONE_PASS=True, NATIVE_E4M3=True, PDL=True),
+                                             divisible=("K", "stride_xm", "stride_qm"), num_warps=16)
 out["act_quant_two_pass"] = compile_ptx(act_quant._act_quant_kernel, ["*bf16", "*fp8e4nv", "*fp32", "i32", "i32", "i32"],
-                                        dict(BLOCK_K=4096, LAYOUT=0, ONE_PASS=False, PDL=True),
-                                        divisible=("K", "stride_xm", "stride_qm"), num_warps=8)
+                                        dict(BLOCK_K=4096, LAYOUT=0, ONE_PASS=False, NATIVE_E4M3=True, PDL=True),
+                                        divisible=("K", "stride_xm", "stride_qm"), num_warps=16)
+out["act_quant_16384"] = compile_ptx(act_quant._act_quant_kernel, ["*bf16", "*fp32", "*fp32", "i32", "i32", "i32"],
+                                     dict(BLOCK_K=16384, LAYOUT=1, ONE_PASS=True, NATIVE_E4M3=True, PDL=True),
+                                     divisible=("K", "stride_xm", "stride_qm"), num_warps=32)
+# GPUs without E4M3 conversions (sm_80) take the arithmetic rounding: the same kernels build there
+out["act_quant_sm80"] = compile_ptx(act_quant._act_quant_kernel, ["*bf16", "*fp32", "*fp32", "i32", "i32", "i32"],
+                                    dict(BLOCK_K=4096, LAYOUT=1, ONE_PASS=True, NATIVE_E4M3=False, PDL=False),
+                                    divisible=("K", "stride_xm", "stride_qm"), arch=80, num_warps=16)
+out["rmsnorm_sm80"] = compile_ptx(rmsnorm._rmsnorm_kernel, ["*bf16"] * 3 + ["*fp32", "*fp32", "i32", "fp32", "i32", "i32", "i32"],
+                                  dict(BLOCK_K=4096, LAYOUT=1, NATIVE_E4M3=False, PDL=False),
+                                  divisible=("K", "stride_xm", "stride_ym", "stride_qm"), arch=80, num_warps=16)
 out["silu_mul"] = compile_ptx(silu_mul._silu_mul_kernel, ["*bf16", "*bf16", "*bf16", "*fp32"] + ["i32"] * 5,
                               dict(BLOCK_K=1024, WANT_AMAX=True, PDL=True), divisible=("K", "stride_gm", "stride_um", "stride_ym"),
                               num_warps=4)
 out["chunk_codes"] = compile_ptx(act_quant._codes_from_chunk_amax_kernel, ["*bf16", "*fp32", "*fp32", "*fp32"] + ["i32"] * 4,
-                                 dict(BLOCK_K=1024, CP=16, LAYOUT=1, PDL=True), divisible=("K", "stride_ym", "stride_qm"), num_warps=4)
+                                 dict(BLOCK_K=1024, CP=16, LAYOUT=1, NATIVE_E4M3=True, PDL=True),
+                                 divisible=("K", "stride_ym", "stride_qm"), num_warps=4)
 out["rope"] = compile_ptx(rope._rope_kernel, ["*bf16"] * 6 + ["i32"] * 17, dict(D=128, HB=4, DP=128, PDL=True), num_warps=1)
 attention_shape = dict(G=4, GP=16, G4=4, D8=16, DW=16, BLOCK_T=128, BLOCK_R=16, USE_ASM=True, DEVICE_LEN=True, PDL=True)
 out["scores"] = compile_ptx(decode_attention._scores_kernel, ["*bf16", "*fp32", "*i32", "*fp16", "*u8", "*fp16", "*bf16", "*u8"]
                             + ["*fp32"] * 4 + ["*i64", "i32", "i32", "i32", "fp32", "fp32", "i32", "i32"] + ["i32"] * 22,
-                            dict(attention_shape, HAS_SMOOTH=True, QUANT_Q=True, HAS_MASK=True, HAS_SOFTCAP=True), num_warps=4)
+                            dict(attention_shape, HAS_SMOOTH=True, QUANT_Q=True, HAS_MASK=True, HAS_SOFTCAP=True, NATIVE_E4M3=True),
+                            num_warps=4)
 out["pv"] = compile_ptx(decode_attention._pv_kernel, ["*i32", "*fp16", "*u8", "*bf16"] + ["*fp32"] * 5 + ["*i64"] + ["i32"] * 19,
                         dict(attention_shape, SP=64, HALF_UP=False), num_warps=4)
 # head_dim 16 (2 words per token in the smallest dot-able half-plane) and 80 (10 words, padded to 16)
@@ -96,8 +108,8 @@ out["kv_at"] = compile_ptx(kv_append._int4_kv_at_kernel, ["*bf16", "*fp32", "*u8
                                                            "*u8", "*bf16", "*i64"] + ["i32"] * 32,
                            dict(HALF_D=64, DH=64, HAS_DIV=True, PDL=True), num_warps=1)
 out["rmsnorm"] = compile_ptx(rmsnorm._rmsnorm_kernel, ["*bf16"] * 3 + ["*fp32", "*fp32", "i32", "fp32", "i32", "i32", "i32"],
-                             dict(BLOCK_K=4096, LAYOUT=1, PDL=True), divisible=("K", "stride_xm", "stride_ym", "stride_qm"),
-                             num_warps=16)
+                             dict(BLOCK_K=4096, LAYOUT=1, NATIVE_E4M3=True, PDL=True),
+                             divisible=("K", "stride_xm", "stride_ym", "stride_qm"), num_warps=16)
 print(json.dumps(out))
 """
 
@@ -134,11 +146,13 @@ def test_gpu_kernels_compile_for_hopper_with_their_inline_ptx():
         assert "st.global.v2.b64" in asm and "st.global.v2.b64" in plain
     assert "ld.global" in ptx["epilogue"]
     assert all("st.global" in ptx[f"act_quant_{layout}"] for layout in range(3))
-    # compiled kernels round to E4M3 and bf16 with the GPU's conversions (common.NATIVE_ROUNDING)
-    for name in ("act_quant_0", "act_quant_1", "act_quant_two_pass", "chunk_codes", "rmsnorm", "scores"):
+    # compiled kernels round to E4M3 with the GPU's conversion on sm_89+ (common.native_e4m3) and arithmetically
+    # below; bf16 outputs by the cast, not by round_minifloat (whose magic constant 1.5 * 2**23 is 0f4B400000)
+    for name in ("act_quant_0", "act_quant_1", "act_quant_two_pass", "act_quant_16384", "chunk_codes", "rmsnorm", "scores"):
         assert "cvt.rn.satfinite.e4m3x2.f32 q" in ptx[name], name
-    for name in ("rmsnorm", "silu_mul"):
-        assert "cvt.rn.bf16.f32" in ptx[name] or "cvt.rn.bf16x2.f32" in ptx[name], name
+    for name in ("act_quant_sm80", "rmsnorm_sm80"):
+        assert "e4m3" not in ptx[name] and "0f4B400000" in ptx[name], name
+    assert "0f4B400000" not in ptx["silu_mul"] and "cvt.rn.bf16" in ptx["silu_mul"]
     for gemv in ("gemv_1", "gemv_3"):
         assert "0x7354" in ptx[gemv] and "fma.rn.f32 s, f," in ptx[gemv]  # the M = 1 GEMV's decode + FMAs in PTX
     assert "st.global" in ptx["argmax_chunks"] and "st.global" in ptx["argmax_pick"]
@@ -161,7 +175,8 @@ def test_decode_kernels_wait_for_the_previous_kernel_before_touching_its_data():
     predecessor before any global load or store; only the GEMV's first weight tiles and the norm's weight (which no
     kernel writes) are read before the wait."""
     ptx = _compile_all()
-    pdl = [name for name in ptx if name != "gemv_1_no_pdl" and not name.startswith(("dequant", "weight_values"))]
+    pdl = [name for name in ptx if name != "gemv_1_no_pdl" and not name.startswith(("dequant", "weight_values"))
+           and not name.endswith("_sm80")]  # sm_80 has no programmatic dependent launch
     for name in pdl:
         lines = ptx[name].splitlines()
         waits = [i for i, line in enumerate(lines) if "griddepcontrol.wait" in line]
