@@ -19,12 +19,12 @@ from .common import (fp8_token_scale, next_power_of_2, on_input_device, pdl_begi
 
 
 @triton.jit
-def _row_scale(x_ptr, row, K, stride_xm, BLOCK_K: tl.constexpr):
-    """fp16-rounded amax / 448 of one row (the per-token FP8 scale)."""
+def _row_scale(x_row, K, BLOCK_K: tl.constexpr):
+    """fp16-rounded amax / 448 of one row of K features (the per-token FP8 scale)."""
     offs = tl.arange(0, BLOCK_K)
     amax = tl.zeros([BLOCK_K], tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        x = tl.load(x_ptr + row * stride_xm + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
+        x = tl.load(x_row + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
         amax = tl.maximum(amax, tl.abs(x))
     return fp8_token_scale(tl.max(amax, axis=0))
 
@@ -83,9 +83,15 @@ def store_row_with_codes(y, y_row_ptr, q_row_ptr, s_ptr, row, k, mask, K, LAYOUT
 def store_scale_and_codes(x, q_row_ptr, s_ptr, row, k, mask, K, LAYOUT: tl.constexpr, NATIVE_E4M3: tl.constexpr):
     """A whole row x (fp32, at offsets k = arange(BLOCK), zeros where masked): its per-token FP8 scale and its
     codes in LAYOUT."""
+    tl.store(s_ptr + row, store_row_codes(x, q_row_ptr, k, mask, K, LAYOUT, NATIVE_E4M3))
+
+
+@triton.jit
+def store_row_codes(x, q_row_ptr, k, mask, K, LAYOUT: tl.constexpr, NATIVE_E4M3: tl.constexpr):
+    """store_scale_and_codes without storing the scale: returns it."""
     scale = fp8_token_scale(tl.max(tl.abs(x), axis=0))
-    tl.store(s_ptr + row, scale)
     store_codes(q_row_ptr, fp8_codes(x, scale, NATIVE_E4M3), 0, k, mask, K, LAYOUT, k.shape[0])
+    return scale
 
 
 @triton.jit
@@ -120,25 +126,35 @@ def codes_from_chunk_amax(y: torch.Tensor, chunk_amax: torch.Tensor, block_k: in
 
 
 @triton.jit
-def _act_quant_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, BLOCK_K: tl.constexpr, LAYOUT: tl.constexpr,
-                      ONE_PASS: tl.constexpr, NATIVE_E4M3: tl.constexpr = False, PDL: tl.constexpr = False):
+def _act_quant_kernel(x_ptr, q_ptr, s_ptr, K, M, stride_xm, stride_qm, scale_copies, stride_sc,
+                      BLOCK_K: tl.constexpr, LAYOUT: tl.constexpr, ONE_PASS: tl.constexpr, COPIES: tl.constexpr = 1,
+                      NATIVE_E4M3: tl.constexpr = False, PDL: tl.constexpr = False):
     """One row's scale and codes, stored as q's dtype (FP8, or fp16 / fp32 holding the same values exactly).
-    ONE_PASS (K <= BLOCK_K): the row stays in registers between its maximum and its codes, read once."""
+    ONE_PASS (K <= BLOCK_K): the row stays in registers between its maximum and its codes, read once. Rows from M
+    on (the grid may be larger) are padding: zero codes and scale. COPIES > 1 (a power of two >= scale_copies):
+    the scale also goes to s_ptr + row + j * stride_sc for j < scale_copies (block scales, one per K-block)."""
     pdl_begin(PDL)
     row = tl.program_id(0)
+    read = tl.where(row < M, K, 0)  # features read from x: none in a padding row, whose codes are then all zero
     offs = tl.arange(0, BLOCK_K)
+    x_row = x_ptr + row * stride_xm
     if ONE_PASS:
         mask = offs < K
-        x = tl.load(x_ptr + row * stride_xm + offs, mask=mask, other=0.0).to(tl.float32)
-        store_scale_and_codes(x, q_ptr + row * stride_qm, s_ptr, row, offs, mask, K, LAYOUT, NATIVE_E4M3)
+        x = tl.load(x_row + offs, mask=offs < read, other=0.0).to(tl.float32)
+        scale = store_row_codes(x, q_ptr + row * stride_qm, offs, mask, K, LAYOUT, NATIVE_E4M3)
     else:
-        scale = _row_scale(x_ptr, row, K, stride_xm, BLOCK_K)
-        tl.store(s_ptr + row, scale)
+        scale = _row_scale(x_row, read, BLOCK_K)
         for k0 in range(0, K, BLOCK_K):
             k = k0 + offs
             mask = k < K
-            x = tl.load(x_ptr + row * stride_xm + k, mask=mask, other=0.0).to(tl.float32)
+            x = tl.load(x_row + k, mask=k < read, other=0.0).to(tl.float32)
             store_codes(q_ptr + row * stride_qm, fp8_codes(x, scale, NATIVE_E4M3), k0, k, mask, K, LAYOUT, BLOCK_K)
+    scale = tl.where(row < M, scale, 0.0)
+    if COPIES > 1:
+        copy = tl.arange(0, COPIES)
+        tl.store(s_ptr + row + copy * stride_sc, tl.zeros([COPIES], tl.float32) + scale, mask=copy < scale_copies)
+    else:
+        tl.store(s_ptr + row, scale)
 
 
 ONE_PASS_MAX_K = 16384  # rows up to this width are read once (32 warps hold 16 values per thread)
@@ -147,17 +163,22 @@ ONE_PASS_MAX_K = 16384  # rows up to this width are read once (32 warps hold 16 
 WARPS_OVERRIDE: int | None = None
 
 
-def _quantize_into(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, layout: int) -> None:
+def _quantize_into(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, layout: int, rows: int | None = None,
+                   scale_copies: int = 1) -> None:
+    """codes [rows, ...] and scales of x [M, K]; rows past M are zero padding; with scale_copies > 1, scales is
+    [scale_copies, rows] and every copy holds the token scales."""
     m, k = x.shape
-    if m:
+    rows = m if rows is None else rows
+    if rows:
         block = next_power_of_2(k)
         one_pass = block <= ONE_PASS_MAX_K
         block = block if one_pass else 4096
         # bench_rmsnorm.py's sweep (H200, one-pass rows of 4096 and 14336): 16 and 32 warps
         warps = 4 if block <= 1024 else 16 if block <= 8192 else 32
-        _act_quant_kernel[(m,)](x, codes, scales, k, x.stride(0), codes.stride(0), BLOCK_K=block, LAYOUT=layout,
-                                ONE_PASS=one_pass, NATIVE_E4M3=native_e4m3(x.device), num_warps=WARPS_OVERRIDE or warps,
-                                **pdl_launch(x))
+        _act_quant_kernel[(rows,)](x, codes, scales, k, m, x.stride(0), codes.stride(0), scale_copies, rows,
+                                   BLOCK_K=block, LAYOUT=layout, ONE_PASS=one_pass,
+                                   COPIES=next_power_of_2(scale_copies) if scale_copies > 1 else 1,
+                                   NATIVE_E4M3=native_e4m3(x.device), num_warps=WARPS_OVERRIDE or warps, **pdl_launch(x))
 
 
 @on_input_device
@@ -177,11 +198,13 @@ def quantize_activation_fp8_split(x: torch.Tensor, codes: torch.Tensor, scales: 
 
 
 @on_input_device
-def quantize_activation_fp8(x: torch.Tensor, dtype: torch.dtype = torch.float8_e4m3fn,
-                            rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_activation_fp8(x: torch.Tensor, dtype: torch.dtype = torch.float8_e4m3fn, rows: int | None = None,
+                            scale_blocks: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """x [M, K] (fp16/bf16/fp32) -> (codes [M, K] as `dtype`, scales float32 [M], fp16-exact). `dtype`:
     torch.float8_e4m3fn, or float16 / float32, which hold every E4M3 value exactly (for 16-bit matmuls).
-    `rows` >= M pads both with zero rows (for GEMMs that need a row count of some alignment).
+    `rows` >= M pads both with zero rows (for GEMMs that need a row count of some alignment). `scale_blocks` > 1
+    returns the scales as [rows, scale_blocks], each row's scale repeated, column-major (block scales for a GEMM
+    with K-blocks, as cuBLAS takes them), written by the same kernel.
 
     decode(codes) * scales equals quantize_scaled_fp8(x).dequantize() exactly.
     """
@@ -196,13 +219,12 @@ def quantize_activation_fp8(x: torch.Tensor, dtype: torch.dtype = torch.float8_e
     rows = m if rows is None else rows
     if rows < m:
         raise ValueError(f"quantize_activation_fp8: rows={rows} is fewer than x's {m}")
+    if scale_blocks < 1:
+        raise ValueError(f"quantize_activation_fp8: scale_blocks must be >= 1, got {scale_blocks}")
     codes = torch.empty((rows, k), dtype=dtype, device=x.device)
-    scales = torch.empty((rows,), dtype=torch.float32, device=x.device)
-    if rows > m:
-        codes[m:].zero_()
-        scales[m:].zero_()
-    _quantize_into(x, codes, scales, _PLAIN)
-    return codes, scales
+    scales = torch.empty((scale_blocks, rows), dtype=torch.float32, device=x.device)
+    _quantize_into(x, codes, scales, _PLAIN, rows, scale_blocks)
+    return codes, (scales[0] if scale_blocks == 1 else scales.t())
 
 
 def halves_16bit(x: torch.Tensor, out: torch.Tensor, scales: torch.Tensor) -> None:

@@ -523,9 +523,8 @@ def _blockwise_fp8_matmul(x: torch.Tensor, weight: BitMoDTensor | Int4Tensor, bi
     fn = torch.nn.functional
     m, k = x.shape
     rows, kg = cdiv(m, 4) * 4, k // 128
-    codes, xs = quantize_activation_fp8(x, rows=rows)
+    codes, scale_a = quantize_activation_fp8(x, rows=rows, scale_blocks=kg)  # scales [rows, K / 128], column-major
     values, scale_b = weight_values_fp8(weight)  # [N, K], [N, K / 128] column-major
-    scale_a = xs.unsqueeze(0).expand(kg, rows).contiguous().t()  # [rows, K / 128], column-major as cuBLAS wants
     block = fn.ScalingType.BlockWise1x128
     try:
         y = fn.scaled_mm(codes, values.t(), scale_a, block, scale_b, block,

@@ -61,18 +61,21 @@ for name, segments, pdl in (("gemv_1", 1, True), ("gemv_3", 3, True), ("gemv_1_n
              USE_ASM=True, EVEN_K=True, PDL=pdl), divisible=("K", "stride_xm", "stride_wn"), num_warps=gemv_warps,
         num_stages=gemv_stages)
 for layout, q_type in ((0, "*fp8e4nv"), (1, "*fp32"), (2, "*fp16")):  # in order, split, half-planes
-    out[f"act_quant_{layout}"] = compile_ptx(act_quant._act_quant_kernel, ["*bf16", q_type, "*fp32", "i32", "i32", "i32"],
-                                             dict(BLOCK_K=4096, LAYOUT=layout, ONE_PASS=True, NATIVE_E4M3=True, PDL=True),
+    out[f"act_quant_{layout}"] = compile_ptx(act_quant._act_quant_kernel, ["*bf16", q_type, "*fp32"] + ["i32"] * 6,
+                                             dict(BLOCK_K=4096, LAYOUT=layout, ONE_PASS=True, COPIES=1, NATIVE_E4M3=True, PDL=True),
                                              divisible=("K", "stride_xm", "stride_qm"), num_warps=16)
-out["act_quant_two_pass"] = compile_ptx(act_quant._act_quant_kernel, ["*bf16", "*fp8e4nv", "*fp32", "i32", "i32", "i32"],
-                                        dict(BLOCK_K=4096, LAYOUT=0, ONE_PASS=False, NATIVE_E4M3=True, PDL=True),
+out["act_quant_two_pass"] = compile_ptx(act_quant._act_quant_kernel, ["*bf16", "*fp8e4nv", "*fp32"] + ["i32"] * 6,
+                                        dict(BLOCK_K=4096, LAYOUT=0, ONE_PASS=False, COPIES=1, NATIVE_E4M3=True, PDL=True),
                                         divisible=("K", "stride_xm", "stride_qm"), num_warps=16)
-out["act_quant_16384"] = compile_ptx(act_quant._act_quant_kernel, ["*bf16", "*fp32", "*fp32", "i32", "i32", "i32"],
-                                     dict(BLOCK_K=16384, LAYOUT=1, ONE_PASS=True, NATIVE_E4M3=True, PDL=True),
+out["act_quant_block_scales"] = compile_ptx(act_quant._act_quant_kernel, ["*bf16", "*fp8e4nv", "*fp32"] + ["i32"] * 6,
+                                           dict(BLOCK_K=4096, LAYOUT=0, ONE_PASS=False, COPIES=128, NATIVE_E4M3=True, PDL=True),
+                                           divisible=("K", "stride_xm", "stride_qm"), num_warps=16)
+out["act_quant_16384"] = compile_ptx(act_quant._act_quant_kernel, ["*bf16", "*fp32", "*fp32"] + ["i32"] * 6,
+                                     dict(BLOCK_K=16384, LAYOUT=1, ONE_PASS=True, COPIES=1, NATIVE_E4M3=True, PDL=True),
                                      divisible=("K", "stride_xm", "stride_qm"), num_warps=32)
 # GPUs without E4M3 conversions (sm_80) take the arithmetic rounding: the same kernels build there
-out["act_quant_sm80"] = compile_ptx(act_quant._act_quant_kernel, ["*bf16", "*fp32", "*fp32", "i32", "i32", "i32"],
-                                    dict(BLOCK_K=4096, LAYOUT=1, ONE_PASS=True, NATIVE_E4M3=False, PDL=False),
+out["act_quant_sm80"] = compile_ptx(act_quant._act_quant_kernel, ["*bf16", "*fp32", "*fp32"] + ["i32"] * 6,
+                                    dict(BLOCK_K=4096, LAYOUT=1, ONE_PASS=True, COPIES=1, NATIVE_E4M3=False, PDL=False),
                                     divisible=("K", "stride_xm", "stride_qm"), arch=80, num_warps=16)
 out["rmsnorm_sm80"] = compile_ptx(rmsnorm._rmsnorm_kernel, ["*bf16"] * 3 + ["*fp32", "*fp32", "i32", "fp32", "i32", "i32", "i32"],
                                   dict(BLOCK_K=4096, LAYOUT=1, NATIVE_E4M3=False, PDL=False),

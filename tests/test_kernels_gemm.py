@@ -182,6 +182,20 @@ def test_activation_quant_pads_rows_with_zeros():
     assert not padded[5:].float().any() and not padded_scales[5:].any()
     with pytest.raises(ValueError, match="fewer"):
         quantize_activation_fp8(x, rows=4)
+    with pytest.raises(ValueError, match="scale_blocks"):
+        quantize_activation_fp8(x, scale_blocks=0)
+
+
+@pytest.mark.parametrize("k", [256, 16384 + 256])  # one pass over each row, and two (rows wider than ONE_PASS_MAX_K)
+def test_activation_quant_writes_block_scales_column_major(k):
+    """scale_blocks = K / 128: the token scales repeated per K-block, [rows, K / 128] column-major (cuBLAS's
+    block-scale layout), padded rows zero, codes as without."""
+    x = torch.randn(5, k, generator=torch.Generator().manual_seed(15)) * 3
+    codes, scales = quantize_activation_fp8(x)
+    blocked_codes, blocks = quantize_activation_fp8(x, rows=8, scale_blocks=k // 128)
+    assert blocks.shape == (8, k // 128) and blocks.stride() == (1, 8)
+    assert torch.equal(blocked_codes[:5].float(), codes.float()) and not blocked_codes[5:].float().any()
+    assert torch.equal(blocks[:5], scales[:, None].expand(5, k // 128)) and not blocks[5:].any()
 
 
 def test_dequantize_w4_rejects_bad_input():
