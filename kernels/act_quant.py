@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (fp8_token_scale, next_power_of_2, on_input_device, pdl_begin, pdl_launch,
+from .common import (fp8_dot_supported, fp8_token_scale, next_power_of_2, on_input_device, pdl_begin, pdl_launch,
                      native_e4m3, require_device, round_e4m3)
 
 
@@ -213,6 +213,9 @@ def quantize_activation_fp8(x: torch.Tensor, dtype: torch.dtype = torch.float8_e
         raise ValueError(f"quantize_activation_fp8 expects a 2-D floating tensor, got {tuple(x.shape)} {x.dtype}")
     if dtype not in (torch.float8_e4m3fn, torch.float16, torch.float32):
         raise TypeError(f"quantize_activation_fp8: dtype must be float8_e4m3fn, float16 or float32, got {dtype}")
+    if dtype == torch.float8_e4m3fn and not fp8_dot_supported(x.device):
+        raise TypeError(f"quantize_activation_fp8: Triton has no FP8-E4M3 type on this GPU ({x.device}, compute "
+                        "capability < 8.9); ask for dtype=torch.float16, which holds every E4M3 value exactly")
     if x.stride(-1) != 1:
         x = x.contiguous()
     m, k = x.shape

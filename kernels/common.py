@@ -165,7 +165,7 @@ def fp8_dot_supported(device: torch.device) -> bool:
     """FP8 x FP8 tensor-core dots need compute capability >= 8.9 (Ada, Hopper); the interpreter emulates them."""
     if interpreting() or device.type != "cuda":
         return True
-    return torch.cuda.get_device_capability(device) >= (8, 9)
+    return device_capability(device.index if device.index is not None else torch.cuda.current_device()) >= (8, 9)
 
 
 @triton.jit

@@ -22,8 +22,8 @@ import triton.language as tl
 
 from p3quant.formats import BitMoDTensor, Int4Tensor
 
-from .common import (bitmod_special2, cdiv, decode_tables, decode_w4, decode_word_ptx, device_capability, interpreting,
-                     next_power_of_2, on_input_device, require_device)
+from .common import (bitmod_special2, cdiv, decode_tables, decode_w4, decode_word_ptx, device_capability,
+                     fp8_dot_supported, interpreting, next_power_of_2, on_input_device, require_device)
 
 # Operands (pack=1): $0..$3 the pairs, $4 the word, $5..$8 tables, $9 m64, $10 bias, $11 the fp32 scale.
 _ASM_DEQUANT = tl.constexpr(decode_word_ptx(("$0", "$1", "$2", "$3"), "$4", ("$5", "$6", "$7", "$8"), "$9", "$10", "$11"))
@@ -198,6 +198,9 @@ def weight_values_fp8(weight: BitMoDTensor | Int4Tensor) -> tuple[torch.Tensor, 
     if not isinstance(weight, (BitMoDTensor, Int4Tensor)):
         raise TypeError(f"{what}: weight must be a BitMoDTensor or Int4Tensor, got {type(weight).__name__}")
     words, aux, n, k = _operands(what, weight)
+    if not fp8_dot_supported(words.device):
+        raise RuntimeError(f"{what}: FP8 weight values need a GPU with FP8-E4M3 (compute capability 8.9+, got "
+                           f"{words.device}); dequantize_w4 gives the fp16 weight instead")
     out = torch.empty((n, k), dtype=torch.float8_e4m3fn, device=words.device)
     scales = torch.empty((k // weight.group_size, n), dtype=torch.float32, device=words.device)
     block_n, block_g, grid = _blocks(n, k, weight.group_size)

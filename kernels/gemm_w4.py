@@ -675,8 +675,9 @@ def w4_matmul(
     if a_fp8 and m >= DEQUANT_MIN_M:
         _dequant_matmul(x2, weight, bias, y)
         return y.reshape(*lead, n)
-    if a_fp8:
-        a, xs = quantize_activation_fp8(x2)
+    fp8_dot = fp8_dot_supported(x.device)
+    if a_fp8:  # FP8 codes for FP8 tensor cores; elsewhere fp16, which holds every E4M3 value (no FP8 type before sm_89)
+        a, xs = quantize_activation_fp8(x2, torch.float8_e4m3fn if fp8_dot else torch.float16)
     else:
         a, xs = (x2 if x2.dtype != torch.float32 else x2.to(torch.bfloat16)), x2.new_empty(0, dtype=torch.float32)
     common = dict(GROUP=prep.group, IS_BITMOD=is_bitmod, A_FP8=a_fp8, HAS_BIAS=bias is not None)
@@ -689,5 +690,5 @@ def w4_matmul(
     _launch(kernel, cfg, grid, a, xs, packed, scales, aux, bias_arg, y,
             m, n, k, a.stride(0), packed.stride(0), scales.stride(0), aux.stride(0), y.stride(0),
             next_power_of_2(m) if m <= 256 else 512 * cdiv(m, 512),
-            FP8_DOT=fp8_dot_supported(x.device), NATIVE_BF16=not interp, **common)
+            FP8_DOT=fp8_dot, NATIVE_BF16=not interp, **common)
     return y.reshape(*lead, n)

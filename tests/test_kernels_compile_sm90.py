@@ -113,6 +113,37 @@ out["kv_at"] = compile_ptx(kv_append._int4_kv_at_kernel, ["*bf16", "*fp32", "*u8
 out["rmsnorm"] = compile_ptx(rmsnorm._rmsnorm_kernel, ["*bf16"] * 3 + ["*fp32", "*fp32", "i32", "fp32", "i32", "i32", "i32"],
                              dict(BLOCK_K=4096, LAYOUT=1, NATIVE_E4M3=True, PDL=True),
                              divisible=("K", "stride_xm", "stride_ym", "stride_qm"), num_warps=16)
+# An A100 (sm_80: no FP8 conversions or MMAs, no wgmma, no programmatic dependent launch) takes the same kernels
+# with the flags its launches pass: they must build there too
+sm80 = dict(arch=80)
+out["gemv_sm80"] = compile_ptx(
+    gemm_w4._w4_gemv_kernel, gemm_w4.GEMV_ARG_TYPES,
+    dict(KW=512, SEGMENTS=3, GROUP=128, BLOCK_N=gemv_n, BLOCK_K=gemv_k, IS_BITMOD=True, HAS_BIAS=True, USE_ASM=True,
+         EVEN_K=True, PDL=False), divisible=("K", "stride_xm", "stride_wn"), num_warps=gemv_warps, num_stages=gemv_stages, **sm80)
+out["mma_sm80"] = compile_ptx(
+    w4_mma._w4_mma_kernel, ["*fp16"] + mma_types[1:],
+    dict(GROUP=128, BLOCK_N=64, BLOCK_M=16, SPLIT_K=2, IS_BITMOD=True, HAS_BIAS=True, USE_ASM=True, ROW_SCALE=True,
+         BF16=False, NATIVE_BF16=True, PDL=False), divisible=("K", "stride_xm", "stride_ww", "stride_ym"), num_warps=4,
+    num_stages=3, **sm80)
+out["mm_sm80"] = compile_ptx(
+    gemm_w4._w4_mm_kernel, ["*fp16", "*fp32", "*u8", "*fp16", "*u8", "*bf16", "*bf16"] + ["i32"] * 10,  # fp16 codes
+    dict(GROUP=128, BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, GROUP_M=8, IS_BITMOD=True, A_FP8=True, FP8_DOT=False,
+         HAS_BIAS=True, NATIVE_BF16=True), divisible=("K", "stride_xm", "stride_wn", "stride_ym"), num_warps=4, num_stages=3, **sm80)
+out["dequant_sm80"] = compile_ptx(dequant_w4._dequant_kernel, ["*i32", "*fp16", "*u8", "*fp16"] + ["i32"] * 6,
+                                  dict(GROUP=128, BLOCK_N=16, BLOCK_G=4, IS_BITMOD=True, USE_ASM=True),
+                                  divisible=("KW", "s_w", "s_o"), num_warps=4, **sm80)
+out["scores_sm80"] = compile_ptx(decode_attention._scores_kernel, ["*bf16", "*fp32", "*i32", "*fp16", "*u8", "*fp16", "*bf16", "*u8"]
+                                 + ["*fp32"] * 4 + ["*i64", "i32", "i32", "i32", "fp32", "fp32", "i32", "i32"] + ["i32"] * 22,
+                                 dict(attention_shape, HAS_SMOOTH=True, QUANT_Q=True, HAS_MASK=True, HAS_SOFTCAP=True,
+                                      NATIVE_E4M3=False, PDL=False), num_warps=4, **sm80)
+out["pv_sm80"] = compile_ptx(decode_attention._pv_kernel, ["*i32", "*fp16", "*u8", "*bf16"] + ["*fp32"] * 5 + ["*i64"] + ["i32"] * 19,
+                             dict(attention_shape, SP=64, HALF_UP=False, PDL=False), num_warps=4, **sm80)
+out["kv_at_sm80"] = compile_ptx(kv_append._int4_kv_at_kernel, ["*bf16", "*fp32", "*u8", "*fp16", "*u8", "*bf16", "*bf16", "*u8",
+                                                                "*fp16", "*u8", "*bf16", "*i64"] + ["i32"] * 32,
+                                dict(HALF_D=64, DH=64, HAS_DIV=True, PDL=False), num_warps=1, **sm80)
+out["chunk_codes_sm80"] = compile_ptx(act_quant._codes_from_chunk_amax_kernel, ["*bf16", "*fp32", "*fp32", "*fp32"] + ["i32"] * 4,
+                                      dict(BLOCK_K=1024, CP=16, LAYOUT=1, NATIVE_E4M3=False, PDL=False),
+                                      divisible=("K", "stride_ym", "stride_qm"), num_warps=4, **sm80)
 print(json.dumps(out))
 """
 
@@ -153,8 +184,10 @@ def test_gpu_kernels_compile_for_hopper_with_their_inline_ptx():
     # below; bf16 outputs by the cast, not by round_minifloat (whose magic constant 1.5 * 2**23 is 0f4B400000)
     for name in ("act_quant_0", "act_quant_1", "act_quant_two_pass", "act_quant_16384", "chunk_codes", "rmsnorm", "scores"):
         assert "cvt.rn.satfinite.e4m3x2.f32 q" in ptx[name], name
-    for name in ("act_quant_sm80", "rmsnorm_sm80"):
+    for name in ("act_quant_sm80", "rmsnorm_sm80", "scores_sm80", "chunk_codes_sm80"):
         assert "e4m3" not in ptx[name] and "0f4B400000" in ptx[name], name
+    for name in ("gemv_sm80", "mma_sm80", "mm_sm80", "dequant_sm80", "pv_sm80", "kv_at_sm80"):  # built for sm_80
+        assert ".target sm_80" in ptx[name] and "griddepcontrol" not in ptx[name] and "wgmma" not in ptx[name], name
     assert "0f4B400000" not in ptx["silu_mul"] and "cvt.rn.bf16" in ptx["silu_mul"]
     for gemv in ("gemv_1", "gemv_3"):
         assert "0x7354" in ptx[gemv] and "fma.rn.f32 s, f," in ptx[gemv]  # the M = 1 GEMV's decode + FMAs in PTX

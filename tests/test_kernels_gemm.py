@@ -71,6 +71,31 @@ def test_w4_matmul_matches_exact_quantized_product(monkeypatch, m, n, k, group, 
     assert _rel(y16, TorchBackend().linear(x, weight, bias, afmt)) < BF16_TOL
 
 
+def test_w4a8_without_fp8_support_uses_fp16_codes_and_clear_errors(monkeypatch):
+    """On GPUs without FP8-E4M3 (compute capability < 8.9, where Triton has no E4M3 type) the tiled W4A8 kernel
+    takes the activation codes in fp16 (exact), and the FP8-typed helpers say what to use instead."""
+    from p3quant.kernels import act_quant, dequant_w4
+
+    for module in (gemm_w4, act_quant, dequant_w4):
+        monkeypatch.setattr(module, "fp8_dot_supported", lambda device: False)
+    monkeypatch.setattr(gemm_w4, "MMA_MAX_M", 0)  # M = 37 through the tiled kernel
+    code_dtypes = []
+    quantize = gemm_w4.quantize_activation_fp8
+    monkeypatch.setattr(gemm_w4, "quantize_activation_fp8",
+                        lambda x, dtype=torch.float8_e4m3fn, **kw: code_dtypes.append(dtype) or quantize(x, dtype, **kw))
+    gen = torch.Generator().manual_seed(21)
+    x = torch.randn(37, 128, generator=gen).to(torch.bfloat16) * 3
+    weight = _weight("bitmod", 24, 128, 128, gen)
+    y = w4_matmul(x, weight, None, "fp8_e4m3", out_dtype=torch.float32)
+    exact = quantize_scaled_fp8(x).dequantize().double() @ weight.dequantize().double().t()
+    assert _rel(y, exact) < FP32_TOL and code_dtypes == [torch.float16]  # the interpreter would take FP8 codes too
+    with pytest.raises(TypeError, match="dtype=torch.float16"):
+        act_quant.quantize_activation_fp8(x)
+    assert act_quant.quantize_activation_fp8(x, torch.float16)[0].dtype == torch.float16
+    with pytest.raises(RuntimeError, match="compute capability 8.9"):
+        dequant_w4.weight_values_fp8(weight)
+
+
 @pytest.mark.parametrize("wfmt", ["bitmod", "int4"])
 @pytest.mark.parametrize("n,k,group", [(37, 256, 128), (5, 96, 32), (16, 1408, 64)])
 def test_dequantize_w4_is_bit_exact(wfmt, n, k, group):
