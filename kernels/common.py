@@ -120,6 +120,11 @@ def _triton_launches_pdl() -> bool:
     return "launch_pdl" in getattr(CUDAOptions, "__dataclass_fields__", {})
 
 
+def inline_ptx_ok(device: torch.device) -> bool:
+    """Whether kernels on `device` may run inline PTX: compiled (not the interpreter) for an NVIDIA GPU (not ROCm)."""
+    return device.type == "cuda" and torch.version.hip is None and not interpreting()
+
+
 def pdl_supported(t: torch.Tensor) -> bool:
     """Whether kernels reading `t` could launch with programmatic dependent launch: an NVIDIA GPU (not ROCm, not
     the interpreter) of compute capability >= 9.0 and a Triton that can launch that way."""
@@ -229,8 +234,8 @@ def round_e4m3_native(x):
 def native_e4m3(device: torch.device) -> bool:
     """Whether kernels on `device` may round to E4M3 with the GPU's conversion (an NVIDIA GPU of compute
     capability 8.9 or newer; not the interpreter, not ROCm): the NATIVE argument of round_e4m3."""
-    return (device.type == "cuda" and not interpreting() and torch.version.hip is None
-            and device_capability(device.index if device.index is not None else torch.cuda.current_device()) >= (8, 9))
+    return inline_ptx_ok(device) and device_capability(
+        device.index if device.index is not None else torch.cuda.current_device()) >= (8, 9)
 
 
 @triton.jit

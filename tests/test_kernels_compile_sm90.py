@@ -240,3 +240,22 @@ def test_pdl_mode_switches_and_restores_but_never_applies_off_a_gpu():
             assert common.pdl_launch(torch.ones(1)) == {"PDL": False}  # no launch_pdl: Triton < 3.3 rejects it
         assert common.USE_PDL is (not before)
     assert common.USE_PDL is before
+
+
+def test_gpu_only_paths_are_chosen_per_device(monkeypatch):
+    """Inline PTX only on NVIDIA GPUs outside the interpreter; the native E4M3 rounding only from compute
+    capability 8.9 (older GPUs and ROCm keep the arithmetic rounding their kernels compile with)."""
+    import torch
+
+    from p3quant.kernels import common
+
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert not common.inline_ptx_ok(cpu) and not common.native_e4m3(cpu)
+    assert not common.inline_ptx_ok(cuda)  # the test session runs the interpreter
+    monkeypatch.setattr(common, "interpreting", lambda: False)
+    for capability, native in (((8, 0), False), ((8, 9), True), ((9, 0), True)):
+        monkeypatch.setattr(common, "device_capability", lambda index, c=capability: c)
+        assert common.inline_ptx_ok(cuda) and common.native_e4m3(cuda) == native and not common.native_e4m3(cpu)
+        assert common.fp8_dot_supported(cuda) == native
+    monkeypatch.setattr(torch.version, "hip", "6.2")
+    assert not common.inline_ptx_ok(cuda) and not common.native_e4m3(cuda)
