@@ -60,23 +60,16 @@ for name, segments, pdl in (("gemv_1", 1, True), ("gemv_3", 3, True), ("gemv_1_n
         dict(KW=512, SEGMENTS=segments, GROUP=128, BLOCK_N=gemv_n, BLOCK_K=gemv_k, IS_BITMOD=True, HAS_BIAS=segments > 1,
              USE_ASM=True, EVEN_K=True, PDL=pdl), divisible=("K", "stride_xm", "stride_wn"), num_warps=gemv_warps,
         num_stages=gemv_stages)
-for layout, q_type in ((0, "*fp8e4nv"), (1, "*fp32"), (2, "*fp16")):  # in order, split, half-planes
-    out[f"act_quant_{layout}"] = compile_ptx(act_quant._act_quant_kernel, ["*bf16", q_type, "*fp32"] + ["i32"] * 6,
-                                             dict(BLOCK_K=4096, LAYOUT=layout, ONE_PASS=True, COPIES=1, NATIVE_E4M3=True, PDL=True),
-                                             divisible=("K", "stride_xm", "stride_qm"), num_warps=16)
-out["act_quant_two_pass"] = compile_ptx(act_quant._act_quant_kernel, ["*bf16", "*fp8e4nv", "*fp32"] + ["i32"] * 6,
-                                        dict(BLOCK_K=4096, LAYOUT=0, ONE_PASS=False, COPIES=1, NATIVE_E4M3=True, PDL=True),
-                                        divisible=("K", "stride_xm", "stride_qm"), num_warps=16)
-out["act_quant_block_scales"] = compile_ptx(act_quant._act_quant_kernel, ["*bf16", "*fp8e4nv", "*fp32"] + ["i32"] * 6,
-                                           dict(BLOCK_K=4096, LAYOUT=0, ONE_PASS=False, COPIES=128, NATIVE_E4M3=True, PDL=True),
-                                           divisible=("K", "stride_xm", "stride_qm"), num_warps=16)
-out["act_quant_16384"] = compile_ptx(act_quant._act_quant_kernel, ["*bf16", "*fp32", "*fp32"] + ["i32"] * 6,
-                                     dict(BLOCK_K=16384, LAYOUT=1, ONE_PASS=True, COPIES=1, NATIVE_E4M3=True, PDL=True),
-                                     divisible=("K", "stride_xm", "stride_qm"), num_warps=32)
-# GPUs without E4M3 conversions (sm_80) take the arithmetic rounding: the same kernels build there
-out["act_quant_sm80"] = compile_ptx(act_quant._act_quant_kernel, ["*bf16", "*fp32", "*fp32"] + ["i32"] * 6,
-                                    dict(BLOCK_K=4096, LAYOUT=1, ONE_PASS=True, COPIES=1, NATIVE_E4M3=False, PDL=False),
-                                    divisible=("K", "stride_xm", "stride_qm"), arch=80, num_warps=16)
+# name, codes type, BLOCK_K, layout (in order, split, half-planes), one pass, scale copies, native E4M3 + PDL, arch, warps;
+# sm_80 (no E4M3 conversions) takes the arithmetic rounding: the same kernel builds there
+for name, q_type, block, layout, one_pass, copies, sm90, arch, warps in (
+        ("act_quant_0", "*fp8e4nv", 4096, 0, True, 1, True, 90, 16), ("act_quant_1", "*fp32", 4096, 1, True, 1, True, 90, 16),
+        ("act_quant_2", "*fp16", 4096, 2, True, 1, True, 90, 16), ("act_quant_two_pass", "*fp8e4nv", 4096, 0, False, 1, True, 90, 16),
+        ("act_quant_block_scales", "*fp8e4nv", 4096, 0, False, 128, True, 90, 16),
+        ("act_quant_16384", "*fp32", 16384, 1, True, 1, True, 90, 32), ("act_quant_sm80", "*fp32", 4096, 1, True, 1, False, 80, 16)):
+    out[name] = compile_ptx(act_quant._act_quant_kernel, ["*bf16", q_type, "*fp32"] + ["i32"] * 6,
+                            dict(BLOCK_K=block, LAYOUT=layout, ONE_PASS=one_pass, COPIES=copies, NATIVE_E4M3=sm90, PDL=sm90),
+                            divisible=("K", "stride_xm", "stride_qm"), arch=arch, num_warps=warps)
 out["rmsnorm_sm80"] = compile_ptx(rmsnorm._rmsnorm_kernel, ["*bf16"] * 3 + ["*fp32", "*fp32", "i32", "fp32", "i32", "i32", "i32"],
                                   dict(BLOCK_K=4096, LAYOUT=1, NATIVE_E4M3=False, PDL=False),
                                   divisible=("K", "stride_xm", "stride_ym", "stride_qm"), arch=80, num_warps=16)
