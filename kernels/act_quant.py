@@ -125,7 +125,7 @@ def codes_from_chunk_amax(y: torch.Tensor, chunk_amax: torch.Tensor, block_k: in
                                                NATIVE_E4M3=native_e4m3(y.device), num_warps=4, **pdl_launch(y))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "scale_copies", "stride_sc"])  # one compile for every M and padding
 def _act_quant_kernel(x_ptr, q_ptr, s_ptr, K, M, stride_xm, stride_qm, scale_copies, stride_sc,
                       BLOCK_K: tl.constexpr, LAYOUT: tl.constexpr, ONE_PASS: tl.constexpr, COPIES: tl.constexpr = 1,
                       NATIVE_E4M3: tl.constexpr = False, PDL: tl.constexpr = False):
@@ -166,7 +166,7 @@ WARPS_OVERRIDE: int | None = None
 def _quantize_into(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, layout: int, rows: int | None = None,
                    scale_copies: int = 1) -> None:
     """codes [rows, ...] and scales of x [M, K]; rows past M are zero padding; with scale_copies > 1, scales is
-    [scale_copies, rows] and every copy holds the token scales."""
+    [>= scale_copies, rows] (row-major) and copies 0 .. scale_copies - 1 hold the token scales."""
     m, k = x.shape
     rows = m if rows is None else rows
     if rows:
@@ -175,7 +175,7 @@ def _quantize_into(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, l
         block = block if one_pass else 4096
         # bench_rmsnorm.py's sweep (H200, one-pass rows of 4096 and 14336): 16 and 32 warps
         warps = 4 if block <= 1024 else 16 if block <= 8192 else 32
-        _act_quant_kernel[(rows,)](x, codes, scales, k, m, x.stride(0), codes.stride(0), scale_copies, rows,
+        _act_quant_kernel[(rows,)](x, codes, scales, k, m, x.stride(0), codes.stride(0), scale_copies, scales.stride(0),
                                    BLOCK_K=block, LAYOUT=layout, ONE_PASS=one_pass,
                                    COPIES=next_power_of_2(scale_copies) if scale_copies > 1 else 1,
                                    NATIVE_E4M3=native_e4m3(x.device), num_warps=WARPS_OVERRIDE or warps, **pdl_launch(x))

@@ -108,7 +108,7 @@ out["rmsnorm"] = compile_ptx(rmsnorm._rmsnorm_kernel, ["*bf16"] * 3 + ["*fp32", 
                              divisible=("K", "stride_xm", "stride_ym", "stride_qm"), num_warps=16)
 # the tiled kernel (M = 65..255) with FP8 x FP8 tensor cores, and in bf16 (W4A16); the W4A16 GEMV; the prefill's
 # KV-cache quantization
-mm_types = ["*fp16", "*fp32", "*u8", "*fp16", "*u8", "*bf16", "*bf16"] + ["i32"] * 10
+mm_types = ["*fp16", "*fp32", "*u8", "*fp16", "*u8", "*bf16", "*bf16"] + ["i32"] * 9
 for name, x_type, a_fp8 in (("mm_fp8", "*fp8e4nv", True), ("mm_bf16", "*bf16", False)):
     out[name] = compile_ptx(gemm_w4._w4_mm_kernel, [x_type] + mm_types[1:],
                             dict(GROUP=128, BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, GROUP_M=8, IS_BITMOD=True, A_FP8=a_fp8,
@@ -118,7 +118,7 @@ a16_n, a16_k, a16_warps, a16_stages = gemm_w4.GEMV_A16_CONFIG
 out["gemv_a16"] = compile_ptx(gemm_w4._w4_gemv_a16_kernel, ["*bf16", "*fp16", "*i32", "*fp16", "*u8", "*bf16", "*bf16"] + ["i32"] * 7,
                               dict(GROUP=128, BLOCK_N=a16_n, BLOCK_K=a16_k, IS_BITMOD=True, A_FP8=False, HAS_BIAS=True),
                               divisible=("K", "stride_xm", "stride_wn"), num_warps=a16_warps, num_stages=a16_stages)
-out["int4_rows"] = compile_ptx(kv_append._int4_rows_kernel, ["*bf16", "*fp32", "*u8", "*fp16", "*u8"] + ["i32"] * 17,
+out["int4_rows"] = compile_ptx(kv_append._int4_rows_kernel, ["*bf16", "*fp32", "*u8", "*fp16", "*u8"] + ["i32"] * 16,
                                dict(HALF_D=64, DH=64, BLOCK_T=16, HAS_DIV=True), num_warps=4)
 # An A100 (sm_80: no FP8 conversions or MMAs, no wgmma, no programmatic dependent launch) takes the same kernels
 # with the flags its launches pass: they must build there too
@@ -133,7 +133,7 @@ out["mma_sm80"] = compile_ptx(
          BF16=False, NATIVE_BF16=True, PDL=False), divisible=("K", "stride_xm", "stride_ww", "stride_ym"), num_warps=4,
     num_stages=3, **sm80)
 out["mm_sm80"] = compile_ptx(
-    gemm_w4._w4_mm_kernel, ["*fp16", "*fp32", "*u8", "*fp16", "*u8", "*bf16", "*bf16"] + ["i32"] * 10,  # fp16 codes
+    gemm_w4._w4_mm_kernel, mm_types,  # fp16 codes
     dict(GROUP=128, BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, GROUP_M=8, IS_BITMOD=True, A_FP8=True, FP8_DOT=False,
          HAS_BIAS=True, NATIVE_BF16=True), divisible=("K", "stride_xm", "stride_wn", "stride_ym"), num_warps=4, num_stages=3, **sm80)
 out["dequant_sm80"] = compile_ptx(dequant_w4._dequant_kernel, ["*i32", "*fp16", "*u8", "*fp16"] + ["i32"] * 6,
@@ -187,6 +187,8 @@ def test_gpu_kernels_compile_for_hopper_with_their_inline_ptx():
         assert "st.global.v2.b64" in asm and "st.global.v2.b64" in plain
     assert "ld.global" in ptx["epilogue"]
     assert all("st.global" in ptx[f"act_quant_{layout}"] for layout in range(3))
+    # the row mask that pads rows past M keeps the activations' loads vectorized (16 bytes per load)
+    assert all("ld.global.v4" in ptx[name] for name in ("act_quant_0", "act_quant_1", "act_quant_block_scales"))
     # compiled kernels round to E4M3 with the GPU's conversion on sm_89+ (common.native_e4m3) and arithmetically
     # below; bf16 outputs by the cast, not by round_minifloat (whose magic constant 1.5 * 2**23 is 0f4B400000)
     for name in ("act_quant_0", "act_quant_1", "act_quant_two_pass", "act_quant_16384", "chunk_codes", "rmsnorm", "scores"):

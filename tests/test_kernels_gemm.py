@@ -212,6 +212,22 @@ def test_activation_quant_pads_rows_with_zeros():
 
 
 @pytest.mark.parametrize("k", [256, 16384 + 256])  # one pass over each row, and two (rows wider than ONE_PASS_MAX_K)
+def test_activation_quant_kernel_writes_padding_and_scale_copies_itself(k):
+    """Into NaN-filled buffers: the kernel writes the padding rows' codes and scales (zeros) and exactly
+    `scale_copies` copies of every scale (3 of a 4-row buffer: the last row stays untouched)."""
+    from p3quant.kernels import act_quant
+
+    x = torch.randn(5, k, generator=torch.Generator().manual_seed(16)) * 3
+    codes, scales = quantize_activation_fp8(x, torch.float32)
+    padded_codes = torch.full((8, k), float("nan"))
+    copies = torch.full((4, 8), float("nan"))
+    act_quant._quantize_into(x, padded_codes, copies, act_quant._PLAIN, rows=8, scale_copies=3)
+    assert torch.equal(padded_codes[:5], codes) and torch.equal(padded_codes[5:], torch.zeros(3, k))
+    assert torch.equal(copies[:3, :5], scales.expand(3, 5)) and torch.equal(copies[:3, 5:], torch.zeros(3, 3))
+    assert copies[3].isnan().all()
+
+
+@pytest.mark.parametrize("k", [256, 16384 + 256])  # one pass over each row, and two (rows wider than ONE_PASS_MAX_K)
 def test_activation_quant_writes_block_scales_column_major(k):
     """scale_blocks = K / 128: the token scales repeated per K-block, [rows, K / 128] column-major (cuBLAS's
     block-scale layout), padded rows zero, codes as without."""
