@@ -167,10 +167,12 @@ def pdl_begin(PDL: tl.constexpr):
 
 
 def fp8_dot_supported(device: torch.device) -> bool:
-    """FP8 x FP8 tensor-core dots need compute capability >= 8.9 (Ada, Hopper); the interpreter emulates them."""
+    """FP8-E4M3 tensors in Triton kernels and FP8 x FP8 tensor-core dots: NVIDIA GPUs of compute capability >= 8.9
+    (Ada, Hopper; not ROCm, whose FP8 formats differ); the interpreter emulates them."""
     if interpreting() or device.type != "cuda":
         return True
-    return device_capability(device.index if device.index is not None else torch.cuda.current_device()) >= (8, 9)
+    return torch.version.hip is None and device_capability(
+        device.index if device.index is not None else torch.cuda.current_device()) >= (8, 9)
 
 
 @triton.jit

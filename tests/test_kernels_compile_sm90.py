@@ -270,4 +270,4 @@ def test_gpu_only_paths_are_chosen_per_device(monkeypatch):
         assert common.inline_ptx_ok(cuda) and common.native_e4m3(cuda) == native and not common.native_e4m3(cpu)
         assert common.fp8_dot_supported(cuda) == native
     monkeypatch.setattr(torch.version, "hip", "6.2")
-    assert not common.inline_ptx_ok(cuda) and not common.native_e4m3(cuda)
+    assert not common.inline_ptx_ok(cuda) and not common.native_e4m3(cuda) and not common.fp8_dot_supported(cuda)
