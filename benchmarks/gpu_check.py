@@ -13,6 +13,7 @@ import sys
 import time
 import traceback
 import warnings
+from unittest import mock
 
 import torch
 import triton
@@ -95,17 +96,14 @@ def check_blockwise_prefill() -> list[str]:
     for wfmt, n, k in (("bitmod", 4096, 4096), ("int4", 1000, 1408)):
         w = torch.randn(n, k, device="cuda")
         wq = BITMOD4.quantize(w, 128) if wfmt == "bitmod" else INT4.quantize(w, 64)
-        saved = dequant_w4.VALUES_FP8_USE_ASM
         try:
-            dequant_w4.VALUES_FP8_USE_ASM = True
-            ptx_values, ptx_scales = weight_values_fp8(wq)
-            dequant_w4.VALUES_FP8_USE_ASM = False
-            triton_values, triton_scales = weight_values_fp8(wq)
-        except Exception as err:  # noqa: BLE001  (the PTX variant's first GPU run: report, do not stop the checks)
+            with mock.patch.object(dequant_w4, "VALUES_FP8_USE_ASM", True):
+                ptx_values, ptx_scales = weight_values_fp8(wq)
+            with mock.patch.object(dequant_w4, "VALUES_FP8_USE_ASM", False):
+                triton_values, triton_scales = weight_values_fp8(wq)
+        except Exception as err:  # noqa: BLE001  (a failing variant is reported; the other checks still run)
             out.append(f"FAIL weight_values_fp8 {wfmt} N={n} K={k}: {type(err).__name__}: {str(err)[:200]}")
             continue
-        finally:
-            dequant_w4.VALUES_FP8_USE_ASM = saved
         same = (torch.equal(ptx_values.view(torch.uint8), triton_values.view(torch.uint8))
                 and torch.equal(ptx_scales, triton_scales))
         exact = torch.equal(ptx_values.float() * ptx_scales.repeat_interleave(wq.group_size, 1), wq.dequantize().float())
@@ -118,8 +116,7 @@ def check_blockwise_prefill() -> list[str]:
         calls.append(y is not None)
         return y
 
-    gemm_w4._blockwise_fp8_matmul = counted
-    try:
+    with mock.patch.object(gemm_w4, "_blockwise_fp8_matmul", counted):
         for wfmt, m, n, k, dtype, with_bias in (("bitmod", 300, 2048, 4096, torch.bfloat16, False),
                                                  ("bitmod", 1024, 6144, 4096, torch.float16, True),
                                                  ("int4", 1028, 512, 1024, torch.bfloat16, True),
@@ -149,8 +146,6 @@ def check_blockwise_prefill() -> list[str]:
         ok = calls == [True] and y.shape == (1030, 512) and torch.isfinite(y).all().item() and err < 4e-3
         out.append(f"{'PASS' if ok else 'FAIL'} gemm prefill FP8 block-scaled M=1030 (rows padded): ran={calls}, "
                    f"rel_err={err:.2e}, warnings: {[str(c.message)[:120] for c in caught] or 'none'}")
-    finally:
-        gemm_w4._blockwise_fp8_matmul = real
     return out
 
 

@@ -13,13 +13,13 @@ Run: python benchmarks/prefill_breakdown.py [--ms M ...]. Prints a markdown tabl
 from __future__ import annotations
 
 import argparse
-import contextlib
 import cProfile
 import io
 import pstats
 import statistics
 import time
-from typing import Callable, Iterator
+from typing import Callable
+from unittest import mock
 
 import torch
 
@@ -59,17 +59,6 @@ def _host_us(fn: Callable[[], object], reps: int = 60) -> float:
     return statistics.median(times) * 1e6
 
 
-@contextlib.contextmanager
-def _values_decode(use_asm: bool) -> Iterator[None]:
-    """weight_values_fp8 with its inline-PTX decode on or off (the default: on) inside the block."""
-    saved = dequant_w4.VALUES_FP8_USE_ASM
-    dequant_w4.VALUES_FP8_USE_ASM = use_asm
-    try:
-        yield
-    finally:
-        dequant_w4.VALUES_FP8_USE_ASM = saved
-
-
 def run(ms: tuple[int, ...]) -> str:
     fn = torch.nn.functional
     block = fn.ScalingType.BlockWise1x128
@@ -85,9 +74,9 @@ def run(ms: tuple[int, ...]) -> str:
             codes, scale_a = quantize_activation_fp8(x, scale_blocks=k // 128)  # [m, K / 128] block scales
             row_a, row_b = torch.ones(m, 1, device="cuda"), torch.ones(1, n, device="cuda")
             act = _graph_us([lambda: quantize_activation_fp8(x, scale_blocks=k // 128)])
-            with _values_decode(use_asm=False):
+            with mock.patch.object(dequant_w4, "VALUES_FP8_USE_ASM", False):
                 wval = _graph_us([lambda w=w: weight_values_fp8(w) for w in weights])
-            with _values_decode(use_asm=True):
+            with mock.patch.object(dequant_w4, "VALUES_FP8_USE_ASM", True):
                 wval_ptx = _graph_us([lambda w=w: weight_values_fp8(w) for w in weights])
             mm = _graph_us([lambda v=v, sb=sb: fn.scaled_mm(codes, v.t(), scale_a, block, sb, block)
                                     for v, sb in zip(values, scales_b)])

@@ -120,16 +120,16 @@ def _triton_launches_pdl() -> bool:
     return "launch_pdl" in getattr(CUDAOptions, "__dataclass_fields__", {})
 
 
-def inline_ptx_ok(device: torch.device) -> bool:
-    """Whether kernels on `device` may run inline PTX: compiled (not the interpreter) for an NVIDIA GPU (not ROCm)."""
+def nvidia_compiled(device: torch.device) -> bool:
+    """Whether kernels on `device` are compiled for an NVIDIA GPU (not ROCm, not the interpreter): where inline PTX,
+    programmatic dependent launch and NVIDIA-only library paths may be used."""
     return device.type == "cuda" and torch.version.hip is None and not interpreting()
 
 
 def pdl_supported(t: torch.Tensor) -> bool:
-    """Whether kernels reading `t` could launch with programmatic dependent launch: an NVIDIA GPU (not ROCm, not
-    the interpreter) of compute capability >= 9.0 and a Triton that can launch that way."""
-    return (t.is_cuda and torch.version.hip is None and not interpreting()
-            and device_capability(t.device.index) >= (9, 0) and _triton_launches_pdl())
+    """Whether kernels reading `t` could launch with programmatic dependent launch: an NVIDIA GPU of compute
+    capability >= 9.0 and a Triton that can launch that way."""
+    return nvidia_compiled(t.device) and device_capability(t.device.index) >= (9, 0) and _triton_launches_pdl()
 
 
 def pdl_enabled(t: torch.Tensor) -> bool:
@@ -169,10 +169,7 @@ def pdl_begin(PDL: tl.constexpr):
 def fp8_dot_supported(device: torch.device) -> bool:
     """FP8-E4M3 tensors in Triton kernels and FP8 x FP8 tensor-core dots: NVIDIA GPUs of compute capability >= 8.9
     (Ada, Hopper; not ROCm, whose FP8 formats differ); the interpreter emulates them."""
-    if interpreting() or device.type != "cuda":
-        return True
-    return torch.version.hip is None and device_capability(
-        device.index if device.index is not None else torch.cuda.current_device()) >= (8, 9)
+    return interpreting() or device.type != "cuda" or native_e4m3(device)
 
 
 @triton.jit
@@ -236,8 +233,7 @@ def round_e4m3_native(x):
 def native_e4m3(device: torch.device) -> bool:
     """Whether kernels on `device` may round to E4M3 with the GPU's conversion (an NVIDIA GPU of compute
     capability 8.9 or newer; not the interpreter, not ROCm): the NATIVE argument of round_e4m3."""
-    return inline_ptx_ok(device) and device_capability(
-        device.index if device.index is not None else torch.cuda.current_device()) >= (8, 9)
+    return nvidia_compiled(device) and device_capability(device.index) >= (8, 9)
 
 
 @triton.jit

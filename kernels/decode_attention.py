@@ -37,8 +37,8 @@ import triton.language as tl
 from p3quant.attention_math import QuantizedKV
 from p3quant.formats import Int4Tensor
 
-from .common import (cdiv, decode_halves, FP16_TINY, fp8_token_scale, inline_ptx_ok, interpreting, next_power_of_2,
-                     on_input_device, pdl_begin, pdl_launch, native_e4m3, require_device, round_e4m3, round_minifloat,
+from .common import (cdiv, decode_halves, FP16_TINY, fp8_token_scale, interpreting, native_e4m3, next_power_of_2,
+                     nvidia_compiled, on_input_device, pdl_begin, pdl_launch, require_device, round_e4m3, round_minifloat,
                      round_to_output)
 
 UE4M4_MAX = tl.constexpr(1.9375)
@@ -464,7 +464,7 @@ def p3_decode_attention(
     grid = (bsz * kv_heads, s1)
     # DW >= 4: half-planes of at least 16 columns, the smallest tensor-core dot
     shape = dict(G=group, GP=gp, G4=next_power_of_2(group), D8=d // 8, DW=max(4, next_power_of_2(d // 8)), BLOCK_T=block_t, BLOCK_R=_BLOCK_R,
-                 USE_ASM=ATTENTION_USE_ASM and inline_ptx_ok(query.device))
+                 USE_ASM=ATTENTION_USE_ASM and nvidia_compiled(query.device))
     len_arg = kv.length if device_len else m_stat
     _scores_kernel[grid](
         q, sm_arg, kp, ks, kz, vs, rk, mask_arg, scores, m_stat, l_stat, v_max, len_arg,

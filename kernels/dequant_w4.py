@@ -23,7 +23,7 @@ import triton.language as tl
 from p3quant.formats import BitMoDTensor, Int4Tensor
 
 from .common import (bitmod_special2, cdiv, decode_tables, decode_w4, decode_word_ptx, fp8_dot_supported,
-                     inline_ptx_ok, interpreting, next_power_of_2, on_input_device, require_device)
+                     interpreting, next_power_of_2, nvidia_compiled, on_input_device, require_device)
 
 # Operands (pack=1): $0..$3 the pairs, $4 the word, $5..$8 tables, $9 m64, $10 bias, $11 the fp32 scale.
 _ASM_DEQUANT = tl.constexpr(decode_word_ptx(("$0", "$1", "$2", "$3"), "$4", ("$5", "$6", "$7", "$8"), "$9", "$10", "$11"))
@@ -184,7 +184,7 @@ def dequantize_w4(weight: BitMoDTensor | Int4Tensor, dtype: torch.dtype = torch.
     _dequant_kernel[grid](words, weight.scales, aux, out, n, k // 8, words.stride(0), weight.scales.stride(0), aux.stride(0),
                           out.stride(0), GROUP=weight.group_size, BLOCK_N=block_n, BLOCK_G=block_g,
                           IS_BITMOD=isinstance(weight, BitMoDTensor),
-                          USE_ASM=DEQUANT_USE_ASM and inline_ptx_ok(words.device) and dtype == torch.float16,
+                          USE_ASM=DEQUANT_USE_ASM and nvidia_compiled(words.device) and dtype == torch.float16,
                           num_warps=4)
     return out
 
@@ -208,7 +208,7 @@ def weight_values_fp8(weight: BitMoDTensor | Int4Tensor) -> tuple[torch.Tensor, 
     _values_fp8_kernel[grid](words, weight.scales, aux, out, scales, n, k // 8, words.stride(0), weight.scales.stride(0),
                              aux.stride(0), out.stride(0), GROUP=weight.group_size, BLOCK_N=block_n, BLOCK_G=block_g,
                              IS_BITMOD=isinstance(weight, BitMoDTensor), num_warps=4,
-                             USE_ASM=VALUES_FP8_USE_ASM and inline_ptx_ok(words.device))
+                             USE_ASM=VALUES_FP8_USE_ASM and nvidia_compiled(words.device))
     return out, scales.t()
 
 

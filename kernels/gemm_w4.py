@@ -36,8 +36,8 @@ from p3quant.formats import BitMoDTensor, Int4Tensor
 
 from .act_quant import quantize_activation_fp8, quantize_activation_once
 from .common import (bitmod_special2, cdiv, clamped_rows, decode_tables, decode_w4, device_capability, dot16,
-                     fp8_dot_supported, inline_ptx_ok, interpreting, next_power_of_2, on_input_device, pdl_launch, pdl_launch_dependents, pdl_wait,
-                     require_device)
+                     fp8_dot_supported, interpreting, next_power_of_2, nvidia_compiled, on_input_device, pdl_launch,
+                     pdl_launch_dependents, pdl_wait, require_device)
 from .dequant_w4 import dequantize_w4, weight_values_fp8
 from .w4_mma import rows_epilogue, w4_mma_matmul
 
@@ -501,8 +501,7 @@ _blockwise_unsupported: dict[int, str] = {}  # device index -> why torch / cuBLA
 def _blockwise_fp8_ok(x: torch.Tensor, prep: _Prepared, out_dtype: torch.dtype) -> bool:
     """Whether the block-scaled FP8 path applies: shapes cuBLAS's FP8 GEMM takes, on a Hopper GPU (torch's
     1x128 block scaling is SM90-only) where it has not been refused."""
-    return (FP8_BLOCKWISE and x.is_cuda and torch.version.hip is None and not interpreting()
-            and _HAS_SCALED_MM
+    return (FP8_BLOCKWISE and nvidia_compiled(x.device) and _HAS_SCALED_MM
             and prep.group == 128 and prep.k % 128 == 0 and prep.n % 16 == 0
             and out_dtype in (torch.float16, torch.bfloat16)
             and device_capability(x.device.index)[0] == 9
@@ -614,7 +613,7 @@ def w4_matmul_shared_input(
     x2 = x.reshape(1, k)
     outs = [torch.empty((1, p.n), dtype=x.dtype, device=x.device) for p in preps]
     a, xs = quantize_activation_once(x, x2 if x2.stride(-1) == 1 else x2.contiguous(), activation_layout(1, activation_format))
-    _gemv_fp8(a, xs, list(zip(preps, biases, outs)), GEMV_USE_ASM and inline_ptx_ok(x.device))
+    _gemv_fp8(a, xs, list(zip(preps, biases, outs)), GEMV_USE_ASM and nvidia_compiled(x.device))
     return [y.reshape(*x.shape[:-1], p.n) for y, p in zip(outs, preps)]
 
 
@@ -657,12 +656,12 @@ def w4_matmul(
         layout = activation_layout(m, activation_format) or ("halves_fp16" if x2.dtype == torch.float16 else "halves_bf16")
         a, xs = quantize_activation_once(x, x2, layout)
         w4_mma_matmul(a, xs if a_fp8 else None, prep.words, scales, aux, bias, y, prep.group, is_bitmod,
-                      GEMV_USE_ASM and inline_ptx_ok(x.device))
+                      GEMV_USE_ASM and nvidia_compiled(x.device))
         return y.reshape(*lead, n)
     if m == 1:  # decode GEMV: fixed launch parameters, no autotuner
         if a_fp8:
             a, xs = quantize_activation_once(x, x2, activation_layout(m, activation_format))
-            _gemv_fp8(a, xs, [(prep, bias, y)], GEMV_USE_ASM and inline_ptx_ok(x.device))
+            _gemv_fp8(a, xs, [(prep, bias, y)], GEMV_USE_ASM and nvidia_compiled(x.device))
         else:
             a = x2 if x2.dtype != torch.float32 else x2.to(torch.bfloat16)
             block_n, block_k, warps, stages = GEMV_A16_CONFIG

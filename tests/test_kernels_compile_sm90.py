@@ -262,12 +262,12 @@ def test_gpu_only_paths_are_chosen_per_device(monkeypatch):
     from p3quant.kernels import common
 
     cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
-    assert not common.inline_ptx_ok(cpu) and not common.native_e4m3(cpu)
-    assert not common.inline_ptx_ok(cuda)  # the test session runs the interpreter
+    assert not common.nvidia_compiled(cpu) and not common.native_e4m3(cpu)
+    assert not common.nvidia_compiled(cuda)  # the test session runs the interpreter
     monkeypatch.setattr(common, "interpreting", lambda: False)
     for capability, native in (((8, 0), False), ((8, 9), True), ((9, 0), True)):
         monkeypatch.setattr(common, "device_capability", lambda index, c=capability: c)
-        assert common.inline_ptx_ok(cuda) and common.native_e4m3(cuda) == native and not common.native_e4m3(cpu)
+        assert common.nvidia_compiled(cuda) and common.native_e4m3(cuda) == native and not common.native_e4m3(cpu)
         assert common.fp8_dot_supported(cuda) == native
     monkeypatch.setattr(torch.version, "hip", "6.2")
-    assert not common.inline_ptx_ok(cuda) and not common.native_e4m3(cuda) and not common.fp8_dot_supported(cuda)
+    assert not common.nvidia_compiled(cuda) and not common.native_e4m3(cuda) and not common.fp8_dot_supported(cuda)
