@@ -137,7 +137,8 @@ def run(quick: bool = False) -> tuple[str, list[dict]]:
 
 def sweep_launch(batches=(1, 4), context: int = 32768) -> str:
     """CUDA-graph time of the kernel over (block_t, context splits per (batch, kv-head), warps) at one context
-    length; the last line names the fastest (block_t, warps) at batch 1 with the default split rule."""
+    length; the last line names the fastest (block_t, warps) at the first batch size with the default split rule
+    (decode_attention.PROGRAMS_PER_SM)."""
     import p3quant.kernels.decode_attention as attention
 
     sms = torch.cuda.get_device_properties(0).multi_processor_count
@@ -158,7 +159,7 @@ def sweep_launch(batches=(1, 4), context: int = 32768) -> str:
                         us = graph_rotating_us([lambda c=c: p3_decode_attention(q, c, None, HEAD_DIM**-0.5, block_t=block_t,
                                                                                 num_splits=splits) for c in caches[:16]])
                         rows.append((b, context, warps, block_t, programs_per_sm, splits, us))
-                    if b == 1:
+                    if b == batches[0]:
                         default_rule[(block_t, warps)] = graph_rotating_us(
                             [lambda c=c: p3_decode_attention(q, c, None, HEAD_DIM**-0.5, block_t=block_t) for c in caches[:16]])
         finally:
@@ -167,7 +168,7 @@ def sweep_launch(batches=(1, 4), context: int = 32768) -> str:
         torch.cuda.empty_cache()
     best = min(default_rule, key=default_rule.get)
     return (table(["batch", "context", "warps", "block_t", "programs / SM", "splits", "P3 graph us"], rows)
-            + "\nbatch 1, default splits: " + ", ".join(f"{k}: {v:.1f} us" for k, v in default_rule.items())
+            + f"\nbatch {batches[0]}, default splits: " + ", ".join(f"{k}: {v:.1f} us" for k, v in default_rule.items())
             + f"\nBEST block_t warps: {best[0]} {best[1]}")
 
 
@@ -176,11 +177,13 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--sweep", action="store_true", help="also time block sizes, context-split counts and warps")
     parser.add_argument("--sweep-only", action="store_true", help="the sweep alone")
-    parser.add_argument("--context", type=int, default=32768, help="the sweep's context length")
+    parser.add_argument("--context", type=int, nargs="+", default=[32768], help="the sweep's context lengths")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 4], help="the sweep's batch sizes")
     args = parser.parse_args()
     print(environment())
     if args.sweep or args.sweep_only:
-        print(sweep_launch(context=args.context), flush=True)
+        for context in args.context:
+            print(sweep_launch(tuple(args.batches), context), flush=True)
     if not args.sweep_only:
         print(run(args.quick)[0])
 

@@ -196,6 +196,8 @@ def main() -> None:
     parser.add_argument("--labels", nargs="+", choices=LABELS, default=list(LABELS), help="which rows to run")
     parser.add_argument("--rounds", type=int, default=1, help="run the labels this many times in turn")
     parser.add_argument("--gemv-config", help="the M = 1 GEMV's BLOCK_N,BLOCK_K,warps,stages instead of its default")
+    parser.add_argument("--attention-launch", help="the decode attention's BLOCK_T,warps,programs per SM instead of its "
+                                                   "defaults")
     args = parser.parse_args()
     print(environment())
     if args.gemv_config:
@@ -203,6 +205,13 @@ def main() -> None:
 
         gemm_w4.GEMV_OVERRIDE = tuple(int(v) for v in args.gemv_config.split(","))
         print(f"GEMV config {gemm_w4.GEMV_OVERRIDE}")
+    if args.attention_launch:
+        from p3quant.kernels import decode_attention
+
+        block_t, warps, per_sm = (int(v) for v in args.attention_launch.split(","))
+        decode_attention.BLOCK_T = decode_attention.LONG_BLOCK_T = block_t
+        decode_attention.NUM_WARPS, decode_attention.PROGRAMS_PER_SM = warps, per_sm
+        print(f"decode attention BLOCK_T {block_t}, {warps} warps, {per_sm} programs per SM")
     print(run(args.layers, args.context, args.new_tokens, tuple(args.batches), args.profile, tuple(args.labels),
               args.rounds))
 

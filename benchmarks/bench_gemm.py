@@ -10,14 +10,19 @@ the table.
 At M >= DEQUANT_MIN_M the "dequant" column times the fp16 copy of the weight and the "FP8 block-scaled" column
 the FP8 values with cuBLAS's 1x128 block scales (the default with groups of 128 on Hopper).
 
-Run: python benchmarks/bench_gemm.py [--quick] [--gemlite [--gemlite-autotune fast|default|max]] [--ms M ...]
-[--shapes NAME ...] [--skip-fused]. Prints each row as it is measured (so that a run cut short still reports), then
-the markdown table.
+Eager timing (the default) includes each call's host time, which dominates small M on a slow host CPU; --graph
+times every column by CUDA-graph replay instead (GPU time alone, the figure that a captured decode step sees), and a
+column whose calls cannot be captured reads nan, with the reason under the table.
+
+Run: python benchmarks/bench_gemm.py [--quick] [--graph] [--gemlite [--gemlite-autotune fast|default|max]]
+[--ms M ...] [--shapes NAME ...] [--skip-fused]. Prints each row as it is measured (so that a run cut short still
+reports), then the markdown table.
 """
 
 from __future__ import annotations
 
 import argparse
+from typing import Callable, Sequence
 
 import torch
 
@@ -29,9 +34,11 @@ from p3quant.kernels import act_quant  # noqa: E402
 act_quant.ACTIVATION_REUSE = False  # each call times one linear layer, its own activation quantization included
 
 try:
-    from ._common import GEMM_SHAPES, bench_rotating, bitmod_weight_copies, copies_for, copy_bandwidth_tbs, environment, table
+    from ._common import (GEMM_SHAPES, bench_rotating, bitmod_weight_copies, copies_for, copy_bandwidth_tbs, environment,
+                          graph_rotating_us, table)
 except ImportError:
-    from _common import GEMM_SHAPES, bench_rotating, bitmod_weight_copies, copies_for, copy_bandwidth_tbs, environment, table
+    from _common import (GEMM_SHAPES, bench_rotating, bitmod_weight_copies, copies_for, copy_bandwidth_tbs, environment,
+                         graph_rotating_us, table)
 
 SHAPES = GEMM_SHAPES
 MS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 1024, 4096)
@@ -87,17 +94,32 @@ def _forced(path: str, fn):
     return call
 
 
+def _graph_timer(failures: dict[str, str]) -> Callable[[Sequence[Callable[[], object]], str], float]:
+    """A timer of rotated calls by CUDA-graph replay; a column that cannot be captured reads nan and its first
+    error is kept in `failures` (column name -> reason)."""
+    def time_calls(calls: Sequence[Callable[[], object]], column: str) -> float:
+        try:
+            return graph_rotating_us(calls)
+        except Exception as err:  # noqa: BLE001  (a baseline that cannot be captured is reported, not fatal)
+            torch.cuda.synchronize()
+            failures.setdefault(column, f"{type(err).__name__}: {str(err)[:160]}")
+            return float("nan")
+    return time_calls
+
+
 def run(quick: bool = False, gemlite: bool = False, ms: tuple[int, ...] | None = None,
-        skip_fused: bool = False, shapes: tuple[str, ...] | None = None) -> tuple[str, list[dict]]:
+        skip_fused: bool = False, shapes: tuple[str, ...] | None = None, graph: bool = False) -> tuple[str, list[dict]]:
     """Benchmark every shape and M (with GemLite's W4A16 / W4A8 layers if `gemlite`); returns the markdown table
     and the raw rows. `ms` replaces the list of M, `shapes` the shapes (names of GEMM_SHAPES); `skip_fused`
-    leaves out the tiled kernel's column."""
+    leaves out the tiled kernel's column; `graph` times CUDA-graph replays instead of eager calls."""
     unknown = set(shapes or ()) - set(SHAPES)
     if unknown:
         raise ValueError(f"bench_gemm: unknown shapes {sorted(unknown)}; choose from {sorted(SHAPES)}")
     copy_bw = copy_bandwidth_tbs()
     rows, raw = [], []
     gemlite_notes = []
+    graph_failures: dict[str, str] = {}
+    timed = _graph_timer(graph_failures) if graph else (lambda calls, column: bench_rotating(calls))
     ms = ms or ((1, 16, 64, 256, 1024, 4096) if quick else MS)
     for name, (n, k) in SHAPES.items():
         if shapes and name not in shapes:
@@ -116,29 +138,29 @@ def run(quick: bool = False, gemlite: bool = False, ms: tuple[int, ...] | None =
                 gemlite_notes.append(f"GemLite {name}: {gl8}")
         for m in ms:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            p3 = bench_rotating([lambda w=w: w4_matmul(x, w, None, "fp8_e4m3") for w in weights])
+            p3 = timed([lambda w=w: w4_matmul(x, w, None, "fp8_e4m3") for w in weights], "P3 W4A8")
             fused = dq = bw = mma = float("nan")
             if 1 < m <= gemm_w4.MMA_MAX_M:
-                mma = bench_rotating([_forced("mma", lambda w=w: w4_matmul(x, w, None, "fp8_e4m3")) for w in weights])
+                mma = timed([_forced("mma", lambda w=w: w4_matmul(x, w, None, "fp8_e4m3")) for w in weights], "small-M")
             if m > 1 and not skip_fused:
-                fused = bench_rotating([_forced("fused", lambda w=w: w4_matmul(x, w, None, "fp8_e4m3")) for w in weights])
+                fused = timed([_forced("fused", lambda w=w: w4_matmul(x, w, None, "fp8_e4m3")) for w in weights], "fused")
             if m > 1:
-                dq = bench_rotating([_forced("dequant", lambda w=w: w4_matmul(x, w, None, "fp8_e4m3")) for w in weights])
-                bw = bench_rotating([_forced("blockwise", lambda w=w: w4_matmul(x, w, None, "fp8_e4m3")) for w in weights])
-            a16 = bench_rotating([lambda w=w: w4_matmul(x, w, None, "none") for w in weights]) if m in (1, 16, 64) or not quick else float("nan")
-            bf16 = bench_rotating([lambda d=d: x @ d.t() for d in dense])
+                dq = timed([_forced("dequant", lambda w=w: w4_matmul(x, w, None, "fp8_e4m3")) for w in weights], "dequant")
+                bw = timed([_forced("blockwise", lambda w=w: w4_matmul(x, w, None, "fp8_e4m3")) for w in weights], "block-scaled")
+            a16 = timed([lambda w=w: w4_matmul(x, w, None, "none") for w in weights], "W4A16") if m in (1, 16, 64) or not quick else float("nan")
+            bf16 = timed([lambda d=d: x @ d.t() for d in dense], "bf16")
             tg = float("nan")
             if tiny is not None:
-                tg = bench_rotating([lambda p=p, s=s: torch.ops.aten._weight_int4pack_mm(x, p, GROUP, s) for p, s in tiny])
+                tg = timed([lambda p=p, s=s: torch.ops.aten._weight_int4pack_mm(x, p, GROUP, s) for p, s in tiny], "tinygemm")
             f8 = float("nan")
             if m % 16 == 0:
                 xa = x.to(torch.float8_e4m3fn)
                 scale_a = torch.ones(m, 1, device="cuda")
-                f8 = bench_rotating([lambda d=d: torch._scaled_mm(xa, d.t(), scale_a, scale_b, out_dtype=torch.bfloat16) for d in fp8w])
+                f8 = timed([lambda d=d: torch._scaled_mm(xa, d.t(), scale_a, scale_b, out_dtype=torch.bfloat16) for d in fp8w], "fp8 scaled_mm")
             g16 = g8 = float("nan")
             if gl16 is not None:
-                g16 = bench_rotating([lambda layer=layer: layer(x) for layer in gl16])
-                g8 = bench_rotating([lambda layer=layer: layer(x) for layer in gl8])
+                g16 = timed([lambda layer=layer: layer(x) for layer in gl16], "GemLite W4A16")
+                g8 = timed([lambda layer=layer: layer(x) for layer in gl8], "GemLite W4A8")
             moved = wbytes + m * k * 4 + m * n * 2
             tbs = moved / p3 / 1e6
             raw.append(dict(shape=name, n=n, k=k, m=m, p3_us=p3, mma_us=mma, fused_us=fused, dequant_us=dq, blockwise_us=bw, a16_us=a16, bf16_us=bf16,
@@ -154,7 +176,9 @@ def run(quick: bool = False, gemlite: bool = False, ms: tuple[int, ...] | None =
         gemlite_notes.insert(0, "GemLite: 4-bit asymmetric, groups of 128, its own autotuning; W4A8 = dynamic per-token FP8 activations")
     summary = [f"measured copy bandwidth: {copy_bw:.2f} TB/s (read + write); W4A8 small-M kernel for M = {gemm_w4.MMA_MIN_M}.."
                f"{gemm_w4.MMA_MAX_M}, from M = {gemm_w4.DEQUANT_MIN_M} the FP8 block-scaled cuBLAS path (groups of 128; "
-               f"refused here: {dict(gemm_w4._blockwise_unsupported) or 'no'}) or else the fp16 dequant path"] + gemlite_notes
+               f"refused here: {dict(gemm_w4._blockwise_unsupported) or 'no'}) or else the fp16 dequant path",
+               "timing: " + ("CUDA-graph replay (GPU time alone)" if graph else "eager calls (host time included)")]
+    summary += gemlite_notes + [f"not capturable in a CUDA graph, {col}: {why}" for col, why in graph_failures.items()]
     for m in ms:
         sel = [r for r in raw if r["m"] == m and r["shape"] != "sq8192"]
         if sel:
@@ -171,6 +195,7 @@ def run(quick: bool = False, gemlite: bool = False, ms: tuple[int, ...] | None =
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--graph", action="store_true", help="time CUDA-graph replays (GPU time alone) instead of eager calls")
     parser.add_argument("--gemlite", action="store_true", help="also time GemLite's W4A16 and W4A8 layers (its autotuning takes minutes)")
     parser.add_argument("--ms", type=int, nargs="+", help="the values of M (default: all, or --quick's six)")
     parser.add_argument("--skip-fused", action="store_true", help="leave out the tiled fused kernel's column (slow at large M)")
@@ -187,7 +212,7 @@ def main() -> None:
 
         gemlite.set_autotune(args.gemlite_autotune)
     text, _ = run(args.quick, args.gemlite, tuple(args.ms) if args.ms else None, args.skip_fused,
-                  tuple(args.shapes) if args.shapes else None)
+                  tuple(args.shapes) if args.shapes else None, args.graph)
     print(text)
 
 

@@ -43,10 +43,15 @@ from .common import (cdiv, decode_halves, FP16_TINY, fp8_token_scale, interpreti
 
 UE4M4_MAX = tl.constexpr(1.9375)
 _BLOCK_R = 16
-# Launch parameters of the scores and P.V passes on a GPU (benchmarks/bench_decode_attention.py --sweep times
-# the alternatives); benchmarks may replace them
+# Launch parameters of the scores and P.V passes on a GPU; benchmarks may replace them. From the H200 sweeps of
+# benchmarks/bench_decode_attention.py (RESULTS.md, eleventh session; batch 1 / 4 / 16, 4K and 32K): about 2
+# programs per SM (context splits per (batch, kv-head)), 4 warps, blocks of BLOCK_T tokens, or LONG_BLOCK_T where
+# the splits hold more than LONG_SPLIT_TOKENS tokens
 BLOCK_T = 128
+LONG_BLOCK_T = 256
+LONG_SPLIT_TOKENS = 512
 NUM_WARPS = 4
+PROGRAMS_PER_SM = 2
 # K/V decoded by inline PTX (common.decode_word16) on NVIDIA GPUs; checks switch it off to compare with the
 # pure-Triton decode
 ATTENTION_USE_ASM = True
@@ -362,6 +367,22 @@ def _check_int4(what: str, name: str, t: Int4Tensor, batch: int, kv_heads: int, 
 
 
 @on_input_device
+def launch_splits(tokens: int, rows: int, sms: int, block_t: int | None = None,
+                  num_splits: int | None = None) -> tuple[int, int, int]:
+    """(block_t, tokens per split, splits) for `tokens` quantized tokens of `rows` (batch, kv-head) pairs on a GPU
+    of `sms` SMs: about PROGRAMS_PER_SM programs per SM, splits of whole blocks; block_t None picks BLOCK_T, or
+    LONG_BLOCK_T where the splits would hold more than LONG_SPLIT_TOKENS tokens."""
+    programs = max(1, PROGRAMS_PER_SM * sms // rows)
+    if block_t is None:
+        block_t = BLOCK_T
+        if tokens > LONG_SPLIT_TOKENS * min(programs if num_splits is None else num_splits, cdiv(tokens, block_t)):
+            block_t = LONG_BLOCK_T
+    blocks = cdiv(tokens, block_t)
+    splits = max(0, min(programs if num_splits is None else num_splits, blocks))
+    chunk = block_t * cdiv(blocks, splits) if splits else block_t
+    return block_t, chunk, cdiv(tokens, chunk) if tokens else 0
+
+
 def p3_decode_attention(
     query: torch.Tensor,
     kv: QuantizedKV,
@@ -435,15 +456,11 @@ def p3_decode_attention(
     if q.stride(-1) != 1:
         q = q.contiguous()
 
-    block_t = block_t or (64 if interpreting() else BLOCK_T)
     group = heads // kv_heads
     gp = max(16, next_power_of_2(group))
-    blocks = cdiv(n_quant, block_t)
-    if num_splits is None:  # ~4 programs per SM (bench_decode_attention.py --sweep, H200)
-        num_splits = min(blocks, max(1, 4 * _num_sms(query.device) // (bsz * kv_heads)))
-    num_splits = max(0, min(num_splits, blocks))
-    chunk = block_t * cdiv(blocks, num_splits) if num_splits else block_t
-    num_splits = cdiv(n_quant, chunk) if n_quant else 0
+    if block_t is None and interpreting():
+        block_t = 64  # fewer, smaller programs in the interpreter
+    block_t, chunk, num_splits = launch_splits(n_quant, bsz * kv_heads, _num_sms(query.device), block_t, num_splits)
     s1 = num_splits + 1
     dev = query.device
     scores = torch.empty((bsz, heads, max(total, 1)), dtype=torch.float32, device=dev)
@@ -513,4 +530,4 @@ def decode_mask(attention_mask: torch.Tensor | None, batch: int, total: int) -> 
     return m.expand(batch, total)
 
 
-__all__ = ["p3_decode_attention", "decode_mask"]
+__all__ = ["p3_decode_attention", "decode_mask", "launch_splits"]

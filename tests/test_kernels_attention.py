@@ -147,6 +147,23 @@ def test_split_heuristic_covers_every_token():
         assert ((out - ref).norm() / ref.norm()).item() < TOL
 
 
+def test_launch_splits_rule():
+    """The GPU launch rule: ~PROGRAMS_PER_SM programs per SM, long splits in LONG_BLOCK_T blocks, every token in
+    exactly one split of whole blocks."""
+    per_sm, long_t = decode_attention.PROGRAMS_PER_SM, decode_attention.LONG_BLOCK_T
+    block, chunk, splits = decode_attention.launch_splits(4096, 8, 132)  # batch 1, 8 kv heads, 4K: short splits
+    assert block == decode_attention.BLOCK_T and splits == min(4096 // block, per_sm * 132 // 8) and chunk == block
+    block, chunk, splits = decode_attention.launch_splits(32768, 8, 132)  # 32K: ~1K tokens per split
+    assert block == long_t and chunk % long_t == 0 and chunk * splits >= 32768 > chunk * (splits - 1)
+    assert decode_attention.launch_splits(300, 8, 132, block_t=32, num_splits=4) == (32, 96, 4)
+    assert decode_attention.launch_splits(0, 8, 132) == (decode_attention.BLOCK_T, decode_attention.BLOCK_T, 0)
+    for tokens in (1, 127, 129, 5000, 100_000):
+        for rows in (1, 8, 128, 4096):
+            block, chunk, splits = decode_attention.launch_splits(tokens, rows, 132)
+            assert chunk % block == 0 and chunk * splits >= tokens > chunk * (splits - 1)
+            assert splits <= max(1, per_sm * 132 // rows)
+
+
 @pytest.mark.parametrize("splits,d,dtype", [(37, 40, torch.float32), (16, 128, torch.bfloat16), (3, 64, torch.float16)])
 def test_split_combine_sums_every_split(splits, d, dtype):
     """_combine_kernel: sums [rows, splits, D] over the splits (several loads of 16 splits when there are many)
