@@ -14,14 +14,15 @@ Eager timing (the default) includes each call's host time, which dominates small
 times every column by CUDA-graph replay instead (GPU time alone, the figure that a captured decode step sees), and a
 column whose calls cannot be captured reads nan, with the reason under the table.
 
-Run: python benchmarks/bench_gemm.py [--quick] [--graph] [--gemlite [--gemlite-autotune fast|default|max]]
-[--ms M ...] [--shapes NAME ...] [--skip-fused]. Prints each row as it is measured (so that a run cut short still
+Run: python benchmarks/bench_gemm.py [--quick] [--graph] [--gemlite [--gemlite-autotune fast|default|max]
+[--gemlite-config NAME]] [--ms M ...] [--shapes NAME ...] [--skip-fused]. Prints each row as it is measured (so that a run cut short still
 reports), then the markdown table.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 from typing import Callable, Sequence
 
 import torch
@@ -203,14 +204,25 @@ def main() -> None:
     parser.add_argument("--gemlite-autotune", choices=["fast", "default", "max"],
                         help="GemLite's autotuning mode (gemlite.set_autotune; its default is 'fast', which took over "
                              "4 minutes for the --quick grid on an H200; 'default' takes its fixed configs)")
+    parser.add_argument("--gemlite-config", help="a GemLite tuned-config file to load first: a path, or the name of one "
+                                                 "GemLite ships (e.g. h100; it loads one by itself only where the GPU's "
+                                                 "name contains the file's)")
     args = parser.parse_args()
-    if args.gemlite_autotune and not args.gemlite:
-        parser.error("--gemlite-autotune needs --gemlite")
+    if (args.gemlite_autotune or args.gemlite_config) and not args.gemlite:
+        parser.error("--gemlite-autotune and --gemlite-config need --gemlite")
     print(environment(), flush=True)
-    if args.gemlite_autotune:
+    if args.gemlite_autotune or args.gemlite_config:
         import gemlite
 
-        gemlite.set_autotune(args.gemlite_autotune)
+        if args.gemlite_autotune:
+            gemlite.set_autotune(args.gemlite_autotune)
+        if args.gemlite_config:
+            path = args.gemlite_config
+            if not os.path.exists(path):
+                path = os.path.join(os.path.dirname(gemlite.__file__), "configs", f"{args.gemlite_config}.json")
+            if not os.path.exists(path) or not gemlite.load_config(path):
+                parser.error(f"--gemlite-config: cannot load {path}")
+            print(f"GemLite configs loaded from {path}", flush=True)
     text, _ = run(args.quick, args.gemlite, tuple(args.ms) if args.ms else None, args.skip_fused,
                   tuple(args.shapes) if args.shapes else None, args.graph)
     print(text)
