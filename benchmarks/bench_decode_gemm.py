@@ -144,7 +144,7 @@ def main() -> None:
             y = torch.empty(1, n, device="cuda", dtype=torch.bfloat16)
 
             def kern(w, a=a, xs=xs, y=y):
-                g._gemv_fp8(a, xs, [(g._prepared(w, "bench"), None, y)], True)
+                g._gemv(a, xs, [(g._prepared(w, "bench"), None, y)], True)
             gk = graph_rotating_us([lambda w=w: kern(w) for w in ws[:16]]) if m == 1 else float("nan")
             # the same two with programmatic dependent launch (a kernel's weight prefetch overlaps its predecessor)
             with common.pdl_mode(True):

@@ -230,6 +230,34 @@ def quantize_activation_fp8(x: torch.Tensor, dtype: torch.dtype = torch.float8_e
     return codes, (scales[0] if scale_blocks == 1 else scales.t())
 
 
+@triton.jit
+def _split_16bit_kernel(x_ptr, q_ptr, K, stride_xm, stride_qm, BLOCK_K: tl.constexpr, PDL: tl.constexpr = False):
+    """One row of W4A16's activations, unquantized, in the decode GEMV's split layout (fp32)."""
+    pdl_begin(PDL)
+    row = tl.program_id(0)
+    offs = tl.arange(0, BLOCK_K)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + offs
+        mask = k < K
+        x = tl.load(x_ptr + row * stride_xm + k, mask=mask, other=0.0).to(tl.float32)
+        store_codes(q_ptr + row * stride_qm, x, k0, k, mask, K, 1, BLOCK_K)  # LAYOUT 1: _SPLIT
+
+
+SPLIT_16BIT_BLOCK = 4096  # features per step of _split_16bit_kernel (a decode row in one or a few steps)
+
+
+@on_input_device
+def split_16bit(x: torch.Tensor, out: torch.Tensor, scales: torch.Tensor) -> None:
+    """W4A16's activations (no quantization) in the decode GEMV's split layout: x [M, K] (16-bit, K % 8 == 0, unit
+    stride) -> out fp32 [M, K + K // 8], x[k] at (k % 8) * (K // 8) + k // 8 (exact), then each word's sum of its 8
+    values (fp32) at K + w. `scales` is unused (the quantizers' signature). No checks: callers validate."""
+    m, k = x.shape
+    if m:
+        block = min(SPLIT_16BIT_BLOCK, next_power_of_2(k))
+        _split_16bit_kernel[(m,)](x, out, k, x.stride(0), out.stride(0), BLOCK_K=block,
+                                  num_warps=4 if block <= 1024 else 16, **pdl_launch(x))
+
+
 def halves_16bit(x: torch.Tensor, out: torch.Tensor, scales: torch.Tensor) -> None:
     """W4A16's activations (no quantization) in the small-M kernel's half-plane order; out's dtype (bf16 or
     fp16) rounds fp32 inputs. `scales` is unused (the quantizers' signature)."""
@@ -237,7 +265,7 @@ def halves_16bit(x: torch.Tensor, out: torch.Tensor, scales: torch.Tensor) -> No
     out.view(m, 2, k // 8, 4).copy_(x.view(m, k // 8, 2, 4).transpose(1, 2))
 
 
-_QUANTIZERS = {"split": (quantize_activation_fp8_split, torch.float32),
+_QUANTIZERS = {"split": (quantize_activation_fp8_split, torch.float32), "split_16bit": (split_16bit, torch.float32),
                "halves": (quantize_activation_fp8_halves, torch.float16),
                "halves_bf16": (halves_16bit, torch.bfloat16), "halves_fp16": (halves_16bit, torch.float16)}
 # The previous decode-sized input and its quantized form, (source, key, (codes, scales)): one tuple replaced in a
@@ -285,8 +313,8 @@ def remember_quantized(source: torch.Tensor, layout: str, codes: torch.Tensor, s
 
 def quantize_activation_once(source: torch.Tensor, x: torch.Tensor, layout: str) -> tuple[torch.Tensor, torch.Tensor]:
     """FP8 codes and token scales of x (= `source` viewed as [M, K]) in `layout` ("split" for the GEMV, "halves"
-    for the small-M kernel; "halves_bf16" / "halves_fp16": W4A16's unquantized activations in that order, scales
-    unused), reusing the previous call's result when it quantized the same tensor unchanged.
+    for the small-M kernel; "split_16bit", "halves_bf16" / "halves_fp16": W4A16's unquantized activations in those
+    orders, scales unused), reusing the previous call's result when it quantized the same tensor unchanged.
 
     The q/k/v projections (and gate/up) of a decoder layer receive one hidden-state tensor; quantizing it once
     instead of three (two) times removes launches from every decode step. A hit needs the same tensor object,
@@ -300,7 +328,7 @@ def quantize_activation_once(source: torch.Tensor, x: torch.Tensor, layout: str)
         return entry[2]
     quantize, dtype = _QUANTIZERS[layout]
     m, k = x.shape
-    codes = torch.empty((m, codes_width(LAYOUT_CODES.get(layout, _PLAIN), k)), dtype=dtype, device=x.device)
+    codes = torch.empty((m, codes_width(_SPLIT if layout.startswith("split") else _PLAIN, k)), dtype=dtype, device=x.device)
     scales = torch.empty((x.shape[0],), dtype=torch.float32, device=x.device)
     quantize(x, codes, scales)
     _last = (source, key, (codes, scales)) if key is not None else None

@@ -6,9 +6,10 @@ that group, once per output and group, never per element. Activations are 16-bit
 with a per-token scale (W4A8, see act_quant.py); the token scale is applied once per output.
 
 - M == 1 (decode GEMV): CUDA-core reduction; one program per BLOCK_N outputs walks the whole K, so bias and
-  the output cast are fused. W4A8 decodes each weight straight to a biased fp32 value with byte permutations in
-  inline PTX on the GPU (_w4_gemv_kernel; a pure-Triton decode under the interpreter); W4A16 runs
-  _w4_gemv_a16_kernel. w4_matmul_shared_input runs up to three W4A8 weights fed one input (q/k/v, gate/up) as one
+  the output cast are fused. _w4_gemv_kernel decodes each weight straight to a biased fp32 value with byte
+  permutations in inline PTX on the GPU (a pure-Triton decode under the interpreter), against activations in a
+  split layout: W4A8's FP8 codes from the activation quantization, W4A16's 16-bit values rearranged by
+  act_quant.split_16bit. w4_matmul_shared_input runs up to three weights fed one input (q/k/v, gate/up) as one
   GEMV launch.
 - MMA_MIN_M <= M <= MMA_MAX_M (2..64): the tensor-core small-M kernel (w4_mma.py, weights as the left MMA
   operand; W4A8 in fp16, W4A16 in the activations' 16-bit type; exact products).
@@ -142,7 +143,7 @@ def _w4_gemv_kernel(
     KW: tl.constexpr, SEGMENTS: tl.constexpr,
     GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     IS_BITMOD: tl.constexpr, HAS_BIAS: tl.constexpr, USE_ASM: tl.constexpr, EVEN_K: tl.constexpr,
-    PDL: tl.constexpr = False,
+    ROW_SCALE: tl.constexpr = True, PDL: tl.constexpr = False,
 ):
     """Decode GEMV over int32 words of 8 codes (code i of word j = element 8j + i; stride_wn in words).
 
@@ -155,18 +156,21 @@ def _w4_gemv_kernel(
     once per (row, group) and broadcast in registers; the activations of a tile are loaded once per program and
     reused for all its rows. Groups lead the tile so that Triton 3.6 gives the weight loads the layout the
     arithmetic uses (rows first, it staged every prefetched word through shared memory to change layouts).
-    W4A8 only: x holds the FP8 code values as fp32, de-interleaved by k % 8 (act_quant.quantize_activation_fp8_split),
-    so the 8 activation vectors are contiguous 16-byte loads, and a ninth plane with each word's activation sum; xs
-    is the token scale. (W4A16 runs _w4_gemv_a16_kernel.)
+    x holds the activations as fp32, de-interleaved by k % 8, so the 8 activation vectors are contiguous 16-byte
+    loads, and a ninth plane with each word's activation sum: W4A8's FP8 code values
+    (act_quant.quantize_activation_fp8_split) with xs the token scale (ROW_SCALE), or W4A16's 16-bit values
+    (act_quant.split_16bit; ROW_SCALE false, xs unused).
 
     Each weight is decoded to the fp32 value f = 40 + v / 2 (v: BitMoD grid x 2 or INT4 code - zp; USE_ASM on
     the GPU by _ASM_BIASED_DOT's two byte permutations, no conversion instruction; the pure-Triton decode under
     the interpreter, where inline asm does not run). Per word, the sum starts at -40 x (x: the word's 8 activations
     summed, exact in fp32, from the activations' ninth plane) and adds the 8 exact products f * a, so it is
     sum(f * a) - 40 sum(a) = sum(v * a) / 2; it is then scaled once by the group scale (x 2 for INT4, whose v is
-    not doubled). Accumulation is fp32 throughout. Every term is a multiple of the word's finest product unit
-    (half the smallest activation's E4M3 quantum), so the word's running sum is exact unless its 8 activations
-    differ in magnitude by more than ~2**10 (an unbiased sum: ~2**13); beyond that fp32 rounds it.
+    not doubled). Accumulation is fp32 throughout. Every product is exact (f has 7 significant bits, an E4M3 code 4,
+    a bf16 value 8, an fp16 one 11) and a multiple of the word's finest product unit (half the smallest
+    activation's quantum), so an FP8 word's running sum is exact unless its 8 activations differ in magnitude by more
+    than ~2**10 (an unbiased sum: ~2**13), a bf16 word's unless by more than ~2**6; beyond that fp32 rounds it, as it
+    rounds a word's activation sum (exact for FP8 codes).
     The activation rows fit the tile so that a thread holds all BLOCK_N rows of its words: each activation
     vector is loaded once per thread and reused for every row (block sizes: _gemv_config). The GPU and the
     interpreter paths decode and multiply-add each word in the same order; the sums across words and groups
@@ -234,65 +238,7 @@ def _w4_gemv_kernel(
     out = tl.sum(tl.sum(acc, axis=2), axis=0)
     if not IS_BITMOD:
         out = out * 2.0
-    _gemv_epilogue(out, xs_ptr, b_ptr, y_ptr, m, stride_ym, offs_n, n_mask, True, HAS_BIAS)
-
-
-@triton.jit
-def _w4_gemv_a16_kernel(
-    x_ptr, xs_ptr, w_ptr, s_ptr, aux_ptr, b_ptr, y_ptr,
-    N, K, stride_xm, stride_wn, stride_sn, stride_an, stride_ym,
-    GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    IS_BITMOD: tl.constexpr, A_FP8: tl.constexpr, HAS_BIAS: tl.constexpr,
-):
-    """W4A16 decode GEMV (the previous GEMV, kept for 16-bit activations: its strided 16-bit activation loads
-    measured faster there than the tiled kernel below, whose activation reuse needs the de-interleaved layout).
-    Decode GEMV over int32 words of 8 codes (code i of word j = element 8j + i; stride_wn in words).
-
-    A_FP8: x holds the FP8 code values as fp32, de-interleaved by k % 8 (act_quant.quantize_activation_fp8_split),
-    so the 8 activation vectors of a word tile are contiguous loads. Otherwise x is the 16-bit row (strided loads).
-    BitMoD: fp16 bits ((c & 7) << 9) | ((c & 8) << 12) are the E2M1 value x 2**-14 (0.5 is the fp16 subnormal
-    2**-15), exact; code 8 (-0) is replaced by the group's special value x 2**-14. INT4: bitcast(0x4B000000 | c)
-    - (2**23 + zp) = c - zp, exact. Per word, 8 products are summed, then scaled once by the group scale.
-    """
-    BKW: tl.constexpr = BLOCK_K // 8
-    GW: tl.constexpr = GROUP // 8
-    pid_n = tl.program_id(0)
-    m = tl.program_id(1)
-    offs_n, n_mask, rows = clamped_rows(pid_n, BLOCK_N, N)
-    kw = K // 8
-    offs_w = tl.arange(0, BKW)
-    acc = tl.zeros([BLOCK_N, BKW], tl.float32)
-    x_row = x_ptr + m * stride_xm
-    for w0 in range(0, kw, BKW):
-        wi = w0 + offs_w
-        k_mask = wi < kw
-        words = tl.load(w_ptr + rows[:, None] * stride_wn + wi[None, :], mask=k_mask[None, :], other=0)
-        gi = wi // GW
-        scale = tl.load(s_ptr + rows[:, None] * stride_sn + gi[None, :], mask=k_mask[None, :], other=0.0).to(tl.float32)
-        aux = tl.load(aux_ptr + rows[:, None] * stride_an + gi[None, :], mask=k_mask[None, :], other=0).to(tl.int32)
-        if IS_BITMOD:
-            special = bitmod_special2(aux).to(tl.float32) * 3.0517578125e-05  # x2 -> x 2**-14
-        else:
-            zmag = aux.to(tl.float32) + 8388608.0
-        part = tl.zeros([BLOCK_N, BKW], tl.float32)
-        for i in tl.static_range(8):
-            if A_FP8:
-                xi = tl.load(x_row + i * kw + wi, mask=k_mask, other=0.0)
-            else:
-                xi = tl.load(x_row + wi * 8 + i, mask=k_mask, other=0.0).to(tl.float32)
-            c = (words >> (4 * i)) & 15
-            if IS_BITMOD:
-                bits = ((c & 7) << 9) | ((c & 8) << 12)
-                v = bits.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-                v = tl.where(c == 8, special, v)
-            else:
-                v = (c | 0x4B000000).to(tl.float32, bitcast=True) - zmag
-            part += v * xi[None, :]
-        acc += part * scale
-    out = tl.sum(acc, axis=1)
-    if IS_BITMOD:
-        out = out * 16384.0
-    _gemv_epilogue(out, xs_ptr, b_ptr, y_ptr, m, stride_ym, offs_n, n_mask, A_FP8, HAS_BIAS)
+    _gemv_epilogue(out, xs_ptr, b_ptr, y_ptr, m, stride_ym, offs_n, n_mask, ROW_SCALE, HAS_BIAS)
 
 
 @triton.jit
@@ -384,7 +330,6 @@ MMA_MAX_M = 64
 # W4A8 with at least this many rows: the weight converted once (to FP8 for the block-scaled path, else to fp16)
 # and cuBLAS multiplies (prefill); benchmarks/bench_gemm.py measures the paths around it.
 DEQUANT_MIN_M = 256
-GEMV_A16_CONFIG = (8, 1024, 4, 3)  # W4A16 GEMV (the previous kernel and its sweep's best)
 _MM_CONFIGS = {
     "small": [  # M <= 16: weight-streaming, many programs
         _cfg(4, 4, BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, GROUP_M=1), _cfg(4, 4, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1),
@@ -471,6 +416,16 @@ def activation_layout(m: int, activation_format: str) -> str | None:
     if activation_format != "fp8_e4m3":
         return None
     return "halves" if MMA_MIN_M <= m <= MMA_MAX_M else "split" if m == 1 else None  # w4_matmul's order
+
+
+def _gemv_input(x: torch.Tensor, x2: torch.Tensor, activation_format: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The decode GEMV's activations of x (= x2 viewed as [1, K]) in its split layout, and the token scale (W4A8;
+    None for W4A16, whose fp32 activations are rounded to bf16 first, as everywhere in w4_matmul)."""
+    if activation_format == "fp8_e4m3":
+        return quantize_activation_once(x, x2, "split")
+    if x2.dtype == torch.float32:
+        x = x2 = x2.to(torch.bfloat16)
+    return quantize_activation_once(x, x2, "split_16bit")[0], None
 
 
 def _dequant_matmul(x: torch.Tensor, weight: BitMoDTensor | Int4Tensor, bias: torch.Tensor | None, y: torch.Tensor) -> None:
@@ -564,10 +519,10 @@ def _checked(what: str, x: torch.Tensor, weight: BitMoDTensor | Int4Tensor, bias
     return prep
 
 
-def _gemv_fp8(a: torch.Tensor, xs: torch.Tensor, parts: list[tuple[_Prepared, torch.Tensor | None, torch.Tensor]],
-              use_asm: bool) -> None:
-    """One W4A8 GEMV launch over 1 to 3 weights of one K, format and layout (`parts`: weight, bias, output [1, N]),
-    with a's split FP8 codes and token scale xs."""
+def _gemv(a: torch.Tensor, xs: torch.Tensor | None, parts: list[tuple[_Prepared, torch.Tensor | None, torch.Tensor]],
+          use_asm: bool) -> None:
+    """One GEMV launch over 1 to 3 weights of one K, format and layout (`parts`: weight, bias, output [1, N]), with
+    a's split activations (_gemv_input) and token scale xs (None: W4A16)."""
     first = parts[0][0]
     block_n, block_k, warps, stages = _gemv_config()
     block_k = max(block_k, first.group)
@@ -581,10 +536,10 @@ def _gemv_fp8(a: torch.Tensor, xs: torch.Tensor, parts: list[tuple[_Prepared, to
         for prep, _, _ in parts:
             prep.words_fresh = False
     _w4_gemv_kernel[grid](
-        a, xs, *segments[:6], first.k, a.stride(0), first.words.stride(0), first.scales.stride(0), first.aux.stride(0),
+        a, xs if xs is not None else a, *segments[:6], first.k, a.stride(0), first.words.stride(0), first.scales.stride(0), first.aux.stride(0),
         parts[0][2].stride(0), *segments[6:], KW=first.k // 8, SEGMENTS=len(parts), GROUP=first.group, BLOCK_N=block_n,
         BLOCK_K=block_k, IS_BITMOD=first.is_bitmod, HAS_BIAS=parts[0][1] is not None, USE_ASM=use_asm,
-        EVEN_K=first.k % block_k == 0, num_warps=warps, num_stages=stages, **pdl)
+        EVEN_K=first.k % block_k == 0, ROW_SCALE=xs is not None, num_warps=warps, num_stages=stages, **pdl)
 
 
 @on_input_device
@@ -594,8 +549,8 @@ def w4_matmul_shared_input(
 ) -> list[torch.Tensor]:
     """[w4_matmul(x, W_i, b_i) for each i]: the projections of one input (q/k/v, gate/up), equal to separate calls.
 
-    At M = 1 with FP8 activations, up to three weights of one K, format, group and layout (all with a bias or none)
-    run as one GEMV launch: the activations are read and the grid's tail is paid once instead of per weight.
+    At M = 1, up to three weights of one K, format, group and layout (all with a bias or none) run as one GEMV
+    launch: the activations are read and the grid's tail is paid once instead of per weight.
     """
     biases = list(biases) if biases is not None else [None] * len(weights)
     if len(biases) != len(weights):
@@ -603,7 +558,7 @@ def w4_matmul_shared_input(
     preps = [_checked("w4_matmul_shared_input", x, w, b, activation_format) for w, b in zip(weights, biases)]
     k = x.shape[-1]
     first = preps[0] if preps else None
-    fused = (2 <= len(preps) <= 3 and x.numel() == k and activation_format == "fp8_e4m3"
+    fused = (2 <= len(preps) <= 3 and x.numel() == k
              and all(p.is_bitmod == first.is_bitmod and p.group == first.group and p.words.stride(0) == first.words.stride(0)
                      and p.scales.stride(0) == first.scales.stride(0) and p.aux.stride(0) == first.aux.stride(0)
                      and p.scales.dtype == first.scales.dtype and p.aux.dtype == first.aux.dtype for p in preps)
@@ -612,8 +567,8 @@ def w4_matmul_shared_input(
         return [w4_matmul(x, w, b, activation_format) for w, b in zip(weights, biases)]
     x2 = x.reshape(1, k)
     outs = [torch.empty((1, p.n), dtype=x.dtype, device=x.device) for p in preps]
-    a, xs = quantize_activation_once(x, x2 if x2.stride(-1) == 1 else x2.contiguous(), activation_layout(1, activation_format))
-    _gemv_fp8(a, xs, list(zip(preps, biases, outs)), GEMV_USE_ASM and nvidia_compiled(x.device))
+    a, xs = _gemv_input(x, x2 if x2.stride(-1) == 1 else x2.contiguous(), activation_format)
+    _gemv(a, xs, list(zip(preps, biases, outs)), GEMV_USE_ASM and nvidia_compiled(x.device))
     return [y.reshape(*x.shape[:-1], p.n) for y, p in zip(outs, preps)]
 
 
@@ -659,17 +614,8 @@ def w4_matmul(
                       GEMV_USE_ASM and nvidia_compiled(x.device))
         return y.reshape(*lead, n)
     if m == 1:  # decode GEMV: fixed launch parameters, no autotuner
-        if a_fp8:
-            a, xs = quantize_activation_once(x, x2, activation_layout(m, activation_format))
-            _gemv_fp8(a, xs, [(prep, bias, y)], GEMV_USE_ASM and nvidia_compiled(x.device))
-        else:
-            a = x2 if x2.dtype != torch.float32 else x2.to(torch.bfloat16)
-            block_n, block_k, warps, stages = GEMV_A16_CONFIG
-            _w4_gemv_a16_kernel[(cdiv(n, block_n), 1)](
-                a, scales, prep.words, scales, aux, bias_arg, y,
-                n, k, a.stride(0), prep.words.stride(0), scales.stride(0), aux.stride(0), y.stride(0),
-                GROUP=prep.group, BLOCK_N=block_n, BLOCK_K=block_k, IS_BITMOD=is_bitmod, A_FP8=False,
-                HAS_BIAS=bias is not None, num_warps=warps, num_stages=stages)
+        a, xs = _gemv_input(x, x2, activation_format)
+        _gemv(a, xs, [(prep, bias, y)], GEMV_USE_ASM and nvidia_compiled(x.device))
         return y.reshape(*lead, n)
     if a_fp8 and m >= DEQUANT_MIN_M:
         _dequant_matmul(x2, weight, bias, y)

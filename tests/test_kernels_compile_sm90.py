@@ -54,12 +54,17 @@ out["epilogue"] = compile_ptx(w4_mma._rows_epilogue_kernel, ["*fp32", "*fp32", "
 # one weight (with and without programmatic dependent launch); q/k/v-style segments (the segment choice reassigns
 # pointers at run time)
 gemv_n, gemv_k, gemv_warps, gemv_stages = gemm_w4._gemv_config()  # the shipped launch configuration
-for name, segments, pdl in (("gemv_1", 1, True), ("gemv_3", 3, True), ("gemv_1_no_pdl", 1, False)):
+# W4A16 (no token scale) with its activations' split-layout kernel
+for name, segments, pdl, row_scale in (("gemv_1", 1, True, True), ("gemv_3", 3, True, True), ("gemv_1_no_pdl", 1, False, True),
+                                       ("gemv_a16", 3, True, False)):
     out[name] = compile_ptx(
         gemm_w4._w4_gemv_kernel, gemm_w4.GEMV_ARG_TYPES,
         dict(KW=512, SEGMENTS=segments, GROUP=128, BLOCK_N=gemv_n, BLOCK_K=gemv_k, IS_BITMOD=True, HAS_BIAS=segments > 1,
-             USE_ASM=True, EVEN_K=True, PDL=pdl), divisible=("K", "stride_xm", "stride_wn"), num_warps=gemv_warps,
-        num_stages=gemv_stages)
+             USE_ASM=True, EVEN_K=True, ROW_SCALE=row_scale, PDL=pdl), divisible=("K", "stride_xm", "stride_wn"),
+        num_warps=gemv_warps, num_stages=gemv_stages)
+out["split_16bit"] = compile_ptx(act_quant._split_16bit_kernel, ["*bf16", "*fp32", "i32", "i32", "i32"],
+                                 dict(BLOCK_K=act_quant.SPLIT_16BIT_BLOCK, PDL=True), divisible=("K", "stride_xm", "stride_qm"),
+                                 num_warps=16)
 # name, codes type, BLOCK_K, layout (in order, split, half-planes), one pass, scale copies, native E4M3 + PDL, arch, warps;
 # sm_80 (no E4M3 conversions) takes the arithmetic rounding: the same kernel builds there
 for name, q_type, block, layout, one_pass, copies, sm90, arch, warps in (
@@ -106,18 +111,14 @@ out["kv_at"] = compile_ptx(kv_append._int4_kv_at_kernel, ["*bf16", "*fp32", "*u8
 out["rmsnorm"] = compile_ptx(rmsnorm._rmsnorm_kernel, ["*bf16"] * 3 + ["*fp32", "*fp32", "i32", "fp32", "i32", "i32", "i32"],
                              dict(BLOCK_K=4096, LAYOUT=1, NATIVE_E4M3=True, PDL=True),
                              divisible=("K", "stride_xm", "stride_ym", "stride_qm"), num_warps=16)
-# the tiled kernel (M = 65..255) with FP8 x FP8 tensor cores, and in bf16 (W4A16); the W4A16 GEMV; the prefill's
-# KV-cache quantization
+# the tiled kernel (M = 65..255) with FP8 x FP8 tensor cores, and in bf16 (W4A16); the prefill's KV-cache
+# quantization
 mm_types = ["*fp16", "*fp32", "*u8", "*fp16", "*u8", "*bf16", "*bf16"] + ["i32"] * 9
 for name, x_type, a_fp8 in (("mm_fp8", "*fp8e4nv", True), ("mm_bf16", "*bf16", False)):
     out[name] = compile_ptx(gemm_w4._w4_mm_kernel, [x_type] + mm_types[1:],
                             dict(GROUP=128, BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, GROUP_M=8, IS_BITMOD=True, A_FP8=a_fp8,
                                  FP8_DOT=a_fp8, HAS_BIAS=True, NATIVE_BF16=True),
                             divisible=("K", "stride_xm", "stride_wn", "stride_ym"), num_warps=4, num_stages=3)
-a16_n, a16_k, a16_warps, a16_stages = gemm_w4.GEMV_A16_CONFIG
-out["gemv_a16"] = compile_ptx(gemm_w4._w4_gemv_a16_kernel, ["*bf16", "*fp16", "*i32", "*fp16", "*u8", "*bf16", "*bf16"] + ["i32"] * 7,
-                              dict(GROUP=128, BLOCK_N=a16_n, BLOCK_K=a16_k, IS_BITMOD=True, A_FP8=False, HAS_BIAS=True),
-                              divisible=("K", "stride_xm", "stride_wn"), num_warps=a16_warps, num_stages=a16_stages)
 out["int4_rows"] = compile_ptx(kv_append._int4_rows_kernel, ["*bf16", "*fp32", "*u8", "*fp16", "*u8"] + ["i32"] * 16,
                                dict(HALF_D=64, DH=64, BLOCK_T=16, HAS_DIV=True), num_warps=4)
 # An A100 (sm_80: no FP8 conversions or MMAs, no wgmma, no programmatic dependent launch) takes the same kernels
@@ -199,8 +200,8 @@ def test_gpu_kernels_compile_for_hopper_with_their_inline_ptx():
         assert ".target sm_80" in ptx[name] and "griddepcontrol" not in ptx[name] and "wgmma" not in ptx[name], name
     assert "0f4B400000" not in ptx["silu_mul"] and "cvt.rn.bf16" in ptx["silu_mul"]
     assert "e4m3" in ptx["mm_fp8"] and "mma" in ptx["mm_fp8"] and "mma" in ptx["mm_bf16"]  # FP8 / bf16 tensor cores
-    assert "st.global" in ptx["gemv_a16"] and "st.global" in ptx["int4_rows"]
-    for gemv in ("gemv_1", "gemv_3"):
+    assert "st.global" in ptx["int4_rows"] and "st.global" in ptx["split_16bit"]
+    for gemv in ("gemv_1", "gemv_3", "gemv_a16"):
         assert "0x7354" in ptx[gemv] and "fma.rn.f32 s, f," in ptx[gemv]  # the M = 1 GEMV's decode + FMAs in PTX
     assert "st.global" in ptx["argmax_chunks"] and "st.global" in ptx["argmax_pick"]
     assert "mma" in ptx["scores"] and "mma" in ptx["pv"]  # q.k and P.V on tensor cores
@@ -222,7 +223,7 @@ def test_decode_kernels_wait_for_the_previous_kernel_before_touching_its_data():
     predecessor before any global load or store; only the GEMV's first weight tiles and the norm's weight (which no
     kernel writes) are read before the wait."""
     ptx = _compile_all()
-    no_pdl = ("dequant", "weight_values", "mm_", "gemv_a16", "int4_rows")  # kernels launched without it
+    no_pdl = ("dequant", "weight_values", "mm_", "int4_rows")  # kernels launched without it
     pdl = [name for name in ptx if name != "gemv_1_no_pdl" and not name.startswith(no_pdl)
            and not name.endswith("_sm80")]  # sm_80 has no programmatic dependent launch
     for name in pdl:

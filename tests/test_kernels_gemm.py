@@ -71,6 +71,35 @@ def test_w4_matmul_matches_exact_quantized_product(monkeypatch, m, n, k, group, 
     assert _rel(y16, TorchBackend().linear(x, weight, bias, afmt)) < BF16_TOL
 
 
+def test_split_16bit_layout_holds_the_values_and_word_sums():
+    """W4A16's GEMV input: the 16-bit values unchanged (fp32), de-interleaved by k % 8, then each word's sum."""
+    from p3quant.kernels.act_quant import split_16bit
+
+    m, k = 3, 8200  # over one 4096-wide step, K % 4096 != 0
+    x = (torch.randn(m, k) * torch.rand(m, 1) * 10).to(torch.float16)
+    out = torch.full((m, k + k // 8), float("nan"))
+    split_16bit(x, out, torch.empty(m))
+    words = x.float().view(m, k // 8, 8)
+    assert torch.equal(out[:, :k], words.transpose(1, 2).reshape(m, k))
+    assert torch.allclose(out[:, k:], words.double().sum(-1).float(), rtol=2.0**-22, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_w4a16_gemv_input_dtypes(dtype):
+    """W4A16 at M = 1 through the split-layout GEMV: fp16 activations as they are, fp32 ones rounded to bf16 first
+    (w4_matmul's W4A16 rule), against float64 of the same operands; q/k/v-style siblings in one launch equal
+    separate calls bit for bit."""
+    gen = torch.Generator().manual_seed(77)
+    x = (torch.randn(1, 256, generator=gen) * 3).to(dtype)
+    weights = [_weight(fmt, n, 256, 64, gen) for fmt, n in (("bitmod", 40), ("bitmod", 24), ("bitmod", 8))]
+    xr = (x.to(torch.bfloat16) if dtype == torch.float32 else x).double()
+    y = w4_matmul(x, weights[0], None, "none")
+    assert y.dtype == dtype and _rel(y, xr @ weights[0].dequantize().double().t()) < (
+        FP32_TOL if dtype == torch.float32 else 2.0**-10)
+    shared = gemm_w4.w4_matmul_shared_input(x, weights, activation_format="none")
+    assert all(torch.equal(a, w4_matmul(x.clone(), w, None, "none")) for a, w in zip(shared, weights))
+
+
 def test_w4a8_without_fp8_support_uses_fp16_codes_and_clear_errors(monkeypatch):
     """On GPUs without FP8-E4M3 (compute capability < 8.9, where Triton has no E4M3 type) the tiled W4A8 kernel
     takes the activation codes in fp16 (exact), and the FP8-typed helpers say what to use instead."""
@@ -305,7 +334,7 @@ def test_bad_inputs_are_rejected(monkeypatch):
 def test_shared_input_gemv_equals_separate_calls(monkeypatch, wfmt, ns, group, with_bias):
     """q/k/v-style weights in one GEMV launch: bit-equal to one w4_matmul per weight, each output its own tensor."""
     launches = []
-    monkeypatch.setattr(gemm_w4, "_gemv_fp8", lambda *a, _f=gemm_w4._gemv_fp8: launches.append(len(a[2])) or _f(*a))
+    monkeypatch.setattr(gemm_w4, "_gemv", lambda *a, _f=gemm_w4._gemv: launches.append(len(a[2])) or _f(*a))
     k = 256
     weights = [_weight(wfmt, n, k, group, None) for n in ns]
     biases = [torch.randn(n).to(torch.bfloat16) if with_bias else None for n in ns]
@@ -320,7 +349,7 @@ def test_shared_input_gemv_equals_separate_calls(monkeypatch, wfmt, ns, group, w
 
 def test_shared_input_falls_back_where_one_launch_does_not_apply(monkeypatch):
     launches = []
-    monkeypatch.setattr(gemm_w4, "_gemv_fp8", lambda *a, _f=gemm_w4._gemv_fp8: launches.append(len(a[2])) or _f(*a))
+    monkeypatch.setattr(gemm_w4, "_gemv", lambda *a, _f=gemm_w4._gemv: launches.append(len(a[2])) or _f(*a))
     k = 128
     a, b = _weight("bitmod", 12, k, 64, None), _weight("bitmod", 7, k, 32, None)  # different groups
     x = torch.randn(1, k).to(torch.bfloat16)
