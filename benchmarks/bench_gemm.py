@@ -1,4 +1,4 @@
-"""GEMM benchmark: p3quant's fused W4A8 / W4A16 BitMoD dequant-GEMM vs bf16 cuBLAS, torch's int4 tinygemm
+"""GEMM benchmark: p3quant's fused W4A8 / W4A16 BitMoD dequant-GEMM vs 16-bit (bf16 or fp16) cuBLAS, torch's int4 tinygemm
 and FP8 torch._scaled_mm (and, with --gemlite, GemLite's 4-bit W4A16 / W4A8 layers), on Llama-3.1-8B decoder
 shapes (and 8192x8192) over M = 1..4096.
 
@@ -14,7 +14,7 @@ Eager timing (the default) includes each call's host time, which dominates small
 times every column by CUDA-graph replay instead (GPU time alone, the figure that a captured decode step sees), and a
 column whose calls cannot be captured reads nan, with the reason under the table.
 
-Run: python benchmarks/bench_gemm.py [--quick] [--graph] [--gemlite [--gemlite-autotune fast|default|max]
+Run: python benchmarks/bench_gemm.py [--quick] [--graph] [--dtype bf16|fp16] [--gemlite [--gemlite-autotune fast|default|max]
 [--gemlite-config NAME]] [--ms M ...] [--shapes NAME ...] [--skip-fused]. Prints each row as it is measured (so that a run cut short still
 reports), then the markdown table.
 """
@@ -60,7 +60,7 @@ def _tinygemm(n: int, k: int, copies: int):
         return None
 
 
-def _gemlite(n: int, k: int, copies: int) -> tuple[list, list] | tuple[None, str]:
+def _gemlite(n: int, k: int, copies: int, dtype: torch.dtype) -> tuple[list, list] | tuple[None, str]:
     """GemLite's 4-bit asymmetric group-128 layers (W4A16, and W4A8 with dynamic per-token FP8 activations) on random
     codes, one per weight copy; (None, reason) where gemlite is missing or cannot build them."""
     try:
@@ -71,10 +71,10 @@ def _gemlite(n: int, k: int, copies: int) -> tuple[list, list] | tuple[None, str
     try:
         for _ in range(copies):
             codes = torch.randint(0, 16, (n, k), dtype=torch.uint8, device="cuda")
-            scales = torch.rand(n, k // GROUP, device="cuda", dtype=torch.bfloat16) * 0.01 + 0.001
-            zeros = torch.full((n, k // GROUP), 8.0, device="cuda", dtype=torch.bfloat16)
-            a16.append(A16W4_HQQ_INT(device="cuda", dtype=torch.bfloat16).from_weights(codes, scales, zeros))
-            a8.append(A8W4_HQQ_INT_dynamic(device="cuda", dtype=torch.bfloat16).from_weights(codes, scales, zeros))
+            scales = torch.rand(n, k // GROUP, device="cuda", dtype=dtype) * 0.01 + 0.001
+            zeros = torch.full((n, k // GROUP), 8.0, device="cuda", dtype=dtype)
+            a16.append(A16W4_HQQ_INT(device="cuda", dtype=dtype).from_weights(codes, scales, zeros))
+            a8.append(A8W4_HQQ_INT_dynamic(device="cuda", dtype=dtype).from_weights(codes, scales, zeros))
     except Exception as err:  # noqa: BLE001  (a baseline that cannot run here is reported, not fatal)
         return None, f"failed: {type(err).__name__}: {str(err)[:120]}"
     return a16, a8
@@ -109,10 +109,13 @@ def _graph_timer(failures: dict[str, str]) -> Callable[[Sequence[Callable[[], ob
 
 
 def run(quick: bool = False, gemlite: bool = False, ms: tuple[int, ...] | None = None,
-        skip_fused: bool = False, shapes: tuple[str, ...] | None = None, graph: bool = False) -> tuple[str, list[dict]]:
+        skip_fused: bool = False, shapes: tuple[str, ...] | None = None, graph: bool = False,
+        dtype: torch.dtype = torch.bfloat16) -> tuple[str, list[dict]]:
     """Benchmark every shape and M (with GemLite's W4A16 / W4A8 layers if `gemlite`); returns the markdown table
     and the raw rows. `ms` replaces the list of M, `shapes` the shapes (names of GEMM_SHAPES); `skip_fused`
-    leaves out the tiled kernel's column; `graph` times CUDA-graph replays instead of eager calls."""
+    leaves out the tiled kernel's column; `graph` times CUDA-graph replays instead of eager calls; `dtype` (bf16 or
+    fp16) is the activations', the 16-bit baseline's and GemLite's (tinygemm runs in bf16 only)."""
+    base = {torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
     unknown = set(shapes or ()) - set(SHAPES)
     if unknown:
         raise ValueError(f"bench_gemm: unknown shapes {sorted(unknown)}; choose from {sorted(SHAPES)}")
@@ -128,17 +131,17 @@ def run(quick: bool = False, gemlite: bool = False, ms: tuple[int, ...] | None =
         wbytes = n * k // 2 + n * (k // GROUP) * 3
         ncopy = copies_for(wbytes)
         weights = bitmod_weight_copies(n, k, ncopy, GROUP)
-        dense = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(copies_for(n * k * 2))]
-        tiny = _tinygemm(n, k, copies_for(n * k // 2))
+        dense = [torch.randn(n, k, device="cuda", dtype=dtype) for _ in range(copies_for(n * k * 2))]
+        tiny = _tinygemm(n, k, copies_for(n * k // 2)) if dtype == torch.bfloat16 else None
         fp8w = [d.to(torch.float8_e4m3fn) for d in dense]
         scale_b = torch.ones(1, n, device="cuda")
         gl16 = gl8 = None
         if gemlite:
-            gl16, gl8 = _gemlite(n, k, copies_for(wbytes))
+            gl16, gl8 = _gemlite(n, k, copies_for(wbytes), dtype)
             if gl16 is None:
                 gemlite_notes.append(f"GemLite {name}: {gl8}")
         for m in ms:
-            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            x = torch.randn(m, k, device="cuda", dtype=dtype)
             p3 = timed([lambda w=w: w4_matmul(x, w, None, "fp8_e4m3") for w in weights], "P3 W4A8")
             fused = dq = bw = mma = float("nan")
             if 1 < m <= gemm_w4.MMA_MAX_M:
@@ -149,7 +152,7 @@ def run(quick: bool = False, gemlite: bool = False, ms: tuple[int, ...] | None =
                 dq = timed([_forced("dequant", lambda w=w: w4_matmul(x, w, None, "fp8_e4m3")) for w in weights], "dequant")
                 bw = timed([_forced("blockwise", lambda w=w: w4_matmul(x, w, None, "fp8_e4m3")) for w in weights], "block-scaled")
             a16 = timed([lambda w=w: w4_matmul(x, w, None, "none") for w in weights], "W4A16") if m in (1, 16, 64) or not quick else float("nan")
-            bf16 = timed([lambda d=d: x @ d.t() for d in dense], "bf16")
+            dense_us = timed([lambda d=d: x @ d.t() for d in dense], base)
             tg = float("nan")
             if tiny is not None:
                 tg = timed([lambda p=p, s=s: torch.ops.aten._weight_int4pack_mm(x, p, GROUP, s) for p, s in tiny], "tinygemm")
@@ -157,24 +160,25 @@ def run(quick: bool = False, gemlite: bool = False, ms: tuple[int, ...] | None =
             if m % 16 == 0:
                 xa = x.to(torch.float8_e4m3fn)
                 scale_a = torch.ones(m, 1, device="cuda")
-                f8 = timed([lambda d=d: torch._scaled_mm(xa, d.t(), scale_a, scale_b, out_dtype=torch.bfloat16) for d in fp8w], "fp8 scaled_mm")
+                f8 = timed([lambda d=d: torch._scaled_mm(xa, d.t(), scale_a, scale_b, out_dtype=dtype) for d in fp8w], "fp8 scaled_mm")
             g16 = g8 = float("nan")
             if gl16 is not None:
                 g16 = timed([lambda layer=layer: layer(x) for layer in gl16], "GemLite W4A16")
                 g8 = timed([lambda layer=layer: layer(x) for layer in gl8], "GemLite W4A8")
             moved = wbytes + m * k * 4 + m * n * 2
             tbs = moved / p3 / 1e6
-            raw.append(dict(shape=name, n=n, k=k, m=m, p3_us=p3, mma_us=mma, fused_us=fused, dequant_us=dq, blockwise_us=bw, a16_us=a16, bf16_us=bf16,
+            raw.append(dict(shape=name, n=n, k=k, m=m, p3_us=p3, mma_us=mma, fused_us=fused, dequant_us=dq, blockwise_us=bw, a16_us=a16, dense_us=dense_us,
                             tinygemm_us=tg, fp8_us=f8, gemlite_a16_us=g16, gemlite_a8_us=g8, tbs=tbs))
-            rows.append((f"{name} {n}x{k}", m, p3, tbs, 100 * tbs / copy_bw, bf16, bf16 / p3, mma, fused, dq, bw, a16, bf16 / a16, tg, bf16 / tg, f8)
-                        + ((g16, bf16 / g16, g8, bf16 / g8) if gemlite else ()))
+            rows.append((f"{name} {n}x{k}", m, p3, tbs, 100 * tbs / copy_bw, dense_us, dense_us / p3, mma, fused, dq, bw, a16, dense_us / a16, tg,
+                         dense_us / tg, f8) + ((g16, dense_us / g16, g8, dense_us / g8) if gemlite else ()))
             print(table([""] * len(rows[-1]), rows[-1:]).splitlines()[-1], flush=True)  # the row, as the table prints it
-    headers = ["shape NxK", "M", "P3 W4A8 us", "TB/s", "% copy BW", "bf16 us", "W4A8 x bf16", "W4A8 small-M us", "W4A8 fused us",
+    headers = ["shape NxK", "M", "P3 W4A8 us", "TB/s", "% copy BW", f"{base} us", f"W4A8 x {base}", "W4A8 small-M us", "W4A8 fused us",
                "W4A8 dequant+cuBLAS us", "W4A8 FP8 block-scaled cuBLAS us",
-               "W4A16 us", "W4A16 x bf16", "tinygemm us", "tinygemm x bf16", "fp8 scaled_mm us"]
+               "W4A16 us", f"W4A16 x {base}", "tinygemm us", f"tinygemm x {base}", "fp8 scaled_mm us"]
     if gemlite:
-        headers += ["GemLite W4A16 us", "GemLite W4A16 x bf16", "GemLite W4A8 us", "GemLite W4A8 x bf16"]
-        gemlite_notes.insert(0, "GemLite: 4-bit asymmetric, groups of 128, its own autotuning; W4A8 = dynamic per-token FP8 activations")
+        headers += ["GemLite W4A16 us", f"GemLite W4A16 x {base}", "GemLite W4A8 us", f"GemLite W4A8 x {base}"]
+        gemlite_notes.insert(0, f"GemLite: 4-bit asymmetric, groups of 128, {base} layers, its own autotuning; W4A8 = dynamic "
+                                "per-token FP8 activations")
     summary = [f"measured copy bandwidth: {copy_bw:.2f} TB/s (read + write); W4A8 small-M kernel for M = {gemm_w4.MMA_MIN_M}.."
                f"{gemm_w4.MMA_MAX_M}, from M = {gemm_w4.DEQUANT_MIN_M} the FP8 block-scaled cuBLAS path (groups of 128; "
                f"refused here: {dict(gemm_w4._blockwise_unsupported) or 'no'}) or else the fp16 dequant path",
@@ -183,12 +187,13 @@ def run(quick: bool = False, gemlite: bool = False, ms: tuple[int, ...] | None =
     for m in ms:
         sel = [r for r in raw if r["m"] == m and r["shape"] != "sq8192"]
         if sel:
-            mean = sum(r["bf16_us"] / r["p3_us"] for r in sel) / len(sel)
-            tg = [r["bf16_us"] / r["tinygemm_us"] for r in sel]
-            line = f"M={m}: mean speedup over bf16 on the 4 Llama shapes: W4A8 {mean:.2f}x, tinygemm {sum(tg) / len(tg):.2f}x"
+            mean = sum(r["dense_us"] / r["p3_us"] for r in sel) / len(sel)
+            tg = [r["dense_us"] / r["tinygemm_us"] for r in sel]
+            line = f"M={m}: mean speedup over {base} on the 4 Llama shapes: W4A8 {mean:.2f}x, tinygemm {sum(tg) / len(tg):.2f}x"
             if gemlite:
-                gl = [r["bf16_us"] / r["gemlite_a8_us"] for r in sel]
-                line += f", GemLite W4A8 {sum(gl) / len(gl):.2f}x"
+                for label, key in (("W4A16", "gemlite_a16_us"), ("W4A8", "gemlite_a8_us")):
+                    gl = [r["dense_us"] / r[key] for r in sel]
+                    line += f", GemLite {label} {sum(gl) / len(gl):.2f}x"
             summary.append(line)
     return table(headers, rows) + "\n\n" + "\n".join(summary), raw
 
@@ -197,6 +202,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--graph", action="store_true", help="time CUDA-graph replays (GPU time alone) instead of eager calls")
+    parser.add_argument("--dtype", choices=["bf16", "fp16"], default="bf16",
+                        help="activations, 16-bit baseline and GemLite layers (tinygemm runs in bf16 only)")
     parser.add_argument("--gemlite", action="store_true", help="also time GemLite's W4A16 and W4A8 layers (its autotuning takes minutes)")
     parser.add_argument("--ms", type=int, nargs="+", help="the values of M (default: all, or --quick's six)")
     parser.add_argument("--skip-fused", action="store_true", help="leave out the tiled fused kernel's column (slow at large M)")
@@ -224,7 +231,8 @@ def main() -> None:
                 parser.error(f"--gemlite-config: cannot load {path}")
             print(f"GemLite configs loaded from {path}", flush=True)
     text, _ = run(args.quick, args.gemlite, tuple(args.ms) if args.ms else None, args.skip_fused,
-                  tuple(args.shapes) if args.shapes else None, args.graph)
+                  tuple(args.shapes) if args.shapes else None, args.graph,
+                  torch.float16 if args.dtype == "fp16" else torch.bfloat16)
     print(text)
 
 
