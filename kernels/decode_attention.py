@@ -366,7 +366,6 @@ def _check_int4(what: str, name: str, t: Int4Tensor, batch: int, kv_heads: int, 
         raise ValueError(f"{what}: {name}.packed must be contiguous along head_dim")
 
 
-@on_input_device
 def launch_splits(tokens: int, rows: int, sms: int, block_t: int | None = None,
                   num_splits: int | None = None) -> tuple[int, int, int]:
     """(block_t, tokens per split, splits) for `tokens` quantized tokens of `rows` (batch, kv-head) pairs on a GPU
@@ -383,6 +382,7 @@ def launch_splits(tokens: int, rows: int, sms: int, block_t: int | None = None,
     return block_t, chunk, cdiv(tokens, chunk) if tokens else 0
 
 
+@on_input_device
 def p3_decode_attention(
     query: torch.Tensor,
     kv: QuantizedKV,
