@@ -184,8 +184,8 @@ def _quantize_into(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, l
 @on_input_device
 def quantize_activation_fp8_halves(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> None:
     """Hot-path variant for the tensor-core decode GEMM (no checks; callers validate): x [M, K] (K % 8 == 0,
-    unit stride) -> codes fp16 [M, K] in half-plane order: code k at ((k // 4) % 2) * (K // 2) + (k // 8) * 4 +
-    k % 4 (exact E4M3 values), scales fp32 [M]."""
+    unit stride) -> codes [M, K] (fp16, or float8_e4m3fn for FP8 tensor cores) in half-plane order: code k at
+    ((k // 4) % 2) * (K // 2) + (k // 8) * 4 + k % 4 (exact E4M3 values), scales fp32 [M]."""
     _quantize_into(x, codes, scales, _HALVES)
 
 
@@ -267,6 +267,7 @@ def halves_16bit(x: torch.Tensor, out: torch.Tensor, scales: torch.Tensor) -> No
 
 _QUANTIZERS = {"split": (quantize_activation_fp8_split, torch.float32), "split_16bit": (split_16bit, torch.float32),
                "halves": (quantize_activation_fp8_halves, torch.float16),
+               "halves_fp8": (quantize_activation_fp8_halves, torch.float8_e4m3fn),
                "halves_bf16": (halves_16bit, torch.bfloat16), "halves_fp16": (halves_16bit, torch.float16)}
 # The previous decode-sized input and its quantized form, (source, key, (codes, scales)): one tuple replaced in a
 # single assignment, so concurrent callers never mix entries (see quantize_activation_once).
@@ -279,7 +280,8 @@ def _capturing(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
-LAYOUT_CODES = {"split": _SPLIT, "halves": _HALVES}  # FP8 layouts by name, for kernels that quantize on the fly
+# FP8 layouts by name, for kernels that quantize on the fly
+LAYOUT_CODES = {"split": _SPLIT, "halves": _HALVES, "halves_fp8": _HALVES}
 
 
 def _reuse_key(source: torch.Tensor, layout: str) -> tuple | None:
@@ -313,7 +315,7 @@ def remember_quantized(source: torch.Tensor, layout: str, codes: torch.Tensor, s
 
 def quantize_activation_once(source: torch.Tensor, x: torch.Tensor, layout: str) -> tuple[torch.Tensor, torch.Tensor]:
     """FP8 codes and token scales of x (= `source` viewed as [M, K]) in `layout` ("split" for the GEMV, "halves"
-    for the small-M kernel; "split_16bit", "halves_bf16" / "halves_fp16": W4A16's unquantized activations in those
+    (fp16 codes) or "halves_fp8" for the small-M kernel; "split_16bit", "halves_bf16" / "halves_fp16": W4A16's unquantized activations in those
     orders, scales unused), reusing the previous call's result when it quantized the same tensor unchanged.
 
     The q/k/v projections (and gate/up) of a decoder layer receive one hidden-state tensor; quantizing it once

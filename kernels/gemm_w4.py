@@ -327,6 +327,10 @@ def _gemv_config() -> tuple[int, int, int, int]:
 # measures it against the CUDA-core GEMV (M = 1) and the tiled kernel around these bounds.
 MMA_MIN_M = 2
 MMA_MAX_M = 64
+# W4A8 in the small-M kernel on FP8 tensor cores (opt-in until timed on a GPU): compiled for sm_90 its loop
+# feeds the decoded weights to the MMA from registers, with none of the fp16 variant's shared-memory round trip
+# and barrier per K-step (RESULTS.md, eleventh session); Hopper's FP8 MMA adds in reduced precision (~1e-4).
+MMA_FP8 = False
 # W4A8 with at least this many rows: the weight converted once (to FP8 for the block-scaled path, else to fp16)
 # and cuBLAS multiplies (prefill); benchmarks/bench_gemm.py measures the paths around it.
 DEQUANT_MIN_M = 256
@@ -410,12 +414,21 @@ def _prepared(weight: BitMoDTensor | Int4Tensor, what: str) -> _Prepared:
     return prep
 
 
-def activation_layout(m: int, activation_format: str) -> str | None:
-    """The FP8 code layout w4_matmul quantizes M rows into for W4A8 (act_quant: "split" for the M = 1 GEMV,
-    "halves" for the small-M kernel), or None where it quantizes in plain order or not at all."""
+def _mma_fp8(group: int, device: torch.device) -> bool:
+    """Whether the small-M kernel multiplies W4A8 on FP8 tensor cores (MMA_FP8, where FP8 dots exist; its half-plane
+    dots need K >= 32, so groups of 64 and 128)."""
+    return MMA_FP8 and group >= 64 and fp8_dot_supported(device)
+
+
+def activation_layout(m: int, activation_format: str, group: int, device: torch.device) -> str | None:
+    """The FP8 code layout w4_matmul quantizes M rows into for W4A8 with `group`-sized weight groups on `device`
+    (act_quant: "split" for the M = 1 GEMV, "halves" / "halves_fp8" for the small-M kernel), or None where it
+    quantizes in plain order or not at all."""
     if activation_format != "fp8_e4m3":
         return None
-    return "halves" if MMA_MIN_M <= m <= MMA_MAX_M else "split" if m == 1 else None  # w4_matmul's order
+    if MMA_MIN_M <= m <= MMA_MAX_M:
+        return "halves_fp8" if _mma_fp8(group, device) else "halves"
+    return "split" if m == 1 else None
 
 
 def _gemv_input(x: torch.Tensor, x2: torch.Tensor, activation_format: str) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -608,7 +621,8 @@ def w4_matmul(
     is_bitmod, packed, scales, aux = prep.is_bitmod, prep.packed, prep.scales, prep.aux
     bias_arg = bias if bias is not None else scales
     if MMA_MIN_M <= m <= MMA_MAX_M:
-        layout = activation_layout(m, activation_format) or ("halves_fp16" if x2.dtype == torch.float16 else "halves_bf16")
+        layout = (activation_layout(m, activation_format, prep.group, x.device)
+                  or ("halves_fp16" if x2.dtype == torch.float16 else "halves_bf16"))
         a, xs = quantize_activation_once(x, x2, layout)
         w4_mma_matmul(a, xs if a_fp8 else None, prep.words, scales, aux, bias, y, prep.group, is_bitmod,
                       GEMV_USE_ASM and nvidia_compiled(x.device))

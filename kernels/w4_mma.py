@@ -42,11 +42,12 @@ def _w4_mma_kernel(
     M, N, K, stride_xm, stride_ww, stride_sn, stride_an, stride_ym, groups_per_split,
     GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, SPLIT_K: tl.constexpr,
     IS_BITMOD: tl.constexpr, HAS_BIAS: tl.constexpr, USE_ASM: tl.constexpr, ROW_SCALE: tl.constexpr,
-    BF16: tl.constexpr, NATIVE_BF16: tl.constexpr, PDL: tl.constexpr = False,
+    BF16: tl.constexpr, NATIVE_BF16: tl.constexpr, FP8: tl.constexpr = False, PDL: tl.constexpr = False,
 ):
-    """x in half-plane order (x[m, :K/2] = lo plane, x[m, K/2:] = hi plane): W4A8 (ROW_SCALE) fp16 FP8 codes with
-    token scales xs; W4A16 the 16-bit activations themselves (bf16 if BF16, else fp16), xs unused. SPLIT_K > 1
-    writes unscaled fp32 partials part[pid_k, m, n] for _rows_epilogue_kernel."""
+    """x in half-plane order (x[m, :K/2] = lo plane, x[m, K/2:] = hi plane): W4A8 (ROW_SCALE) FP8 codes with
+    token scales xs, held in fp16 (fp16 MMA) or, with FP8, as E4M3 (the decoded weights converted to E4M3 too, exact,
+    for FP8 MMA; GROUP >= 64); W4A16 the 16-bit activations themselves (bf16 if BF16, else fp16), xs unused.
+    SPLIT_K > 1 writes unscaled fp32 partials part[pid_k, m, n] for _rows_epilogue_kernel."""
     HG: tl.constexpr = GROUP // 2
     pdl_begin(PDL)
     pid_n = tl.program_id(0)
@@ -66,6 +67,8 @@ def _w4_mma_kernel(
         lo, hi = _decode_group(words_ptr, rows, stride_ww, g, aux, GROUP, IS_BITMOD, USE_ASM, BF16)
         x_lo = tl.load(x_rows + g * HG + offs_h[None, :], mask=m_mask[:, None], other=0.0)
         x_hi = tl.load(x_rows + half + g * HG + offs_h[None, :], mask=m_mask[:, None], other=0.0)
+        if FP8:
+            lo, hi = lo.to(tl.float8e4nv), hi.to(tl.float8e4nv)
         if BF16:
             if NATIVE_BF16:
                 lo, hi = lo.to(tl.bfloat16), hi.to(tl.bfloat16)
@@ -131,9 +134,12 @@ def w4_mma_matmul(x_halves: torch.Tensor, x_scales: torch.Tensor | None, words: 
                   is_bitmod: bool, use_asm: bool, split_k: int | None = None) -> None:
     """y [M, N] = x @ W^T for M <= 64 (callers validate: gemm_w4.w4_matmul).
 
-    x_halves [M, K] in half-plane order: W4A8 fp16 FP8 codes with x_scales fp32 [M]; W4A16 the bf16 or fp16
-    activations with x_scales None. words: the packed weight as int32 [N, K/8] (8 codes each); split_k=None picks
-    the split from the grid size."""
+    x_halves [M, K] in half-plane order: W4A8 FP8 codes (fp16, or float8_e4m3fn for FP8 tensor cores, groups of
+    64 and 128) with x_scales fp32 [M]; W4A16 the bf16 or fp16 activations with x_scales None. words: the packed
+    weight as int32 [N, K/8] (8 codes each); split_k=None picks the split from the grid size."""
+    if x_halves.dtype == torch.float8_e4m3fn and group < 64:
+        raise ValueError(f"w4_mma_matmul: FP8 activation codes need groups of 64 or 128 (FP8 dots of K >= 32 per "
+                         f"half-plane), got {group}; pass them as fp16")
     m, k = x_halves.shape
     n = words.shape[0]
     block_n, warps, stages = MMA_OVERRIDE or MMA_CONFIG
@@ -153,7 +159,8 @@ def w4_mma_matmul(x_halves: torch.Tensor, x_scales: torch.Tensor | None, words: 
         m, n, k, x_halves.stride(0), words.stride(0), scales.stride(0), aux.stride(0), y.stride(0), per_split,
         GROUP=group, BLOCK_N=block_n, BLOCK_M=block_m, SPLIT_K=split_k, IS_BITMOD=is_bitmod,
         HAS_BIAS=bias is not None, USE_ASM=use_asm, ROW_SCALE=row_scale, BF16=x_halves.dtype == torch.bfloat16,
-        NATIVE_BF16=y.is_cuda, num_warps=warps, num_stages=stages, **pdl_launch(y))
+        NATIVE_BF16=y.is_cuda, FP8=x_halves.dtype == torch.float8_e4m3fn, num_warps=warps, num_stages=stages,
+        **pdl_launch(y))
     if split_k > 1:
         rows_epilogue(part, x_scales, bias, y, is_bitmod)
 

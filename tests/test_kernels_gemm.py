@@ -47,8 +47,10 @@ CASES = [  # M, N, K, group, weight format, activation format
 ]
 
 
-# W4A8 at 1 < M < DEQUANT_MIN_M again through the tiled FP8 kernel (the small-M tensor-core kernel takes them by default)
-ROUTES = [(*case, "default") for case in CASES] + [(*case, "tiled") for case in CASES if 1 < case[0] < 128 and case[5] == "fp8_e4m3"]
+# W4A8 at 1 < M < DEQUANT_MIN_M again through the tiled FP8 kernel (the small-M tensor-core kernel takes them by
+# default), and at 1 < M <= 64 with groups of 64 / 128 through the small-M kernel's opt-in FP8 MMA
+ROUTES = ([(*case, "default") for case in CASES] + [(*case, "tiled") for case in CASES if 1 < case[0] < 128 and case[5] == "fp8_e4m3"]
+          + [(*case, "mma_fp8") for case in CASES if 1 < case[0] <= 64 and case[3] >= 64 and case[5] == "fp8_e4m3"])
 
 
 @pytest.mark.parametrize("m,n,k,group,wfmt,afmt,route", ROUTES)
@@ -56,6 +58,9 @@ def test_w4_matmul_matches_exact_quantized_product(monkeypatch, m, n, k, group, 
     monkeypatch.setattr(gemm_w4, "DEQUANT_MIN_M", 128)  # reach the prefill path with interpreter-sized M
     if route == "tiled":
         monkeypatch.setattr(gemm_w4, "MMA_MAX_M", 0)
+    if route == "mma_fp8":
+        monkeypatch.setattr(gemm_w4, "MMA_FP8", True)
+        assert gemm_w4.activation_layout(m, afmt, group, torch.device("cpu")) == "halves_fp8"
     gen = torch.Generator().manual_seed(m * 1000 + n)
     x = torch.randn(m, k, generator=gen).to(torch.bfloat16) * 3
     weight = _weight(wfmt, n, k, group, gen)

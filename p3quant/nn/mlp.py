@@ -34,7 +34,8 @@ class P3GatedMLP(nn.Module):
         from ..kernels.gemm_w4 import activation_layout
         from ..kernels.silu_mul import silu_mul
 
-        return down(silu_mul(gate, up, activation_layout(gate.numel() // k, down.activation_format)))
+        layout = activation_layout(gate.numel() // k, down.activation_format, down.group_size, x.device)
+        return down(silu_mul(gate, up, layout))
 
 
 def fuse_mlps(model: nn.Module) -> int:

@@ -37,7 +37,8 @@ class P3RMSNorm(nn.Module):
         k = hidden_states.shape[-1]
         if hidden_states.dtype not in (torch.bfloat16, torch.float16) or k > MAX_FEATURES or k % 8:
             return self._wrapped(hidden_states)
-        layout = activation_layout(hidden_states.numel() // k, consumer.activation_format)
+        layout = activation_layout(hidden_states.numel() // k, consumer.activation_format, consumer.group_size,
+                                   hidden_states.device)
         return rms_norm(hidden_states, self.weight, self.variance_epsilon, layout)
 
     def extra_repr(self) -> str:
