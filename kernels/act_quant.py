@@ -315,8 +315,9 @@ def remember_quantized(source: torch.Tensor, layout: str, codes: torch.Tensor, s
 
 def quantize_activation_once(source: torch.Tensor, x: torch.Tensor, layout: str) -> tuple[torch.Tensor, torch.Tensor]:
     """FP8 codes and token scales of x (= `source` viewed as [M, K]) in `layout` ("split" for the GEMV, "halves"
-    (fp16 codes) or "halves_fp8" for the small-M kernel; "split_16bit", "halves_bf16" / "halves_fp16": W4A16's unquantized activations in those
-    orders, scales unused), reusing the previous call's result when it quantized the same tensor unchanged.
+    (fp16 codes) or "halves_fp8" for the small-M kernel; "split_16bit", "halves_bf16" / "halves_fp16": W4A16's
+    unquantized activations in those orders, scales unused), reusing the previous call's result when it quantized
+    the same tensor unchanged.
 
     The q/k/v projections (and gate/up) of a decoder layer receive one hidden-state tensor; quantizing it once
     instead of three (two) times removes launches from every decode step. A hit needs the same tensor object,

@@ -5,7 +5,9 @@ dimension, padded to 16), so a GEMV uses the tensor cores instead of one fp32 FM
 Each K-step is one quantization group: the packed codes are decoded in registers to fp16 integers (BitMoD grid
 x 2 in [-16, 16], or INT4 code - zero point), the MMA accumulates their products with the FP8 activation codes
 (exact in fp16) in fp32, and the group scale multiplies that partial sum once per output. The token scale, the
-BitMoD 1/2, bias and the output cast are applied once per output at the end.
+BitMoD 1/2, bias and the output cast are applied once per output at the end. Opt-in (gemm_w4.MMA_FP8, groups of
+64 and 128): the decoded integers and the activation codes as E4M3 on FP8 tensor cores, whose adds are of
+reduced precision (~1e-4 relative), the weights fed to the MMA from registers.
 
 Decode (common.decode_halves, shared with the decode attention's K/V): on the GPU common.decode_word16 (inline
 PTX, one 32-bit word of 8 codes per invocation); under the interpreter the same values come from decode_w4. Each word's codes 0..3 go to a "lo" half-plane (k % 8 < 4) and
