@@ -6,7 +6,7 @@ W4A8 runs the tensor-core small-M kernel at gemm_w4.MMA_MIN_M <= M <= MMA_MAX_M,
 multiplies with cuBLAS at M >= DEQUANT_MIN_M (FP8 with block scales, or an fp16 copy), and the tiled fused kernel in
 between; the "small-M", "fused" and "dequant" columns time each W4A8 path at every M > 1 (small-M up to MMA_MAX_M)
 so the thresholds can be read off the table, and "small-M FP8 MMA" the small-M kernel with the opt-in
-gemm_w4.MMA_FP8.
+gemm_w4.MMA_FP8; both small-M columns also at M = 1, against the GEMV.
 
 At M >= DEQUANT_MIN_M the "dequant" column times the fp16 copy of the weight and the "FP8 block-scaled" column
 the FP8 values with cuBLAS's 1x128 block scales (the default with groups of 128 on Hopper).
@@ -88,7 +88,7 @@ def _forced(path: str, fn):
     def call():
         saved = gemm_w4.DEQUANT_MIN_M, gemm_w4.MMA_MIN_M, gemm_w4.MMA_MAX_M, gemm_w4.FP8_BLOCKWISE, gemm_w4.MMA_FP8
         gemm_w4.DEQUANT_MIN_M = 2 if path in ("dequant", "blockwise") else 1 << 30
-        gemm_w4.MMA_MIN_M, gemm_w4.MMA_MAX_M = (2, saved[2]) if path.startswith("mma") else (1 << 30, 0)
+        gemm_w4.MMA_MIN_M, gemm_w4.MMA_MAX_M = (1, saved[2]) if path.startswith("mma") else (1 << 30, 0)
         gemm_w4.FP8_BLOCKWISE = path == "blockwise"
         gemm_w4.MMA_FP8 = path == "mma_fp8"
         try:
@@ -147,7 +147,7 @@ def run(quick: bool = False, gemlite: bool = False, ms: tuple[int, ...] | None =
             x = torch.randn(m, k, device="cuda", dtype=dtype)
             p3 = timed([lambda w=w: w4_matmul(x, w, None, "fp8_e4m3") for w in weights], "P3 W4A8")
             fused = dq = bw = mma = mma8 = float("nan")
-            if 1 < m <= gemm_w4.MMA_MAX_M:
+            if m <= gemm_w4.MMA_MAX_M:  # at M = 1 too, against the GEMV
                 mma = timed([_forced("mma", lambda w=w: w4_matmul(x, w, None, "fp8_e4m3")) for w in weights], "small-M")
                 mma8 = timed([_forced("mma_fp8", lambda w=w: w4_matmul(x, w, None, "fp8_e4m3")) for w in weights], "small-M FP8")
             if m > 1 and not skip_fused:
