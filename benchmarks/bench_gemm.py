@@ -5,8 +5,8 @@ shapes (and 8192x8192) over M = 1..4096.
 W4A8 runs the tensor-core small-M kernel at gemm_w4.MMA_MIN_M <= M <= MMA_MAX_M, dequantizes the weight once and
 multiplies with cuBLAS at M >= DEQUANT_MIN_M (FP8 with block scales, or an fp16 copy), and the tiled fused kernel in
 between; the "small-M", "fused" and "dequant" columns time each W4A8 path at every M > 1 (small-M up to MMA_MAX_M)
-so the thresholds can be read off the table, and "small-M FP8 MMA" the small-M kernel with the opt-in
-gemm_w4.MMA_FP8; both small-M columns also at M = 1, against the GEMV.
+so the thresholds can be read off the table; "small-M quarters" and "small-M FP8" time the small-M kernel's opt-in
+variants (gemm_w4.MMA_VARIANT); the small-M columns also at M = 1, against the GEMV.
 
 At M >= DEQUANT_MIN_M the "dequant" column times the fp16 copy of the weight and the "FP8 block-scaled" column
 the FP8 values with cuBLAS's 1x128 block scales (the default with groups of 128 on Hopper).
@@ -82,19 +82,19 @@ def _gemlite(n: int, k: int, copies: int, dtype: torch.dtype) -> tuple[list, lis
 
 
 def _forced(path: str, fn):
-    """Time fn with the W4A8 path for M > 1 forced to "mma" (small-M), "mma_fp8" (small-M on FP8 tensor cores),
-    "fused" (tiled), "dequant" (fp16 copy of the weight + cuBLAS) or "blockwise" (FP8 values + cuBLAS with block
-    scales, where it applies)."""
+    """Time fn with the W4A8 path forced to "mma_halves", "mma_quarters" or "mma_fp8" (the small-M kernel's
+    variants), "fused" (tiled), "dequant" (fp16 copy of the weight + cuBLAS) or "blockwise" (FP8 values + cuBLAS
+    with block scales, where it applies)."""
     def call():
-        saved = gemm_w4.DEQUANT_MIN_M, gemm_w4.MMA_MIN_M, gemm_w4.MMA_MAX_M, gemm_w4.FP8_BLOCKWISE, gemm_w4.MMA_FP8
+        saved = gemm_w4.DEQUANT_MIN_M, gemm_w4.MMA_MIN_M, gemm_w4.MMA_MAX_M, gemm_w4.FP8_BLOCKWISE, gemm_w4.MMA_VARIANT
         gemm_w4.DEQUANT_MIN_M = 2 if path in ("dequant", "blockwise") else 1 << 30
         gemm_w4.MMA_MIN_M, gemm_w4.MMA_MAX_M = (1, saved[2]) if path.startswith("mma") else (1 << 30, 0)
         gemm_w4.FP8_BLOCKWISE = path == "blockwise"
-        gemm_w4.MMA_FP8 = path == "mma_fp8"
+        gemm_w4.MMA_VARIANT = path[4:] if path.startswith("mma_") else saved[4]
         try:
             return fn()
         finally:
-            gemm_w4.DEQUANT_MIN_M, gemm_w4.MMA_MIN_M, gemm_w4.MMA_MAX_M, gemm_w4.FP8_BLOCKWISE, gemm_w4.MMA_FP8 = saved
+            gemm_w4.DEQUANT_MIN_M, gemm_w4.MMA_MIN_M, gemm_w4.MMA_MAX_M, gemm_w4.FP8_BLOCKWISE, gemm_w4.MMA_VARIANT = saved
     return call
 
 
@@ -146,10 +146,10 @@ def run(quick: bool = False, gemlite: bool = False, ms: tuple[int, ...] | None =
         for m in ms:
             x = torch.randn(m, k, device="cuda", dtype=dtype)
             p3 = timed([lambda w=w: w4_matmul(x, w, None, "fp8_e4m3") for w in weights], "P3 W4A8")
-            fused = dq = bw = mma = mma8 = float("nan")
+            fused = dq = bw = mma = mma4 = mma8 = float("nan")
             if m <= gemm_w4.MMA_MAX_M:  # at M = 1 too, against the GEMV
-                mma = timed([_forced("mma", lambda w=w: w4_matmul(x, w, None, "fp8_e4m3")) for w in weights], "small-M")
-                mma8 = timed([_forced("mma_fp8", lambda w=w: w4_matmul(x, w, None, "fp8_e4m3")) for w in weights], "small-M FP8")
+                mma, mma4, mma8 = (timed([_forced(f"mma_{variant}", lambda w=w: w4_matmul(x, w, None, "fp8_e4m3")) for w in weights],
+                                         f"small-M {variant}") for variant in gemm_w4.MMA_VARIANTS)
             if m > 1 and not skip_fused:
                 fused = timed([_forced("fused", lambda w=w: w4_matmul(x, w, None, "fp8_e4m3")) for w in weights], "fused")
             if m > 1:
@@ -171,12 +171,12 @@ def run(quick: bool = False, gemlite: bool = False, ms: tuple[int, ...] | None =
                 g8 = timed([lambda layer=layer: layer(x) for layer in gl8], "GemLite W4A8")
             moved = wbytes + m * k * 4 + m * n * 2
             tbs = moved / p3 / 1e6
-            raw.append(dict(shape=name, n=n, k=k, m=m, p3_us=p3, mma_us=mma, fused_us=fused, dequant_us=dq, blockwise_us=bw, mma_fp8_us=mma8, a16_us=a16, dense_us=dense_us,
+            raw.append(dict(shape=name, n=n, k=k, m=m, p3_us=p3, mma_us=mma, fused_us=fused, dequant_us=dq, blockwise_us=bw, mma_quarters_us=mma4, mma_fp8_us=mma8, a16_us=a16, dense_us=dense_us,
                             tinygemm_us=tg, fp8_us=f8, gemlite_a16_us=g16, gemlite_a8_us=g8, tbs=tbs))
-            rows.append((f"{name} {n}x{k}", m, p3, tbs, 100 * tbs / copy_bw, dense_us, dense_us / p3, mma, mma8, fused, dq, bw, a16, dense_us / a16, tg,
+            rows.append((f"{name} {n}x{k}", m, p3, tbs, 100 * tbs / copy_bw, dense_us, dense_us / p3, mma, mma4, mma8, fused, dq, bw, a16, dense_us / a16, tg,
                          dense_us / tg, f8) + ((g16, dense_us / g16, g8, dense_us / g8) if gemlite else ()))
             print(table([""] * len(rows[-1]), rows[-1:]).splitlines()[-1], flush=True)  # the row, as the table prints it
-    headers = ["shape NxK", "M", "P3 W4A8 us", "TB/s", "% copy BW", f"{base} us", f"W4A8 x {base}", "W4A8 small-M us", "W4A8 small-M FP8 MMA us", "W4A8 fused us",
+    headers = ["shape NxK", "M", "P3 W4A8 us", "TB/s", "% copy BW", f"{base} us", f"W4A8 x {base}", "W4A8 small-M us", "W4A8 small-M quarters us", "W4A8 small-M FP8 us", "W4A8 fused us",
                "W4A8 dequant+cuBLAS us", "W4A8 FP8 block-scaled cuBLAS us",
                "W4A16 us", f"W4A16 x {base}", "tinygemm us", f"tinygemm x {base}", "fp8 scaled_mm us"]
     if gemlite:

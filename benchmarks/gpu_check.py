@@ -60,11 +60,12 @@ def _check_gemm_case(wfmt: str, group: int, afmt: str, m: int, n: int, k: int) -
     xq = quantize_scaled_fp8(x).dequantize().double() if afmt == "fp8_e4m3" else x.double()
     exact = xq @ wq.dequantize().double().t() + bias.double()
     err = _rel(y, exact)
-    # fp32 accumulation (GEMV, small-M kernel with fp16 operands): 1e-5; Hopper's FP8 tensor cores (the tiled
-    # kernel, the small-M kernel with MMA_FP8) add each K-block's products with a ~14-bit mantissa before the fp32
-    # group-scale accumulation, and the prefill path rounds each weight to fp16 (<= 2**-11): those get 1e-3.
+    # fp32 accumulation (GEMV, small-M kernel with 16-bit operands): 1e-5; Hopper's FP8 tensor cores (the tiled
+    # kernel, the small-M kernel's "fp8" variant) add each K-block's products with a ~14-bit mantissa before the
+    # fp32 group-scale accumulation, and the prefill path rounds each weight to fp16 (<= 2**-11): those get 1e-3.
     small_m = gemm_w4.MMA_MIN_M <= m <= gemm_w4.MMA_MAX_M
-    exact_path = (m == 1 or (small_m and not gemm_w4._mma_fp8(group, y.device)) or afmt != "fp8_e4m3")
+    fp8_mma = small_m and gemm_w4.mma_layout(afmt, x.dtype, group, y.device) == "halves_fp8"
+    exact_path = m == 1 or (small_m and not fp8_mma) or afmt != "fp8_e4m3"
     tol = 1e-5 if exact_path else 1e-3
     ok = torch.isfinite(y).all().item() and err < tol
     return f"{'PASS' if ok else 'FAIL'} gemm {wfmt} g{group} {afmt} M={m} N={n} K={k} rel_err={err:.2e}"
@@ -77,11 +78,14 @@ def check_gemm() -> list[str]:
             out.append(_check_gemm_case(*case))
         except Exception as err:  # noqa: BLE001  (one failing case must not hide the others)
             out.append(f"FAIL gemm {case}: {type(err).__name__}: {str(err)[:200]}")
-    with mock.patch.object(gemm_w4, "MMA_FP8", True):  # the small-M kernel's opt-in FP8 tensor cores
-        for case in GEMM_CASES:
-            wfmt, group, afmt, m = case[:4]
-            if afmt == "fp8_e4m3" and group >= 64 and gemm_w4.MMA_MIN_M <= m <= gemm_w4.MMA_MAX_M:
-                out.append(_check_gemm_case(*case).replace(" gemm ", " gemm small-M FP8 MMA ", 1))
+    for variant in gemm_w4.MMA_VARIANTS:  # the small-M kernel's opt-in variants
+        if variant == gemm_w4.MMA_VARIANT:
+            continue
+        with mock.patch.object(gemm_w4, "MMA_VARIANT", variant):
+            for case in GEMM_CASES:
+                wfmt, group, afmt, m = case[:4]
+                if group >= 64 and gemm_w4.MMA_MIN_M <= m <= gemm_w4.MMA_MAX_M:
+                    out.append(_check_gemm_case(*case).replace(" gemm ", f" gemm small-M {variant} ", 1))
     # prefill outputs beyond fp16's range (the dequant path multiplies fp16 operands): must stay finite and exact
     w = BITMOD4.quantize(torch.randn(512, 1024, device="cuda"), 128)
     x = torch.randn(300, 1024, device="cuda", dtype=torch.bfloat16)

@@ -31,8 +31,9 @@ def _row_scale(x_row, K, BLOCK_K: tl.constexpr):
 
 # LAYOUT, where code k of a row goes: 0 in order; 1 de-interleaved by k % 8 (the decode GEMV's vector loads),
 # followed by a ninth plane with each word's (8 codes') sum, which the GEMV needs once per word; 2 in half-planes
-# k % 8 < 4 | k % 8 >= 4 (the small-M tensor-core kernel).
-_PLAIN, _SPLIT, _HALVES = 0, 1, 2
+# k % 8 < 4 | k % 8 >= 4 (the small-M tensor-core kernel); 3 in quarter-planes by (k % 8) // 2 (its opt-in
+# variant that feeds fp16 weights to the MMA from registers).
+_PLAIN, _SPLIT, _HALVES, _QUARTERS = 0, 1, 2, 3
 
 
 def codes_width(layout: int, k: int) -> int:
@@ -42,11 +43,13 @@ def codes_width(layout: int, k: int) -> int:
 
 @triton.jit
 def code_positions(k, K, LAYOUT: tl.constexpr):
-    """Where code k of a row goes in `LAYOUT` (see _PLAIN, _SPLIT, _HALVES)."""
+    """Where code k of a row goes in `LAYOUT` (see _PLAIN, _SPLIT, _HALVES, _QUARTERS)."""
     if LAYOUT == 1:
         return (k % 8) * (K // 8) + k // 8
     elif LAYOUT == 2:
         return ((k // 4) % 2) * (K // 2) + (k // 8) * 4 + k % 4
+    elif LAYOUT == 3:
+        return ((k % 8) // 2) * (K // 4) + (k // 8) * 2 + k % 2
     else:
         return k
 
@@ -190,6 +193,13 @@ def quantize_activation_fp8_halves(x: torch.Tensor, codes: torch.Tensor, scales:
 
 
 @on_input_device
+def quantize_activation_fp8_quarters(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> None:
+    """quantize_activation_fp8_halves in quarter-plane order: code k at ((k % 8) // 2) * (K // 4) + (k // 8) * 2 +
+    k % 2 (fp16 codes)."""
+    _quantize_into(x, codes, scales, _QUARTERS)
+
+
+@on_input_device
 def quantize_activation_fp8_split(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> None:
     """Hot-path variant for the decode GEMV (no checks; callers validate): x [M, K] (K % 8 == 0, unit stride)
     -> codes fp32 [M, K + K // 8] de-interleaved by k % 8: code k at (k % 8) * (K // 8) + k // 8 (exact E4M3
@@ -265,10 +275,18 @@ def halves_16bit(x: torch.Tensor, out: torch.Tensor, scales: torch.Tensor) -> No
     out.view(m, 2, k // 8, 4).copy_(x.view(m, k // 8, 2, 4).transpose(1, 2))
 
 
+def quarters_16bit(x: torch.Tensor, out: torch.Tensor, scales: torch.Tensor) -> None:
+    """halves_16bit in quarter-plane order."""
+    m, k = x.shape
+    out.view(m, 4, k // 8, 2).copy_(x.view(m, k // 8, 4, 2).transpose(1, 2))
+
+
 _QUANTIZERS = {"split": (quantize_activation_fp8_split, torch.float32), "split_16bit": (split_16bit, torch.float32),
                "halves": (quantize_activation_fp8_halves, torch.float16),
                "halves_fp8": (quantize_activation_fp8_halves, torch.float8_e4m3fn),
-               "halves_bf16": (halves_16bit, torch.bfloat16), "halves_fp16": (halves_16bit, torch.float16)}
+               "quarters": (quantize_activation_fp8_quarters, torch.float16),
+               "halves_bf16": (halves_16bit, torch.bfloat16), "halves_fp16": (halves_16bit, torch.float16),
+               "quarters_bf16": (quarters_16bit, torch.bfloat16), "quarters_fp16": (quarters_16bit, torch.float16)}
 # The previous decode-sized input and its quantized form, (source, key, (codes, scales)): one tuple replaced in a
 # single assignment, so concurrent callers never mix entries (see quantize_activation_once).
 _last: tuple | None = None
@@ -281,7 +299,7 @@ def _capturing(device: torch.device) -> bool:
 
 
 # FP8 layouts by name, for kernels that quantize on the fly
-LAYOUT_CODES = {"split": _SPLIT, "halves": _HALVES, "halves_fp8": _HALVES}
+LAYOUT_CODES = {"split": _SPLIT, "halves": _HALVES, "halves_fp8": _HALVES, "quarters": _QUARTERS}
 
 
 def _reuse_key(source: torch.Tensor, layout: str) -> tuple | None:
@@ -314,10 +332,10 @@ def remember_quantized(source: torch.Tensor, layout: str, codes: torch.Tensor, s
 
 
 def quantize_activation_once(source: torch.Tensor, x: torch.Tensor, layout: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """FP8 codes and token scales of x (= `source` viewed as [M, K]) in `layout` ("split" for the GEMV, "halves"
-    (fp16 codes) or "halves_fp8" for the small-M kernel; "split_16bit", "halves_bf16" / "halves_fp16": W4A16's
-    unquantized activations in those orders, scales unused), reusing the previous call's result when it quantized
-    the same tensor unchanged.
+    """FP8 codes and token scales of x (= `source` viewed as [M, K]) in `layout` ("split" for the GEMV; "halves"
+    (fp16 codes), "halves_fp8" or "quarters" for the small-M kernel; "split_16bit", "halves_bf16" / "halves_fp16",
+    "quarters_bf16" / "quarters_fp16": W4A16's unquantized activations in those orders, scales unused), reusing the
+    previous call's result when it quantized the same tensor unchanged.
 
     The q/k/v projections (and gate/up) of a decoder layer receive one hidden-state tensor; quantizing it once
     instead of three (two) times removes launches from every decode step. A hit needs the same tensor object,

@@ -397,11 +397,8 @@ def decode_word16(words, tp0, tp1, tn0, tn1, BF16: tl.constexpr):
 
 
 @triton.jit
-def decode_halves(words, aux, IS_BITMOD: tl.constexpr, USE_ASM: tl.constexpr, BF16: tl.constexpr):
-    """Exact 16-bit values of int32 words [R, W] of 8 codes each (code i of word j = element 8j + i) with one
-    selector / zero point per row (aux [R]), as half-planes lo [R, 4W] (elements 8j + i, i < 4, in that order) and
-    hi (elements 8j + 4 + i): BitMoD grid x 2 or INT4 code - zero point. USE_ASM: decode_word16's PTX (fp16, or
-    bf16 with BF16); else decode_w4 in fp16 (fp32 with BF16: the interpreter has no usable bf16)."""
+def _decode_codes(words, aux, IS_BITMOD: tl.constexpr, USE_ASM: tl.constexpr, BF16: tl.constexpr):
+    """Codes 0..7 of int32 words [R, W] as 8 exact [R, W] tensors (see decode_halves)."""
     R: tl.constexpr = words.shape[0]
     W: tl.constexpr = words.shape[1]
     if USE_ASM:
@@ -423,10 +420,33 @@ def decode_halves(words, aux, IS_BITMOD: tl.constexpr, USE_ASM: tl.constexpr, BF
         c5 = decode_w4((words >> 20) & 15, a, IS_BITMOD).to(ty)
         c6 = decode_w4((words >> 24) & 15, a, IS_BITMOD).to(ty)
         c7 = decode_w4((words >> 28) & 15, a, IS_BITMOD).to(ty)
+    return c0, c1, c2, c3, c4, c5, c6, c7
+
+
+@triton.jit
+def decode_halves(words, aux, IS_BITMOD: tl.constexpr, USE_ASM: tl.constexpr, BF16: tl.constexpr):
+    """Exact 16-bit values of int32 words [R, W] of 8 codes each (code i of word j = element 8j + i) with one
+    selector / zero point per row (aux [R]), as half-planes lo [R, 4W] (elements 8j + i, i < 4, in that order) and
+    hi (elements 8j + 4 + i): BitMoD grid x 2 or INT4 code - zero point. USE_ASM: decode_word16's PTX (fp16, or
+    bf16 with BF16); else decode_w4 in fp16 (fp32 with BF16: the interpreter has no usable bf16)."""
+    R: tl.constexpr = words.shape[0]
+    W: tl.constexpr = words.shape[1]
+    c0, c1, c2, c3, c4, c5, c6, c7 = _decode_codes(words, aux, IS_BITMOD, USE_ASM, BF16)
     # join(join(a, c), join(b, d)) lays out a, b, c, d along the new last axis
     lo = tl.reshape(tl.join(tl.join(c0, c2), tl.join(c1, c3)), [R, 4 * W])
     hi = tl.reshape(tl.join(tl.join(c4, c6), tl.join(c5, c7)), [R, 4 * W])
     return lo, hi
+
+
+@triton.jit
+def decode_quarters(words, aux, IS_BITMOD: tl.constexpr, USE_ASM: tl.constexpr, BF16: tl.constexpr):
+    """decode_halves as four quarter-planes [R, 2W]: plane p holds elements 8j + 2p and 8j + 2p + 1 (each thread's
+    consecutive pairs are what a 16-bit MMA takes from registers, with no shared-memory relayout on sm_90)."""
+    R: tl.constexpr = words.shape[0]
+    W: tl.constexpr = words.shape[1]
+    c0, c1, c2, c3, c4, c5, c6, c7 = _decode_codes(words, aux, IS_BITMOD, USE_ASM, BF16)
+    return (tl.reshape(tl.join(c0, c1), [R, 2 * W]), tl.reshape(tl.join(c2, c3), [R, 2 * W]),
+            tl.reshape(tl.join(c4, c5), [R, 2 * W]), tl.reshape(tl.join(c6, c7), [R, 2 * W]))
 
 
 @triton.jit

@@ -327,10 +327,13 @@ def _gemv_config() -> tuple[int, int, int, int]:
 # measures it against the CUDA-core GEMV (M = 1) and the tiled kernel around these bounds.
 MMA_MIN_M = 2
 MMA_MAX_M = 64
-# W4A8 in the small-M kernel on FP8 tensor cores (opt-in until timed on a GPU): compiled for sm_90 its loop
-# feeds the decoded weights to the MMA from registers, with none of the fp16 variant's shared-memory round trip
-# and barrier per K-step (RESULTS.md, eleventh session); Hopper's FP8 MMA adds in reduced precision (~1e-4).
-MMA_FP8 = False
+# The small-M kernel's operands, for groups of 64 and 128 (groups of 32 always take "halves"): "halves" (half-planes,
+# 16-bit MMA); opt-in until timed on a GPU, two variants whose sm_90 loops feed the decoded weights to the MMA
+# from registers, with none of the shared-memory round trip and barrier per K-step of "halves" (RESULTS.md,
+# eleventh session): "quarters" (quarter-planes, 16-bit MMA, exact like "halves") and "fp8" (W4A8 on FP8 tensor
+# cores where the GPU has them, whose adds are of reduced precision, ~1e-4; W4A16 keeps "halves").
+MMA_VARIANT = "halves"
+MMA_VARIANTS = ("halves", "quarters", "fp8")
 # W4A8 with at least this many rows: the weight converted once (to FP8 for the block-scaled path, else to fp16)
 # and cuBLAS multiplies (prefill); benchmarks/bench_gemm.py measures the paths around it.
 DEQUANT_MIN_M = 256
@@ -414,20 +417,28 @@ def _prepared(weight: BitMoDTensor | Int4Tensor, what: str) -> _Prepared:
     return prep
 
 
-def _mma_fp8(group: int, device: torch.device) -> bool:
-    """Whether the small-M kernel multiplies W4A8 on FP8 tensor cores (MMA_FP8, where FP8 dots exist; its half-plane
-    dots need K >= 32, so groups of 64 and 128)."""
-    return MMA_FP8 and group >= 64 and fp8_dot_supported(device)
+def mma_layout(activation_format: str, dtype: torch.dtype, group: int, device: torch.device) -> str:
+    """The small-M kernel's activation layout (an act_quant._QUANTIZERS name) under MMA_VARIANT, for activations of
+    `dtype` (W4A16) and `group`-sized weight groups on `device`."""
+    if MMA_VARIANT not in MMA_VARIANTS:
+        raise ValueError(f"gemm_w4.MMA_VARIANT must be one of {MMA_VARIANTS}, got {MMA_VARIANT!r}")
+    variant = MMA_VARIANT if group >= 64 else "halves"  # quarter-planes and FP8 dots need K >= 16 / 32 per plane
+    if activation_format == "fp8_e4m3":
+        if variant == "fp8":
+            return "halves_fp8" if fp8_dot_supported(device) else "halves"
+        return variant
+    planes = "quarters" if variant == "quarters" else "halves"
+    return f"{planes}_fp16" if dtype == torch.float16 else f"{planes}_bf16"
 
 
 def activation_layout(m: int, activation_format: str, group: int, device: torch.device) -> str | None:
     """The FP8 code layout w4_matmul quantizes M rows into for W4A8 with `group`-sized weight groups on `device`
-    (act_quant: "split" for the M = 1 GEMV, "halves" / "halves_fp8" for the small-M kernel), or None where it
-    quantizes in plain order or not at all."""
+    (act_quant: "split" for the M = 1 GEMV, mma_layout's for the small-M kernel), or None where it quantizes in
+    plain order or not at all."""
     if activation_format != "fp8_e4m3":
         return None
     if MMA_MIN_M <= m <= MMA_MAX_M:
-        return "halves_fp8" if _mma_fp8(group, device) else "halves"
+        return mma_layout(activation_format, torch.float16, group, device)
     return "split" if m == 1 else None
 
 
@@ -621,11 +632,10 @@ def w4_matmul(
     is_bitmod, packed, scales, aux = prep.is_bitmod, prep.packed, prep.scales, prep.aux
     bias_arg = bias if bias is not None else scales
     if MMA_MIN_M <= m <= MMA_MAX_M:
-        layout = (activation_layout(m, activation_format, prep.group, x.device)
-                  or ("halves_fp16" if x2.dtype == torch.float16 else "halves_bf16"))
+        layout = mma_layout(activation_format, x2.dtype, prep.group, x.device)
         a, xs = quantize_activation_once(x, x2, layout)
         w4_mma_matmul(a, xs if a_fp8 else None, prep.words, scales, aux, bias, y, prep.group, is_bitmod,
-                      GEMV_USE_ASM and nvidia_compiled(x.device))
+                      GEMV_USE_ASM and nvidia_compiled(x.device), quarters=layout.startswith("quarters"))
         return y.reshape(*lead, n)
     if m == 1:  # decode GEMV: fixed launch parameters, no autotuner
         a, xs = _gemv_input(x, x2, activation_format)

@@ -5,14 +5,16 @@ dimension, padded to 16), so a GEMV uses the tensor cores instead of one fp32 FM
 Each K-step is one quantization group: the packed codes are decoded in registers to fp16 integers (BitMoD grid
 x 2 in [-16, 16], or INT4 code - zero point), the MMA accumulates their products with the FP8 activation codes
 (exact in fp16) in fp32, and the group scale multiplies that partial sum once per output. The token scale, the
-BitMoD 1/2, bias and the output cast are applied once per output at the end. Opt-in (gemm_w4.MMA_FP8, groups of
-64 and 128): the decoded integers and the activation codes as E4M3 on FP8 tensor cores, whose adds are of
-reduced precision (~1e-4 relative), the weights fed to the MMA from registers.
+BitMoD 1/2, bias and the output cast are applied once per output at the end. Opt-in (gemm_w4.MMA_VARIANT, groups
+of 64 and 128): quarter-planes (below), or the decoded integers and the activation codes as E4M3 on FP8 tensor
+cores, whose adds are of reduced precision (~1e-4 relative); both feed the weights to the MMA from registers.
 
 Decode (common.decode_halves, shared with the decode attention's K/V): on the GPU common.decode_word16 (inline
-PTX, one 32-bit word of 8 codes per invocation); under the interpreter the same values come from decode_w4. Each word's codes 0..3 go to a "lo" half-plane (k % 8 < 4) and
-codes 4..7 to a "hi" one (k % 8 >= 4), multiplied against activations stored in the same order
-(act_quant.quantize_activation_fp8_halves).
+PTX, one 32-bit word of 8 codes per invocation); under the interpreter the same values come from decode_w4. Each
+word's codes 0..3 go to a "lo" half-plane (k % 8 < 4) and codes 4..7 to a "hi" one (k % 8 >= 4), multiplied
+against activations stored in the same order (act_quant.quantize_activation_fp8_halves). In quarter-planes
+(common.decode_quarters, act_quant's _QUARTERS) codes 2p and 2p + 1 go to plane p: pairs of consecutive k per
+thread, the 16-bit MMA's register operand layout, so sm_90 takes them without a shared-memory relayout.
 
 Split-K: when the output has too few tiles to fill the GPU, programs split the groups and write fp32 partials
 that a second kernel sums in a fixed order (deterministic) before the epilogue.
@@ -24,7 +26,15 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import cdiv, clamped_rows, decode_halves, next_power_of_2, pdl_begin, pdl_launch
+from .common import cdiv, clamped_rows, decode_halves, decode_quarters, next_power_of_2, pdl_begin, pdl_launch
+
+
+@triton.jit
+def _group_words(words_ptr, rows, stride_ww, g, GROUP: tl.constexpr):
+    """int32 words [rows, GROUP / 8] (8 codes each) of group g of each row."""
+    GW: tl.constexpr = GROUP // 8
+    ow = tl.arange(0, GW)
+    return tl.load(words_ptr + rows[:, None] * stride_ww + g * GW + ow[None, :])
 
 
 @triton.jit
@@ -32,10 +42,20 @@ def _decode_group(words_ptr, rows, stride_ww, g, aux, GROUP: tl.constexpr, IS_BI
                   BF16: tl.constexpr):
     """fp16 [rows, GROUP / 2] half-planes (lo: k % 8 < 4, hi: k % 8 >= 4) of group g of each row; with BF16,
     bf16 from the PTX decode and fp32 from the pure-Triton one (the interpreter has no usable bf16)."""
-    GW: tl.constexpr = GROUP // 8
-    ow = tl.arange(0, GW)
-    words = tl.load(words_ptr + rows[:, None] * stride_ww + g * GW + ow[None, :])  # int32, 8 codes each
-    return decode_halves(words, aux, IS_BITMOD, USE_ASM, BF16)
+    return decode_halves(_group_words(words_ptr, rows, stride_ww, g, GROUP), aux, IS_BITMOD, USE_ASM, BF16)
+
+
+@triton.jit
+def _plane_dot(w, x_ptrs, m_mask, part, BF16: tl.constexpr, NATIVE_BF16: tl.constexpr):
+    """part + w [BLOCK_N, C] @ x^T for one quarter-plane of activations x [BLOCK_M, C] at x_ptrs, in bf16 (BF16)
+    or fp16."""
+    x = tl.load(x_ptrs, mask=m_mask[:, None], other=0.0)
+    if BF16:
+        if NATIVE_BF16:
+            w = w.to(tl.bfloat16)
+        else:  # the interpreter mis-evaluates bf16: exact fp32 products instead
+            w, x = w.to(tl.float32), x.to(tl.float32)
+    return tl.dot(w, tl.trans(x), part)
 
 
 @triton.jit
@@ -44,12 +64,14 @@ def _w4_mma_kernel(
     M, N, K, stride_xm, stride_ww, stride_sn, stride_an, stride_ym, groups_per_split,
     GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, SPLIT_K: tl.constexpr,
     IS_BITMOD: tl.constexpr, HAS_BIAS: tl.constexpr, USE_ASM: tl.constexpr, ROW_SCALE: tl.constexpr,
-    BF16: tl.constexpr, NATIVE_BF16: tl.constexpr, FP8: tl.constexpr = False, PDL: tl.constexpr = False,
+    BF16: tl.constexpr, NATIVE_BF16: tl.constexpr, FP8: tl.constexpr = False, QUARTERS: tl.constexpr = False,
+    PDL: tl.constexpr = False,
 ):
     """x in half-plane order (x[m, :K/2] = lo plane, x[m, K/2:] = hi plane): W4A8 (ROW_SCALE) FP8 codes with
     token scales xs, held in fp16 (fp16 MMA) or, with FP8, as E4M3 (the decoded weights converted to E4M3 too, exact,
     for FP8 MMA; GROUP >= 64); W4A16 the 16-bit activations themselves (bf16 if BF16, else fp16), xs unused.
-    SPLIT_K > 1 writes unscaled fp32 partials part[pid_k, m, n] for _rows_epilogue_kernel."""
+    QUARTERS (16-bit MMA, GROUP >= 64): x and the decoded weights in quarter-planes instead (act_quant's _QUARTERS,
+    common.decode_quarters). SPLIT_K > 1 writes unscaled fp32 partials part[pid_k, m, n] for _rows_epilogue_kernel."""
     HG: tl.constexpr = GROUP // 2
     pdl_begin(PDL)
     pid_n = tl.program_id(0)
@@ -66,18 +88,28 @@ def _w4_mma_kernel(
     for g in range(g_start, g_end):
         aux = tl.load(aux_ptr + rows * stride_an + g)
         scale = tl.load(s_ptr + rows * stride_sn + g).to(tl.float32)
-        lo, hi = _decode_group(words_ptr, rows, stride_ww, g, aux, GROUP, IS_BITMOD, USE_ASM, BF16)
-        x_lo = tl.load(x_rows + g * HG + offs_h[None, :], mask=m_mask[:, None], other=0.0)
-        x_hi = tl.load(x_rows + half + g * HG + offs_h[None, :], mask=m_mask[:, None], other=0.0)
-        if FP8:
-            lo, hi = lo.to(tl.float8e4nv), hi.to(tl.float8e4nv)
-        if BF16:
-            if NATIVE_BF16:
-                lo, hi = lo.to(tl.bfloat16), hi.to(tl.bfloat16)
-            else:  # the interpreter mis-evaluates bf16: exact fp32 products instead
-                lo, hi, x_lo, x_hi = lo.to(tl.float32), hi.to(tl.float32), x_lo.to(tl.float32), x_hi.to(tl.float32)
-        part = tl.dot(lo, tl.trans(x_lo))
-        part = tl.dot(hi, tl.trans(x_hi), part)
+        if QUARTERS:
+            QG: tl.constexpr = GROUP // 4
+            q0, q1, q2, q3 = decode_quarters(_group_words(words_ptr, rows, stride_ww, g, GROUP), aux, IS_BITMOD,
+                                             USE_ASM, BF16)
+            x_q = x_rows + g * QG + tl.arange(0, QG)[None, :]
+            part = _plane_dot(q0, x_q, m_mask, None, BF16, NATIVE_BF16)
+            part = _plane_dot(q1, x_q + K // 4, m_mask, part, BF16, NATIVE_BF16)
+            part = _plane_dot(q2, x_q + K // 2, m_mask, part, BF16, NATIVE_BF16)
+            part = _plane_dot(q3, x_q + 3 * (K // 4), m_mask, part, BF16, NATIVE_BF16)
+        else:
+            lo, hi = _decode_group(words_ptr, rows, stride_ww, g, aux, GROUP, IS_BITMOD, USE_ASM, BF16)
+            x_lo = tl.load(x_rows + g * HG + offs_h[None, :], mask=m_mask[:, None], other=0.0)
+            x_hi = tl.load(x_rows + half + g * HG + offs_h[None, :], mask=m_mask[:, None], other=0.0)
+            if FP8:
+                lo, hi = lo.to(tl.float8e4nv), hi.to(tl.float8e4nv)
+            if BF16:
+                if NATIVE_BF16:
+                    lo, hi = lo.to(tl.bfloat16), hi.to(tl.bfloat16)
+                else:  # the interpreter mis-evaluates bf16: exact fp32 products instead
+                    lo, hi, x_lo, x_hi = lo.to(tl.float32), hi.to(tl.float32), x_lo.to(tl.float32), x_hi.to(tl.float32)
+            part = tl.dot(lo, tl.trans(x_lo))
+            part = tl.dot(hi, tl.trans(x_hi), part)
         acc += part * scale[:, None]
     out_mask = n_mask[:, None] & m_mask[None, :]
     if SPLIT_K == 1:
@@ -133,15 +165,18 @@ def _sm_count(device: torch.device) -> int:
 
 def w4_mma_matmul(x_halves: torch.Tensor, x_scales: torch.Tensor | None, words: torch.Tensor,
                   scales: torch.Tensor, aux: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor, group: int,
-                  is_bitmod: bool, use_asm: bool, split_k: int | None = None) -> None:
+                  is_bitmod: bool, use_asm: bool, split_k: int | None = None, quarters: bool = False) -> None:
     """y [M, N] = x @ W^T for M <= 64 (callers validate: gemm_w4.w4_matmul).
 
     x_halves [M, K] in half-plane order: W4A8 FP8 codes (fp16, or float8_e4m3fn for FP8 tensor cores, groups of
     64 and 128) with x_scales fp32 [M]; W4A16 the bf16 or fp16 activations with x_scales None. words: the packed
-    weight as int32 [N, K/8] (8 codes each); split_k=None picks the split from the grid size."""
-    if x_halves.dtype == torch.float8_e4m3fn and group < 64:
-        raise ValueError(f"w4_mma_matmul: FP8 activation codes need groups of 64 or 128 (FP8 dots of K >= 32 per "
-                         f"half-plane), got {group}; pass them as fp16")
+    weight as int32 [N, K/8] (8 codes each); split_k=None picks the split from the grid size. With `quarters`, x
+    is in quarter-plane order instead (16-bit only; act_quant's "quarters" layouts)."""
+    if x_halves.dtype == torch.float8_e4m3fn and (group < 64 or quarters):
+        raise ValueError(f"w4_mma_matmul: FP8 activation codes need half-planes and groups of 64 or 128 (FP8 dots of "
+                         f"K >= 32 per half-plane), got group {group}, quarters={quarters}; pass them as fp16")
+    if quarters and group < 64:
+        raise ValueError(f"w4_mma_matmul: quarter-planes need groups of 64 or 128 (16-bit dots of K >= 16), got {group}")
     m, k = x_halves.shape
     n = words.shape[0]
     block_n, warps, stages = MMA_OVERRIDE or MMA_CONFIG
@@ -161,8 +196,8 @@ def w4_mma_matmul(x_halves: torch.Tensor, x_scales: torch.Tensor | None, words: 
         m, n, k, x_halves.stride(0), words.stride(0), scales.stride(0), aux.stride(0), y.stride(0), per_split,
         GROUP=group, BLOCK_N=block_n, BLOCK_M=block_m, SPLIT_K=split_k, IS_BITMOD=is_bitmod,
         HAS_BIAS=bias is not None, USE_ASM=use_asm, ROW_SCALE=row_scale, BF16=x_halves.dtype == torch.bfloat16,
-        NATIVE_BF16=y.is_cuda, FP8=x_halves.dtype == torch.float8_e4m3fn, num_warps=warps, num_stages=stages,
-        **pdl_launch(y))
+        NATIVE_BF16=y.is_cuda, FP8=x_halves.dtype == torch.float8_e4m3fn, QUARTERS=quarters, num_warps=warps,
+        num_stages=stages, **pdl_launch(y))
     if split_k > 1:
         rows_epilogue(part, x_scales, bias, y, is_bitmod)
 

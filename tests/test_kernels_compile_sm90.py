@@ -30,13 +30,17 @@ def compile_ptx(fn, types, constexprs, divisible=(), arch=90, **options):
 
 out = {}
 mma_types = ["*fp16", "*fp32", "*i32", "*fp16", "*u8", "*bf16", "*bf16", "*fp32"] + ["i32"] * 9
-# W4A8 with split-K partials; W4A8 with the fused epilogue; W4A16 in bf16; W4A8 on FP8 tensor cores (opt-in)
-for name, is_bitmod, block_m, split_k, x_type in (("mma_bitmod=True", True, 16, 2, "*fp16"), ("mma_bitmod=False", False, 64, 1, "*fp16"),
-                                                  ("mma_w4a16_bf16", True, 32, 1, "*bf16"), ("mma_fp8", True, 16, 1, "*fp8e4nv")):
+# W4A8 with split-K partials; W4A8 with the fused epilogue; W4A16 in bf16; the opt-in variants (gemm_w4.MMA_VARIANT):
+# W4A8 on FP8 tensor cores, quarter-planes in W4A8 and W4A16
+for name, is_bitmod, block_m, split_k, x_type, quarters in (
+        ("mma_bitmod=True", True, 16, 2, "*fp16", False), ("mma_bitmod=False", False, 64, 1, "*fp16", False),
+        ("mma_w4a16_bf16", True, 32, 1, "*bf16", False), ("mma_fp8", True, 16, 1, "*fp8e4nv", False),
+        ("mma_quarters", True, 16, 2, "*fp16", True), ("mma_quarters_w4a16_bf16", False, 16, 1, "*bf16", True)):
     out[name] = compile_ptx(
         w4_mma._w4_mma_kernel, [x_type] + mma_types[1:],
         dict(GROUP=128, BLOCK_N=64, BLOCK_M=block_m, SPLIT_K=split_k, IS_BITMOD=is_bitmod, HAS_BIAS=True, USE_ASM=True,
-             ROW_SCALE=x_type != "*bf16", BF16=x_type == "*bf16", NATIVE_BF16=True, FP8=x_type == "*fp8e4nv", PDL=True),
+             ROW_SCALE=x_type != "*bf16", BF16=x_type == "*bf16", NATIVE_BF16=True, FP8=x_type == "*fp8e4nv",
+             QUARTERS=quarters, PDL=True),
         divisible=("K", "stride_xm", "stride_ww", "stride_ym"), num_warps=4, num_stages=4)
 for is_bitmod in (True, False):
     out[f"dequant_bitmod={is_bitmod}"] = compile_ptx(
@@ -175,7 +179,7 @@ def test_gpu_kernels_compile_for_hopper_with_their_inline_ptx():
     ptx = _compile_all()
     assert "fma.rn.bf16x2" in ptx["mma_w4a16_bf16"]  # the bf16 decode
     assert re.search(r"mma[^\n]*bf16", ptx["mma_w4a16_bf16"])  # bf16 tensor-core operands
-    for fmt in ("mma_bitmod=True", "mma_bitmod=False", "mma_w4a16_bf16", "mma_fp8"):
+    for fmt in ("mma_bitmod=True", "mma_bitmod=False", "mma_w4a16_bf16", "mma_fp8", "mma_quarters", "mma_quarters_w4a16_bf16"):
         assert "xor.b32 wn" in ptx[fmt] and "prmt.b32" in ptx[fmt], fmt  # the decode is inlined
         assert "wgmma" in ptx[fmt] or "mma.sync" in ptx[fmt], fmt  # tensor cores
     assert re.search(r"wgmma[^\n]*e4m3\.e4m3", ptx["mma_fp8"])  # FP8 x FP8 on Hopper's tensor cores

@@ -38,6 +38,7 @@ CASES = [  # M, N, K, group, weight format, activation format
     (1, 10, 2048, 128, "bitmod", "fp8_e4m3"),  # K a multiple of the GEMV's 1024-wide step: unmasked loads, prefetch
     (1, 9, 1024, 64, "int4", "fp8_e4m3"),
     (3, 33, 96, 32, "bitmod", "none"),
+    (6, 24, 256, 64, "int4", "none"),
     (5, 40, 384, 128, "int4", "fp8_e4m3"),
     (16, 17, 128, 64, "bitmod", "fp8_e4m3"),
     (37, 24, 128, 128, "bitmod", "fp8_e4m3"),
@@ -48,9 +49,10 @@ CASES = [  # M, N, K, group, weight format, activation format
 
 
 # W4A8 at 1 < M < DEQUANT_MIN_M again through the tiled FP8 kernel (the small-M tensor-core kernel takes them by
-# default), and at 1 < M <= 64 with groups of 64 / 128 through the small-M kernel's opt-in FP8 MMA
+# default), and at 1 < M <= 64 with groups of 64 / 128 through the small-M kernel's opt-in variants
 ROUTES = ([(*case, "default") for case in CASES] + [(*case, "tiled") for case in CASES if 1 < case[0] < 128 and case[5] == "fp8_e4m3"]
-          + [(*case, "mma_fp8") for case in CASES if 1 < case[0] <= 64 and case[3] >= 64 and case[5] == "fp8_e4m3"])
+          + [(*case, f"mma_{variant}") for case in CASES if 1 < case[0] <= 64 and case[3] >= 64
+             for variant in ("quarters", "fp8")])
 
 
 @pytest.mark.parametrize("m,n,k,group,wfmt,afmt,route", ROUTES)
@@ -58,9 +60,11 @@ def test_w4_matmul_matches_exact_quantized_product(monkeypatch, m, n, k, group, 
     monkeypatch.setattr(gemm_w4, "DEQUANT_MIN_M", 128)  # reach the prefill path with interpreter-sized M
     if route == "tiled":
         monkeypatch.setattr(gemm_w4, "MMA_MAX_M", 0)
-    if route == "mma_fp8":
-        monkeypatch.setattr(gemm_w4, "MMA_FP8", True)
-        assert gemm_w4.activation_layout(m, afmt, group, torch.device("cpu")) == "halves_fp8"
+    if route.startswith("mma_"):
+        monkeypatch.setattr(gemm_w4, "MMA_VARIANT", route[4:])
+        want = {"quarters": "quarters", "fp8": "halves_fp8"}[route[4:]] if afmt == "fp8_e4m3" else (
+            "quarters_bf16" if route == "mma_quarters" else "halves_bf16")
+        assert gemm_w4.mma_layout(afmt, torch.bfloat16, group, torch.device("cpu")) == want
     gen = torch.Generator().manual_seed(m * 1000 + n)
     x = torch.randn(m, k, generator=gen).to(torch.bfloat16) * 3
     weight = _weight(wfmt, n, k, group, gen)
@@ -86,7 +90,9 @@ def test_split_16bit_layout_holds_the_values_and_word_sums():
     split_16bit(x, out, torch.empty(m))
     words = x.float().view(m, k // 8, 8)
     assert torch.equal(out[:, :k], words.transpose(1, 2).reshape(m, k))
-    assert torch.allclose(out[:, k:], words.double().sum(-1).float(), rtol=2.0**-22, atol=0)
+    # fp32 sums of 8 terms: within 7 roundings (2**-24 each) of their magnitudes' sum, whatever the order
+    err = (out[:, k:].double() - words.double().sum(-1)).abs()
+    assert (err <= 7 * 2.0**-24 * words.double().abs().sum(-1)).all()
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])

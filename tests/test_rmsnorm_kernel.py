@@ -12,7 +12,8 @@ from p3quant.kernels.rmsnorm import rms_norm
 from p3quant.nn.norm import P3RMSNorm
 
 
-@pytest.mark.parametrize("m,k,layout", [(1, 256, "split"), (5, 192, "halves"), (4, 128, "halves_fp8"), (3, 200, None)])
+@pytest.mark.parametrize("m,k,layout", [(1, 256, "split"), (5, 192, "halves"), (4, 128, "halves_fp8"), (2, 64, "quarters"),
+                                         (3, 200, None)])
 def test_rms_norm_matches_llama_norm_and_quantizes_its_output(m, k, layout):
     norm = LlamaRMSNorm(k, eps=1e-5)
     norm.weight.data = (1 + torch.randn(k)).to(torch.bfloat16)
@@ -53,5 +54,5 @@ def test_quantize_wraps_llama_norms_and_triton_backend_uses_the_kernel(monkeypat
     p3quant.set_backend(model, "triton")
     assert norms[0](x) == "kernel" and calls == ["split"]  # W4A8 consumer, one token: the GEMV's layout
     assert norms[0](x.expand(3, 1, 64)) == "kernel" and calls[-1] == "halves"
-    monkeypatch.setattr(gemm_w4, "MMA_FP8", True)  # the small-M kernel's FP8 MMA takes groups of 64 and 128 only
+    monkeypatch.setattr(gemm_w4, "MMA_VARIANT", "quarters")  # the small-M variants take groups of 64 and 128 only
     assert norms[0](x.expand(3, 1, 64)) == "kernel" and calls[-1] == "halves"

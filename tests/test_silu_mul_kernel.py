@@ -14,7 +14,7 @@ from p3quant.nn.mlp import P3GatedMLP
 
 
 @pytest.mark.parametrize("m,k,layout,dtype", [(1, 384, "split", torch.bfloat16), (4, 200, "halves", torch.bfloat16),
-                                               (3, 136, "halves_fp8", torch.float16),
+                                               (3, 136, "halves_fp8", torch.float16), (2, 72, "quarters", torch.bfloat16),
                                               (3, 96, None, torch.float16),
                                               (2, 2600, "split", torch.float16)])  # 3 chunks, the last one ragged
 def test_silu_mul_matches_pytorch_and_quantizes_its_output(m, k, layout, dtype):
