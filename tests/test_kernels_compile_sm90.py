@@ -132,11 +132,12 @@ out["gemv_sm80"] = compile_ptx(
     gemm_w4._w4_gemv_kernel, gemm_w4.GEMV_ARG_TYPES,
     dict(KW=512, SEGMENTS=3, GROUP=128, BLOCK_N=gemv_n, BLOCK_K=gemv_k, IS_BITMOD=True, HAS_BIAS=True, USE_ASM=True,
          EVEN_K=True, PDL=False), divisible=("K", "stride_xm", "stride_wn"), num_warps=gemv_warps, num_stages=gemv_stages, **sm80)
-out["mma_sm80"] = compile_ptx(
-    w4_mma._w4_mma_kernel, ["*fp16"] + mma_types[1:],
-    dict(GROUP=128, BLOCK_N=64, BLOCK_M=16, SPLIT_K=2, IS_BITMOD=True, HAS_BIAS=True, USE_ASM=True, ROW_SCALE=True,
-         BF16=False, NATIVE_BF16=True, PDL=False), divisible=("K", "stride_xm", "stride_ww", "stride_ym"), num_warps=4,
-    num_stages=3, **sm80)
+for name, quarters in (("mma_sm80", False), ("mma_quarters_sm80", True)):
+    out[name] = compile_ptx(
+        w4_mma._w4_mma_kernel, ["*fp16"] + mma_types[1:],
+        dict(GROUP=128, BLOCK_N=64, BLOCK_M=16, SPLIT_K=2, IS_BITMOD=True, HAS_BIAS=True, USE_ASM=True, ROW_SCALE=True,
+             BF16=False, NATIVE_BF16=True, QUARTERS=quarters, PDL=False),
+        divisible=("K", "stride_xm", "stride_ww", "stride_ym"), num_warps=4, num_stages=3, **sm80)
 out["mm_sm80"] = compile_ptx(
     gemm_w4._w4_mm_kernel, mm_types,  # fp16 codes
     dict(GROUP=128, BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, GROUP_M=8, IS_BITMOD=True, A_FP8=True, FP8_DOT=False,
@@ -201,7 +202,7 @@ def test_gpu_kernels_compile_for_hopper_with_their_inline_ptx():
         assert "cvt.rn.satfinite.e4m3x2.f32 q" in ptx[name], name
     for name in ("act_quant_sm80", "rmsnorm_sm80", "scores_sm80", "chunk_codes_sm80"):
         assert "e4m3" not in ptx[name] and "0f4B400000" in ptx[name], name
-    for name in ("gemv_sm80", "mma_sm80", "mm_sm80", "dequant_sm80", "pv_sm80", "kv_at_sm80"):  # built for sm_80
+    for name in ("gemv_sm80", "mma_sm80", "mma_quarters_sm80", "mm_sm80", "dequant_sm80", "pv_sm80", "kv_at_sm80"):  # built for sm_80
         assert ".target sm_80" in ptx[name] and "griddepcontrol" not in ptx[name] and "wgmma" not in ptx[name], name
     assert "0f4B400000" not in ptx["silu_mul"] and "cvt.rn.bf16" in ptx["silu_mul"]
     assert "e4m3" in ptx["mm_fp8"] and "mma" in ptx["mm_fp8"] and "mma" in ptx["mm_bf16"]  # FP8 / bf16 tensor cores
