@@ -5,7 +5,8 @@ the cubin, finds the loop (the backward branch) and counts its instructions by o
 "instructions per word" figures were taken: a cheap check of a kernel change before spending GPU time.
 
 Run: python benchmarks/sass_loop.py [--configs '4,1024,1;8,1024,2'] [--segments 3] [--pdl], or --attention for
-the decode-attention passes, or --conversions for the prefill's weight conversions (dequant_w4).
+the decode-attention passes, --conversions for the prefill's weight conversions (dequant_w4), or --small-m for the
+small-M kernel's operand variants (gemm_w4.MMA_VARIANT).
 """
 
 from __future__ import annotations
@@ -116,6 +117,28 @@ def attention_counts() -> None:
                   f"{registers(cubin)} registers per thread; " + ", ".join(f"{o} {n}" for o, n in ops.most_common(8)))
 
 
+def small_m_counts() -> None:
+    """The small-M kernel's K-step loop (BLOCK_N 64, M 16, groups of 128, BitMoD, its shipped warps and stages) in
+    each operand variant: instructions, registers and the shared-memory / barrier / MMA instructions per step."""
+    from p3quant.kernels import w4_mma
+
+    types = ["*fp16", "*fp32", "*i32", "*fp16", "*u8", "*bf16", "*bf16", "*fp32"] + ["i32"] * 9
+    _, warps, stages = w4_mma.MMA_CONFIG
+    for name, x_type, fp8, quarters in (("W4A8 halves (default)", "*fp16", False, False),
+                                        ("W4A8 quarters", "*fp16", False, True), ("W4A8 fp8", "*fp8e4nv", True, False),
+                                        ("W4A16 bf16 halves", "*bf16", False, False),
+                                        ("W4A16 bf16 quarters", "*bf16", False, True)):
+        bf16 = x_type == "*bf16"
+        cubin = compile_sm90(
+            w4_mma._w4_mma_kernel, [x_type] + types[1:],
+            dict(GROUP=128, BLOCK_N=64, BLOCK_M=16, SPLIT_K=1, IS_BITMOD=True, HAS_BIAS=False, USE_ASM=True,
+                 ROW_SCALE=not bf16, BF16=bf16, NATIVE_BF16=True, FP8=fp8, QUARTERS=quarters, PDL=False),
+            divisible=("K", "stride_xm", "stride_ww", "stride_ym"), num_warps=warps, num_stages=stages).asm["cubin"]
+        ops = loop_opcodes(cubin)
+        print(f"small-M {name}: {sum(ops.values())} loop instructions, {registers(cubin)} registers; "
+              + ", ".join(f"{o} {ops.get(o, 0)}" for o in ("STS", "LDS", "LDSM", "BAR", "HGMMA", "QGMMA")))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configs", default=None,
@@ -124,7 +147,11 @@ def main() -> None:
     parser.add_argument("--pdl", action="store_true", help="compile the programmatic-dependent-launch variant")
     parser.add_argument("--attention", action="store_true", help="count the decode-attention passes instead")
     parser.add_argument("--conversions", action="store_true", help="count the prefill's weight conversions instead")
+    parser.add_argument("--small-m", action="store_true", help="count the small-M kernel's operand variants instead")
     args = parser.parse_args()
+    if args.small_m:
+        small_m_counts()
+        return
     if args.attention:
         attention_counts()
         return

@@ -8,6 +8,7 @@ per row and chunk: codes_from_chunk_amax; the codes go to memory in the order th
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -79,19 +80,13 @@ def store_row_with_codes(y, y_row_ptr, q_row_ptr, s_ptr, row, k, mask, K, LAYOUT
     FP8 scale and codes computed from the rounded values (bit-exact with _act_quant_kernel on y)."""
     tl.store(y_row_ptr + k, y, mask=mask)
     if LAYOUT != 0:
-        store_scale_and_codes(y.to(tl.float32), q_row_ptr, s_ptr, row, k, mask, K, LAYOUT, NATIVE_E4M3)
-
-
-@triton.jit
-def store_scale_and_codes(x, q_row_ptr, s_ptr, row, k, mask, K, LAYOUT: tl.constexpr, NATIVE_E4M3: tl.constexpr):
-    """A whole row x (fp32, at offsets k = arange(BLOCK), zeros where masked): its per-token FP8 scale and its
-    codes in LAYOUT."""
-    tl.store(s_ptr + row, store_row_codes(x, q_row_ptr, k, mask, K, LAYOUT, NATIVE_E4M3))
+        tl.store(s_ptr + row, store_row_codes(y.to(tl.float32), q_row_ptr, k, mask, K, LAYOUT, NATIVE_E4M3))
 
 
 @triton.jit
 def store_row_codes(x, q_row_ptr, k, mask, K, LAYOUT: tl.constexpr, NATIVE_E4M3: tl.constexpr):
-    """store_scale_and_codes without storing the scale: returns it."""
+    """A whole row x (fp32, at offsets k = arange(BLOCK), zeros where masked): its codes in LAYOUT; returns its
+    per-token FP8 scale."""
     scale = fp8_token_scale(tl.max(tl.abs(x), axis=0))
     store_codes(q_row_ptr, fp8_codes(x, scale, NATIVE_E4M3), 0, k, mask, K, LAYOUT, k.shape[0])
     return scale
@@ -268,25 +263,24 @@ def split_16bit(x: torch.Tensor, out: torch.Tensor, scales: torch.Tensor) -> Non
                                   num_warps=4 if block <= 1024 else 16, **pdl_launch(x))
 
 
-def halves_16bit(x: torch.Tensor, out: torch.Tensor, scales: torch.Tensor) -> None:
-    """W4A16's activations (no quantization) in the small-M kernel's half-plane order; out's dtype (bf16 or
-    fp16) rounds fp32 inputs. `scales` is unused (the quantizers' signature)."""
+def planes_16bit(x: torch.Tensor, out: torch.Tensor, scales: torch.Tensor, planes: int) -> None:
+    """W4A16's activations (no quantization) in the small-M kernel's half-plane (planes = 2) or quarter-plane (4)
+    order; out's dtype (bf16 or fp16) rounds fp32 inputs. `scales` is unused (the quantizers' signature)."""
     m, k = x.shape
-    out.view(m, 2, k // 8, 4).copy_(x.view(m, k // 8, 2, 4).transpose(1, 2))
+    out.view(m, planes, k // 8, 8 // planes).copy_(x.view(m, k // 8, planes, 8 // planes).transpose(1, 2))
 
 
-def quarters_16bit(x: torch.Tensor, out: torch.Tensor, scales: torch.Tensor) -> None:
-    """halves_16bit in quarter-plane order."""
-    m, k = x.shape
-    out.view(m, 4, k // 8, 2).copy_(x.view(m, k // 8, 4, 2).transpose(1, 2))
-
-
-_QUANTIZERS = {"split": (quantize_activation_fp8_split, torch.float32), "split_16bit": (split_16bit, torch.float32),
-               "halves": (quantize_activation_fp8_halves, torch.float16),
-               "halves_fp8": (quantize_activation_fp8_halves, torch.float8_e4m3fn),
-               "quarters": (quantize_activation_fp8_quarters, torch.float16),
-               "halves_bf16": (halves_16bit, torch.bfloat16), "halves_fp16": (halves_16bit, torch.float16),
-               "quarters_bf16": (quarters_16bit, torch.bfloat16), "quarters_fp16": (quarters_16bit, torch.float16)}
+_HALVES_16BIT = functools.partial(planes_16bit, planes=2)
+_QUARTERS_16BIT = functools.partial(planes_16bit, planes=4)
+# name -> (function(x, codes, scales), codes dtype, layout code (the codes' order and width))
+_QUANTIZERS = {"split": (quantize_activation_fp8_split, torch.float32, _SPLIT),
+               "split_16bit": (split_16bit, torch.float32, _SPLIT),
+               "halves": (quantize_activation_fp8_halves, torch.float16, _HALVES),
+               "halves_fp8": (quantize_activation_fp8_halves, torch.float8_e4m3fn, _HALVES),
+               "quarters": (quantize_activation_fp8_quarters, torch.float16, _QUARTERS),
+               "halves_bf16": (_HALVES_16BIT, torch.bfloat16, _HALVES), "halves_fp16": (_HALVES_16BIT, torch.float16, _HALVES),
+               "quarters_bf16": (_QUARTERS_16BIT, torch.bfloat16, _QUARTERS),
+               "quarters_fp16": (_QUARTERS_16BIT, torch.float16, _QUARTERS)}
 # The previous decode-sized input and its quantized form, (source, key, (codes, scales)): one tuple replaced in a
 # single assignment, so concurrent callers never mix entries (see quantize_activation_once).
 _last: tuple | None = None
@@ -299,7 +293,7 @@ def _capturing(device: torch.device) -> bool:
 
 
 # FP8 layouts by name, for kernels that quantize on the fly
-LAYOUT_CODES = {"split": _SPLIT, "halves": _HALVES, "halves_fp8": _HALVES, "quarters": _QUARTERS}
+LAYOUT_CODES = {name: _QUANTIZERS[name][2] for name in ("split", "halves", "halves_fp8", "quarters")}
 
 
 def _reuse_key(source: torch.Tensor, layout: str) -> tuple | None:
@@ -347,9 +341,9 @@ def quantize_activation_once(source: torch.Tensor, x: torch.Tensor, layout: str)
     entry = _last
     if ACTIVATION_REUSE and key is not None and entry is not None and entry[0] is source and entry[1] == key:
         return entry[2]
-    quantize, dtype = _QUANTIZERS[layout]
+    quantize, dtype, code = _QUANTIZERS[layout]
     m, k = x.shape
-    codes = torch.empty((m, codes_width(_SPLIT if layout.startswith("split") else _PLAIN, k)), dtype=dtype, device=x.device)
+    codes = torch.empty((m, codes_width(code, k)), dtype=dtype, device=x.device)
     scales = torch.empty((x.shape[0],), dtype=torch.float32, device=x.device)
     quantize(x, codes, scales)
     _last = (source, key, (codes, scales)) if key is not None else None

@@ -371,13 +371,11 @@ def launch_splits(tokens: int, rows: int, sms: int, block_t: int | None = None,
     """(block_t, tokens per split, splits) for `tokens` quantized tokens of `rows` (batch, kv-head) pairs on a GPU
     of `sms` SMs: about PROGRAMS_PER_SM programs per SM, splits of whole blocks; block_t None picks BLOCK_T, or
     LONG_BLOCK_T where the splits would hold more than LONG_SPLIT_TOKENS tokens."""
-    programs = max(1, PROGRAMS_PER_SM * sms // rows)
+    wanted = max(1, PROGRAMS_PER_SM * sms // rows) if num_splits is None else num_splits
     if block_t is None:
-        block_t = BLOCK_T
-        if tokens > LONG_SPLIT_TOKENS * min(programs if num_splits is None else num_splits, cdiv(tokens, block_t)):
-            block_t = LONG_BLOCK_T
+        block_t = LONG_BLOCK_T if tokens > LONG_SPLIT_TOKENS * min(wanted, cdiv(tokens, BLOCK_T)) else BLOCK_T
     blocks = cdiv(tokens, block_t)
-    splits = max(0, min(programs if num_splits is None else num_splits, blocks))
+    splits = max(0, min(wanted, blocks))
     chunk = block_t * cdiv(blocks, splits) if splits else block_t
     return block_t, chunk, cdiv(tokens, chunk) if tokens else 0
 

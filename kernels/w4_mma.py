@@ -46,10 +46,12 @@ def _decode_group(words_ptr, rows, stride_ww, g, aux, GROUP: tl.constexpr, IS_BI
 
 
 @triton.jit
-def _plane_dot(w, x_ptrs, m_mask, part, BF16: tl.constexpr, NATIVE_BF16: tl.constexpr):
-    """part + w [BLOCK_N, C] @ x^T for one quarter-plane of activations x [BLOCK_M, C] at x_ptrs, in bf16 (BF16)
-    or fp16."""
+def _plane_dot(w, x_ptrs, m_mask, part, FP8: tl.constexpr, BF16: tl.constexpr, NATIVE_BF16: tl.constexpr):
+    """part + w [BLOCK_N, C] @ x^T for one plane of decoded weights w and activations x [BLOCK_M, C] at x_ptrs, in
+    E4M3 (FP8), bf16 (BF16) or fp16."""
     x = tl.load(x_ptrs, mask=m_mask[:, None], other=0.0)
+    if FP8:
+        w = w.to(tl.float8e4nv)
     if BF16:
         if NATIVE_BF16:
             w = w.to(tl.bfloat16)
@@ -93,23 +95,15 @@ def _w4_mma_kernel(
             q0, q1, q2, q3 = decode_quarters(_group_words(words_ptr, rows, stride_ww, g, GROUP), aux, IS_BITMOD,
                                              USE_ASM, BF16)
             x_q = x_rows + g * QG + tl.arange(0, QG)[None, :]
-            part = _plane_dot(q0, x_q, m_mask, None, BF16, NATIVE_BF16)
-            part = _plane_dot(q1, x_q + K // 4, m_mask, part, BF16, NATIVE_BF16)
-            part = _plane_dot(q2, x_q + K // 2, m_mask, part, BF16, NATIVE_BF16)
-            part = _plane_dot(q3, x_q + 3 * (K // 4), m_mask, part, BF16, NATIVE_BF16)
+            part = _plane_dot(q0, x_q, m_mask, None, False, BF16, NATIVE_BF16)
+            part = _plane_dot(q1, x_q + K // 4, m_mask, part, False, BF16, NATIVE_BF16)
+            part = _plane_dot(q2, x_q + K // 2, m_mask, part, False, BF16, NATIVE_BF16)
+            part = _plane_dot(q3, x_q + 3 * (K // 4), m_mask, part, False, BF16, NATIVE_BF16)
         else:
             lo, hi = _decode_group(words_ptr, rows, stride_ww, g, aux, GROUP, IS_BITMOD, USE_ASM, BF16)
-            x_lo = tl.load(x_rows + g * HG + offs_h[None, :], mask=m_mask[:, None], other=0.0)
-            x_hi = tl.load(x_rows + half + g * HG + offs_h[None, :], mask=m_mask[:, None], other=0.0)
-            if FP8:
-                lo, hi = lo.to(tl.float8e4nv), hi.to(tl.float8e4nv)
-            if BF16:
-                if NATIVE_BF16:
-                    lo, hi = lo.to(tl.bfloat16), hi.to(tl.bfloat16)
-                else:  # the interpreter mis-evaluates bf16: exact fp32 products instead
-                    lo, hi, x_lo, x_hi = lo.to(tl.float32), hi.to(tl.float32), x_lo.to(tl.float32), x_hi.to(tl.float32)
-            part = tl.dot(lo, tl.trans(x_lo))
-            part = tl.dot(hi, tl.trans(x_hi), part)
+            x_h = x_rows + g * HG + offs_h[None, :]
+            part = _plane_dot(lo, x_h, m_mask, None, FP8, BF16, NATIVE_BF16)
+            part = _plane_dot(hi, x_h + half, m_mask, part, FP8, BF16, NATIVE_BF16)
         acc += part * scale[:, None]
     out_mask = n_mask[:, None] & m_mask[None, :]
     if SPLIT_K == 1:
@@ -172,11 +166,12 @@ def w4_mma_matmul(x_halves: torch.Tensor, x_scales: torch.Tensor | None, words: 
     64 and 128) with x_scales fp32 [M]; W4A16 the bf16 or fp16 activations with x_scales None. words: the packed
     weight as int32 [N, K/8] (8 codes each); split_k=None picks the split from the grid size. With `quarters`, x
     is in quarter-plane order instead (16-bit only; act_quant's "quarters" layouts)."""
-    if x_halves.dtype == torch.float8_e4m3fn and (group < 64 or quarters):
-        raise ValueError(f"w4_mma_matmul: FP8 activation codes need half-planes and groups of 64 or 128 (FP8 dots of "
-                         f"K >= 32 per half-plane), got group {group}, quarters={quarters}; pass them as fp16")
-    if quarters and group < 64:
-        raise ValueError(f"w4_mma_matmul: quarter-planes need groups of 64 or 128 (16-bit dots of K >= 16), got {group}")
+    fp8 = x_halves.dtype == torch.float8_e4m3fn
+    if (fp8 or quarters) and group < 64:
+        raise ValueError(f"w4_mma_matmul: FP8 codes and quarter-planes need groups of 64 or 128 (dots of K >= 32 / 16 "
+                         f"per plane), got {group}; pass fp16 half-planes")
+    if fp8 and quarters:
+        raise ValueError("w4_mma_matmul: FP8 codes come in half-planes only")
     m, k = x_halves.shape
     n = words.shape[0]
     block_n, warps, stages = MMA_OVERRIDE or MMA_CONFIG
@@ -196,7 +191,7 @@ def w4_mma_matmul(x_halves: torch.Tensor, x_scales: torch.Tensor | None, words: 
         m, n, k, x_halves.stride(0), words.stride(0), scales.stride(0), aux.stride(0), y.stride(0), per_split,
         GROUP=group, BLOCK_N=block_n, BLOCK_M=block_m, SPLIT_K=split_k, IS_BITMOD=is_bitmod,
         HAS_BIAS=bias is not None, USE_ASM=use_asm, ROW_SCALE=row_scale, BF16=x_halves.dtype == torch.bfloat16,
-        NATIVE_BF16=y.is_cuda, FP8=x_halves.dtype == torch.float8_e4m3fn, QUARTERS=quarters, num_warps=warps,
+        NATIVE_BF16=y.is_cuda, FP8=fp8, QUARTERS=quarters, num_warps=warps,
         num_stages=stages, **pdl_launch(y))
     if split_k > 1:
         rows_epilogue(part, x_scales, bias, y, is_bitmod)

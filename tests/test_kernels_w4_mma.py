@@ -361,11 +361,11 @@ def _spy_quantizers(monkeypatch):
 
     calls = []
     spied = {}
-    for layout, (fn, dtype) in act_quant._QUANTIZERS.items():
+    for layout, (fn, *rest) in act_quant._QUANTIZERS.items():
         def spy(*args, fn=fn, layout=layout):
             calls.append(layout)
             return fn(*args)
-        spied[layout] = (spy, dtype)
+        spied[layout] = (spy, *rest)
     monkeypatch.setattr(act_quant, "_QUANTIZERS", spied)
     monkeypatch.setattr(act_quant, "_last", None)
     return calls
