@@ -200,6 +200,8 @@ def main() -> None:
     parser.add_argument("--gemv-config", help="the M = 1 GEMV's BLOCK_N,BLOCK_K,warps,stages instead of its default")
     parser.add_argument("--attention-launch", help="the decode attention's BLOCK_T,warps,programs per SM instead of its "
                                                    "defaults")
+    parser.add_argument("--mma-variant", help="the small-M GEMM kernel's operands (gemm_w4.MMA_VARIANT) instead of its "
+                                              "default")
     args = parser.parse_args()
     print(environment())
     if args.gemv_config:
@@ -214,6 +216,13 @@ def main() -> None:
         decode_attention.BLOCK_T = decode_attention.LONG_BLOCK_T = block_t
         decode_attention.NUM_WARPS, decode_attention.PROGRAMS_PER_SM = warps, per_sm
         print(f"decode attention BLOCK_T {block_t}, {warps} warps, {per_sm} programs per SM")
+    if args.mma_variant:
+        from p3quant.kernels import gemm_w4
+
+        if args.mma_variant not in gemm_w4.MMA_VARIANTS:
+            parser.error(f"--mma-variant must be one of {gemm_w4.MMA_VARIANTS}")
+        gemm_w4.MMA_VARIANT = args.mma_variant
+        print(f"small-M GEMM variant {args.mma_variant}")
     print(run(args.layers, args.context, args.new_tokens, tuple(args.batches), args.profile, tuple(args.labels),
               args.rounds, args.p3_first))
 

@@ -2,11 +2,12 @@
 and FP8 torch._scaled_mm (and, with --gemlite, GemLite's 4-bit W4A16 / W4A8 layers), on Llama-3.1-8B decoder
 shapes (and 8192x8192) over M = 1..4096.
 
-W4A8 runs the tensor-core small-M kernel at gemm_w4.MMA_MIN_M <= M <= MMA_MAX_M, dequantizes the weight once and
-multiplies with cuBLAS at M >= DEQUANT_MIN_M (FP8 with block scales, or an fp16 copy), and the tiled fused kernel in
-between; the "small-M", "fused" and "dequant" columns time each W4A8 path at every M > 1 (small-M up to MMA_MAX_M)
-so the thresholds can be read off the table; "small-M quarters" and "small-M FP8" time the small-M kernel's opt-in
-variants (gemm_w4.MMA_VARIANT); the small-M columns also at M = 1, against the GEMV.
+W4A8 runs the tensor-core small-M kernel at gemm_w4.MMA_MIN_M <= M <= MMA_MAX_M and dequantizes the weight once
+and multiplies with cuBLAS at M >= DEQUANT_MIN_M (FP8 with block scales, or an fp16 copy); the "small-M" columns
+(one per operand variant, gemm_w4.MMA_VARIANT), the "fused" column (the tiled kernel, used
+only where those bounds leave a gap) and the "dequant" columns time each W4A8 path at every M > 1 (small-M up to
+MMA_MAX_M) so the thresholds can be read off the table; the small-M columns also at M = 1, against the GEMV. W4A16
+("W4A16" column) takes the same small-M kernel and, from DEQUANT_MIN_M, a 16-bit dequantized copy and cuBLAS.
 
 At M >= DEQUANT_MIN_M the "dequant" column times the fp16 copy of the weight and the "FP8 block-scaled" column
 the FP8 values with cuBLAS's 1x128 block scales (the default with groups of 128 on Hopper).
@@ -176,7 +177,7 @@ def run(quick: bool = False, gemlite: bool = False, ms: tuple[int, ...] | None =
             rows.append((f"{name} {n}x{k}", m, p3, tbs, 100 * tbs / copy_bw, dense_us, dense_us / p3, mma, mma4, mma8, fused, dq, bw, a16, dense_us / a16, tg,
                          dense_us / tg, f8) + ((g16, dense_us / g16, g8, dense_us / g8) if gemlite else ()))
             print(table([""] * len(rows[-1]), rows[-1:]).splitlines()[-1], flush=True)  # the row, as the table prints it
-    headers = ["shape NxK", "M", "P3 W4A8 us", "TB/s", "% copy BW", f"{base} us", f"W4A8 x {base}", "W4A8 small-M us", "W4A8 small-M quarters us", "W4A8 small-M FP8 us", "W4A8 fused us",
+    headers = ["shape NxK", "M", "P3 W4A8 us", "TB/s", "% copy BW", f"{base} us", f"W4A8 x {base}", "W4A8 small-M halves us", "W4A8 small-M quarters us", "W4A8 small-M FP8 us", "W4A8 fused us",
                "W4A8 dequant+cuBLAS us", "W4A8 FP8 block-scaled cuBLAS us",
                "W4A16 us", f"W4A16 x {base}", "tinygemm us", f"tinygemm x {base}", "fp8 scaled_mm us"]
     if gemlite:

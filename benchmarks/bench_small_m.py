@@ -6,10 +6,12 @@ Order: correctness (gpu_check GEMM cases, the inline-PTX decode vs the pure-Trit
 half-plane activation quantization bit-exact), a launch-parameter sweep of the new kernel (CUDA-graph time), then
 CUDA-graph and eager times of every path. CUDA-graph times are GPU time alone (what a graph-captured decode step
 pays); eager times include the host launch cost. Run: PYTHONUNBUFFERED=1 python benchmarks/bench_small_m.py
+[--sweep-only] [--sweep-ms 16 64] [--variant fp8]
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import sys
@@ -100,14 +102,15 @@ def correctness() -> list[str]:
     return lines
 
 
-def sweep() -> tuple[str, tuple]:
+def sweep(ms: tuple[int, ...] = (1, 16)) -> tuple[str, tuple]:
+    """Times each launch config of the small-M kernel (under gemm_w4.MMA_VARIANT) at the rows `ms`."""
     configs = [(64, 4, 4, 4), (64, 4, 3, 8), (64, 4, 4, 2), (128, 4, 3, 4), (128, 8, 4, 4), (32, 4, 4, 4), (128, 4, 4, 8),
                (64, 4, 2, 4)]
     totals = {c: 0.0 for c in configs}
     rows = []
     for name, (n, k) in SHAPES.items():
         ws = bitmod_weight_copies(n, k, min(copies_for(n * k // 2), 16), GROUP)
-        for m in (1, 16):
+        for m in ms:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             for cfg in configs:
                 w4_mma.MMA_OVERRIDE, w4_mma.MMA_PROGRAMS_PER_SM = cfg[:3], cfg[3]
@@ -123,7 +126,7 @@ def sweep() -> tuple[str, tuple]:
     best = min(configs, key=lambda c: totals[c])
     text = ("## sweep (BLOCK_N, warps, stages, programs per SM), graph us incl. the act-quant launch\n"
             + table(["shape", "M", "config", "graph us"], rows)
-            + "\n\n" + table(["config", "total us (4 shapes x M 1, 16)"], [(str(c), totals[c]) for c in configs])
+            + "\n\n" + table(["config", f"total us (4 shapes x M {', '.join(map(str, ms))})"], [(str(c), totals[c]) for c in configs])
             + f"\nbest: {best}")
     return text, best
 
@@ -209,12 +212,22 @@ def prefill() -> str:
 
 
 def main() -> None:
-    print(environment(), flush=True)
-    lines = correctness()
-    print("\n".join(lines), flush=True)
-    print(f"correctness: {sum(l.startswith('PASS') for l in lines)} PASS, {sum(l.startswith('FAIL') for l in lines)} FAIL", flush=True)
-    text, best = sweep()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sweep-only", action="store_true", help="only the launch-parameter sweep")
+    parser.add_argument("--sweep-ms", type=int, nargs="+", default=[1, 16], help="rows the sweep times (default 1 16)")
+    parser.add_argument("--variant", choices=g.MMA_VARIANTS, default=g.MMA_VARIANT,
+                        help=f"the small-M kernel's operands (gemm_w4.MMA_VARIANT; default {g.MMA_VARIANT})")
+    args = parser.parse_args()
+    g.MMA_VARIANT = args.variant
+    print(environment(), f"small-M variant: {args.variant}", sep="\n", flush=True)
+    if not args.sweep_only:
+        lines = correctness()
+        print("\n".join(lines), flush=True)
+        print(f"correctness: {sum(l.startswith('PASS') for l in lines)} PASS, {sum(l.startswith('FAIL') for l in lines)} FAIL", flush=True)
+    text, best = sweep(tuple(args.sweep_ms))
     print(text, flush=True)
+    if args.sweep_only:
+        return
     print(timings(best), flush=True)
     print(prefill(), flush=True)
 

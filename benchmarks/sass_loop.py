@@ -124,8 +124,8 @@ def small_m_counts() -> None:
 
     types = ["*fp16", "*fp32", "*i32", "*fp16", "*u8", "*bf16", "*bf16", "*fp32"] + ["i32"] * 9
     _, warps, stages = w4_mma.MMA_CONFIG
-    for name, x_type, fp8, quarters in (("W4A8 halves (default)", "*fp16", False, False),
-                                        ("W4A8 quarters", "*fp16", False, True), ("W4A8 fp8", "*fp8e4nv", True, False),
+    for name, x_type, fp8, quarters in (("W4A8 halves", "*fp16", False, False),
+                                        ("W4A8 quarters", "*fp16", False, True), ("W4A8 fp8 (default)", "*fp8e4nv", True, False),
                                         ("W4A16 bf16 halves", "*bf16", False, False),
                                         ("W4A16 bf16 quarters", "*bf16", False, True)):
         bf16 = x_type == "*bf16"

@@ -32,8 +32,8 @@ def _row_scale(x_row, K, BLOCK_K: tl.constexpr):
 
 # LAYOUT, where code k of a row goes: 0 in order; 1 de-interleaved by k % 8 (the decode GEMV's vector loads),
 # followed by a ninth plane with each word's (8 codes') sum, which the GEMV needs once per word; 2 in half-planes
-# k % 8 < 4 | k % 8 >= 4 (the small-M tensor-core kernel); 3 in quarter-planes by (k % 8) // 2 (its opt-in
-# variant that feeds fp16 weights to the MMA from registers).
+# k % 8 < 4 | k % 8 >= 4 (the small-M tensor-core kernel, as fp16 or, for its FP8 MMAs, E4M3 codes); 3 in
+# quarter-planes by (k % 8) // 2 (its opt-in variant that feeds fp16 weights to the MMA from registers).
 _PLAIN, _SPLIT, _HALVES, _QUARTERS = 0, 1, 2, 3
 
 

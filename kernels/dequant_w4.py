@@ -170,14 +170,14 @@ def _blocks(n: int, k: int, group: int) -> tuple[int, int, tuple[int, int]]:
 
 @on_input_device
 def dequantize_w4(weight: BitMoDTensor | Int4Tensor, dtype: torch.dtype = torch.float16) -> torch.Tensor:
-    """The dequantized weight [N, K] in `dtype` (float16 or float32), computed on the GPU.
-
-    (No bfloat16: its 8-bit significand would round the weights far more than the fp16 the GEMM needs.)"""
+    """The dequantized weight [N, K] in `dtype` (float16, bfloat16 or float32: one rounding per weight, to
+    nearest even on the GPU), computed on the GPU. W4A8's prefill takes fp16, which rounds the weights least;
+    W4A16's takes the activations' 16-bit type."""
     what = "dequantize_w4"
     if not isinstance(weight, (BitMoDTensor, Int4Tensor)):
         raise TypeError(f"{what}: weight must be a BitMoDTensor or Int4Tensor, got {type(weight).__name__}")
-    if dtype not in (torch.float16, torch.float32):
-        raise TypeError(f"{what}: dtype must be float16 or float32, got {dtype}")
+    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"{what}: dtype must be float16, bfloat16 or float32, got {dtype}")
     words, aux, n, k = _operands(what, weight)
     out = torch.empty((n, k), dtype=dtype, device=words.device)
     block_n, block_g, grid = _blocks(n, k, weight.group_size)

@@ -11,18 +11,23 @@ with a per-token scale (W4A8, see act_quant.py); the token scale is applied once
   split layout: W4A8's FP8 codes from the activation quantization, W4A16's 16-bit values rearranged by
   act_quant.split_16bit. w4_matmul_shared_input runs up to three weights fed one input (q/k/v, gate/up) as one
   GEMV launch.
-- MMA_MIN_M <= M <= MMA_MAX_M (2..64): the tensor-core small-M kernel (w4_mma.py, weights as the left MMA
-  operand; W4A8 in fp16, W4A16 in the activations' 16-bit type; exact products).
+- MMA_MIN_M <= M <= MMA_MAX_M (2..128): the tensor-core small-M kernel (w4_mma.py, weights as the left MMA
+  operand; W4A8 on FP8 tensor cores where the GPU has them, else in fp16; W4A16 in the activations' 16-bit type;
+  exact products, FP8 MMAs add in reduced precision).
 - W4A8 at M >= DEQUANT_MIN_M (prefill): with groups of 128 on Hopper, the weight's integer values once to FP8
   (dequant_w4.weight_values_fp8) and cuBLAS's FP8 GEMM with 1x128 block scales on both operands (token scales,
   group scales); otherwise the weight dequantized once to fp16 (dequant_w4.py), cuBLAS with fp32 output, one
   fused epilogue pass.
-- Otherwise (M > 64 below the prefill path, and W4A16 from M = 65): the tiled tensor-core kernel (tl.dot) over
+- W4A16 at M >= DEQUANT_MIN_M (prefill): the weight dequantized once to the activations' 16-bit type (one
+  rounding per weight, as Marlin-style W4A16 kernels) and cuBLAS; the tiled kernel below measured 0.10-0.18x bf16
+  there (benchmarks/RESULTS.md, twelfth session).
+- Otherwise (only where MMA_MAX_M and DEQUANT_MIN_M are set to leave a gap between them): the tiled tensor-core kernel (tl.dot) over
   K-blocks that never straddle a group. W4A8 multiplies FP8 x FP8 (both exact: every BitMoD grid value and INT4
   code difference is an E4M3 number) on GPUs with FP8 tensor cores; W4A16 multiplies the integer weights in the
   activation dtype.
-Accumulation is fp32; results differ from the torch reference only by summation order and, for W4A8, by the
-reference rounding Q_act(x) to x.dtype before its matmul.
+Accumulation is fp32; results differ from the torch reference by summation order, the FP8 tensor cores'
+reduced-precision adds, the prefill paths' one rounding per weight, and, for W4A8, the reference rounding Q_act(x)
+to x.dtype before its matmul.
 """
 
 from __future__ import annotations
@@ -326,17 +331,17 @@ def _gemv_config() -> tuple[int, int, int, int]:
 # MMA_MIN_M <= M <= MMA_MAX_M runs the tensor-core small-M kernel (w4_mma.py); benchmarks/bench_small_m.py
 # measures it against the CUDA-core GEMV (M = 1) and the tiled kernel around these bounds.
 MMA_MIN_M = 2
-MMA_MAX_M = 64
-# The small-M kernel's operands, for groups of 64 and 128 (groups of 32 always take "halves"): "halves" (half-planes,
-# 16-bit MMA); opt-in until timed on a GPU, two variants whose sm_90 loops feed the decoded weights to the MMA
-# from registers, with none of the shared-memory round trip and barrier per K-step of "halves" (RESULTS.md,
-# eleventh session): "quarters" (quarter-planes, 16-bit MMA, exact like "halves") and "fp8" (W4A8 on FP8 tensor
-# cores where the GPU has them, whose adds are of reduced precision, ~1e-4; W4A16 keeps "halves").
-MMA_VARIANT = "halves"
+MMA_MAX_M = 128
+# The small-M kernel's operands, for groups of 64 and 128 (groups of 32 always take "halves"): "fp8" (default; W4A8
+# on FP8 tensor cores where the GPU has them, else "halves"; the decoded weights are exact in E4M3, the MMA's adds
+# are of reduced precision, ~1e-4; W4A16 takes "halves"), "halves" (half-planes, 16-bit MMA, exact) or "quarters"
+# (quarter-planes, 16-bit MMA, exact). On an H200 "fp8" was the fastest at every M from 2 to 64 (mean over the
+# Llama-3.1-8B shapes 1.32x bf16 at M = 16 against 1.15x for "halves"; benchmarks/RESULTS.md, twelfth session).
+MMA_VARIANT = "fp8"
 MMA_VARIANTS = ("halves", "quarters", "fp8")
-# W4A8 with at least this many rows: the weight converted once (to FP8 for the block-scaled path, else to fp16)
-# and cuBLAS multiplies (prefill); benchmarks/bench_gemm.py measures the paths around it.
-DEQUANT_MIN_M = 256
+# At least this many rows (prefill): the weight converted once (W4A8: to FP8 for the block-scaled path, else to
+# fp16; W4A16: to the activations' type) and cuBLAS multiplies; benchmarks/bench_gemm.py measures the paths around it.
+DEQUANT_MIN_M = MMA_MAX_M + 1
 _MM_CONFIGS = {
     "small": [  # M <= 16: weight-streaming, many programs
         _cfg(4, 4, BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, GROUP_M=1), _cfg(4, 4, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1),
@@ -468,6 +473,24 @@ def _dequant_matmul(x: torch.Tensor, weight: BitMoDTensor | Int4Tensor, bias: to
 
 
 _MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype")  # fp16 x fp16 -> fp32 output in one cuBLAS call
+
+
+def _dequant_matmul_16bit(x: torch.Tensor, weight: BitMoDTensor | Int4Tensor, bias: torch.Tensor | None,
+                          y: torch.Tensor) -> None:
+    """y = x @ (W dequantized to x's 16-bit type)^T + bias, accumulated in fp32 by cuBLAS: W4A16's prefill.
+
+    Each weight is rounded once to x.dtype (2**-9 relative in bf16, 2**-11 in fp16), as in Marlin-style W4A16
+    kernels; bias and a 16-bit output are one cuBLAS epilogue, other outputs one fused pass over the fp32 product.
+    """
+    w16 = dequantize_w4(weight, x.dtype)
+    if y.dtype == x.dtype:
+        if bias is None:
+            torch.mm(x, w16.t(), out=y)
+        else:
+            torch.addmm(bias.to(y.dtype), x, w16.t(), out=y)
+        return
+    acc = torch.mm(x, w16.t(), out_dtype=torch.float32) if x.is_cuda and _MM_OUT_DTYPE else x.float() @ w16.float().t()
+    rows_epilogue(acc[None], None, bias, y)
 
 # W4A8 prefill with groups of 128 on Hopper: FP8 x FP8 in cuBLAS with 1x128 block scales on both operands (the
 # tokens' scales on the activations, the groups' scales on the weights), through torch's scaled_mm where it has
@@ -643,6 +666,9 @@ def w4_matmul(
         return y.reshape(*lead, n)
     if a_fp8 and m >= DEQUANT_MIN_M:
         _dequant_matmul(x2, weight, bias, y)
+        return y.reshape(*lead, n)
+    if not a_fp8 and m >= DEQUANT_MIN_M:
+        _dequant_matmul_16bit(x2 if x2.dtype != torch.float32 else x2.to(torch.bfloat16), weight, bias, y)
         return y.reshape(*lead, n)
     fp8_dot = fp8_dot_supported(x.device)
     if a_fp8:  # FP8 codes for FP8 tensor cores; elsewhere fp16, which holds every E4M3 value (no FP8 type before sm_89)

@@ -1,13 +1,14 @@
-"""W4A8 / W4A16 GEMM for small M (decode and short prompts, M <= 64) on tensor cores: y = Q_act(x) @ W^T + bias.
+"""W4A8 / W4A16 GEMM for small M (decode and short prompts, M <= 128) on tensor cores: y = Q_act(x) @ W^T + bias.
 
 The weight is the left MMA operand ("swap AB": output features fill the MMA's M dimension, the few tokens its N
 dimension, padded to 16), so a GEMV uses the tensor cores instead of one fp32 FMA per weight on CUDA cores.
 Each K-step is one quantization group: the packed codes are decoded in registers to fp16 integers (BitMoD grid
 x 2 in [-16, 16], or INT4 code - zero point), the MMA accumulates their products with the FP8 activation codes
 (exact in fp16) in fp32, and the group scale multiplies that partial sum once per output. The token scale, the
-BitMoD 1/2, bias and the output cast are applied once per output at the end. Opt-in (gemm_w4.MMA_VARIANT, groups
-of 64 and 128): quarter-planes (below), or the decoded integers and the activation codes as E4M3 on FP8 tensor
-cores, whose adds are of reduced precision (~1e-4 relative); both feed the weights to the MMA from registers.
+BitMoD 1/2, bias and the output cast are applied once per output at the end. With groups of 64 and 128
+(gemm_w4.MMA_VARIANT): W4A8 on FP8 tensor cores by default, the decoded integers and the activation codes as E4M3
+(exact; the MMA's adds are of reduced precision, ~1e-4 relative), or opt-in quarter-planes (below); both feed the
+weights to the MMA from registers.
 
 Decode (common.decode_halves, shared with the decode attention's K/V): on the GPU common.decode_word16 (inline
 PTX, one 32-bit word of 8 codes per invocation); under the interpreter the same values come from decode_w4. Each
@@ -145,22 +146,40 @@ def _rows_epilogue_kernel(part_ptr, xs_ptr, b_ptr, y_ptr, M, N, stride_ym, SPLIT
 MMA_CONFIG = (64, 4, 4)
 MMA_OVERRIDE: tuple[int, int, int] | None = None
 MMA_PROGRAMS_PER_SM = 4  # split K until the grid has about this many programs per SM
+SHARED_RESERVE = 16384  # bytes of shared memory a program needs beside its pipeline stages (layout conversions)
 _SM_COUNT: dict[int, int] = {}
+_SHARED_BYTES: dict[int, int] = {}
+
+
+def _device_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
 
 
 def _sm_count(device: torch.device) -> int:
     if device.type != "cuda":
         return 8  # the interpreter: a small "GPU", so that tests exercise split-K
-    index = device.index if device.index is not None else torch.cuda.current_device()
+    index = _device_index(device)
     if index not in _SM_COUNT:
         _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
     return _SM_COUNT[index]
 
 
+def fitting_stages(stages: int, block_m: int, block_n: int, group: int, x_bytes: int, device: torch.device) -> int:
+    """At most `stages` pipeline stages, as many as fit the GPU's shared memory per program: each holds one group of
+    the activations (block_m rows of x_bytes each) and of the packed weight (block_n rows of group / 2 bytes)."""
+    if device.type != "cuda":
+        return stages
+    index = _device_index(device)
+    if index not in _SHARED_BYTES:
+        _SHARED_BYTES[index] = triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"]
+    per_stage = group * (block_m * x_bytes + block_n // 2)
+    return max(1, min(stages, (_SHARED_BYTES[index] - SHARED_RESERVE) // per_stage))
+
+
 def w4_mma_matmul(x_halves: torch.Tensor, x_scales: torch.Tensor | None, words: torch.Tensor,
                   scales: torch.Tensor, aux: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor, group: int,
                   is_bitmod: bool, use_asm: bool, split_k: int | None = None, quarters: bool = False) -> None:
-    """y [M, N] = x @ W^T for M <= 64 (callers validate: gemm_w4.w4_matmul).
+    """y [M, N] = x @ W^T for M <= 128 (callers validate: gemm_w4.w4_matmul).
 
     x_halves [M, K] in half-plane order: W4A8 FP8 codes (fp16, or float8_e4m3fn for FP8 tensor cores, groups of
     64 and 128) with x_scales fp32 [M]; W4A16 the bf16 or fp16 activations with x_scales None. words: the packed
@@ -176,6 +195,7 @@ def w4_mma_matmul(x_halves: torch.Tensor, x_scales: torch.Tensor | None, words: 
     n = words.shape[0]
     block_n, warps, stages = MMA_OVERRIDE or MMA_CONFIG
     block_m = max(16, next_power_of_2(m))
+    stages = fitting_stages(stages, block_m, block_n, group, x_halves.element_size(), y.device)
     n_groups = k // group
     tiles = cdiv(n, block_n)
     if split_k is None:

@@ -71,6 +71,17 @@ def test_rows_epilogue_sums_splits_in_chunks_of_rows(monkeypatch):
         w4_mma.rows_epilogue(part.transpose(1, 2), scales, bias, y)
 
 
+@pytest.mark.parametrize("shared_bytes,x_bytes,want", [(232448, 2, 4), (232448, 1, 4), (101376, 2, 2), (101376, 1, 4),
+                                                      (40000, 2, 1)])
+def test_pipeline_stages_fit_the_gpus_shared_memory(monkeypatch, shared_bytes, x_bytes, want):
+    """128 token rows at groups of 128: 16-bit activations take 36 KB per stage, FP8 codes 20 KB (H100's 227 KB
+    holds 4 of either, a 99 KB GPU 2 or 4); a GPU too small for one full stage still gets one (Triton then says
+    what it lacks)."""
+    monkeypatch.setattr(w4_mma, "_SHARED_BYTES", {0: shared_bytes})
+    assert w4_mma.fitting_stages(4, 128, 64, 128, x_bytes, torch.device("cuda", 0)) == want
+    assert w4_mma.fitting_stages(4, 128, 64, 128, x_bytes, torch.device("cpu")) == 4
+
+
 def test_halves_activation_layout_is_a_permutation_of_the_codes():
     x = torch.randn(3, 96, dtype=torch.bfloat16) * 5
     codes, scales = quantize_activation_fp8(x)
