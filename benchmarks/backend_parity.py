@@ -6,6 +6,14 @@ Meant for a GPU. On a machine without CUDA the triton backend runs its kernels i
 (set here before Triton is imported): the same kernel code, but for SmolLM2-135M about 2.5 minutes per
 generated token on 2 cores (0.7 s per decode GEMV call, 210 calls a token), so use a GPU or a tiny model.
 Prints one line per prompt and a summary.
+
+    python benchmarks/backend_parity.py --sensitivity
+
+instead compares each prompt's next-token logits: each backend's top 3, the backends' difference, and how much each
+backend's logits move when the input embeddings are scaled by 1 + 1e-6 noise. The quantized model rounds its
+activations to FP8, its keys and values to 4 bits and its attention probabilities to UE4M4, so it is discontinuous:
+a perturbation far below any format's resolution can flip a rounding and move the logits as much as the two
+backends' fp32 summation orders do, which is why greedy texts part after a few tokens on a GPU.
 """
 
 from __future__ import annotations
@@ -31,6 +39,33 @@ def greedy(model, tokenizer, prompt: str, tokens: int) -> list[int]:
     return out[0, ids.shape[1]:].tolist()
 
 
+def _top3(tokenizer, logits: torch.Tensor) -> str:
+    values, ids = torch.topk(logits, 3)
+    return ", ".join(f"{tokenizer.decode([int(i)])!r} {float(v):.3f}" for v, i in zip(values, ids))
+
+
+def _change(new: torch.Tensor, old: torch.Tensor) -> str:
+    return f"rel {float((new - old).norm() / old.norm()):.2e}, max |d| {float((new - old).abs().max()):.3f}"
+
+
+def sensitivity(base, models: dict, tokenizer, noise: float = 1e-6, seed: int = 0) -> None:
+    """Next-token logits of each prompt on each backend against the other's and against its own under inputs
+    perturbed by `noise` (relative), next to the unquantized model's change under the same perturbation."""
+    gen = torch.Generator(device=base.device).manual_seed(seed)
+    for prompt in PROMPTS:
+        ids = tokenizer(prompt, return_tensors="pt")["input_ids"].to(base.device)
+        with torch.no_grad():
+            clean = base.get_input_embeddings()(ids)
+            noisy = clean * (1 + noise * torch.randn(clean.shape, device=clean.device, generator=gen))
+            logits = {name: (m(inputs_embeds=clean).logits[0, -1].float(), m(inputs_embeds=noisy).logits[0, -1].float())
+                      for name, m in {"unquantized": base, **models}.items()}
+        print(f"{prompt!r}:")
+        for name, (at_clean, at_noisy) in logits.items():
+            print(f"  {name:>11}: top 3 {_top3(tokenizer, at_clean)}; inputs x (1 + {noise:g} noise): {_change(at_noisy, at_clean)}")
+        (a, (la, _)), (b, (lb, _)) = list(logits.items())[1:]
+        print(f"  {b} vs {a}: {_change(lb, la)}", flush=True)
+
+
 def main() -> None:
     import p3quant
 
@@ -40,7 +75,11 @@ def main() -> None:
     parser.add_argument("--group-size", type=int, default=64)
     parser.add_argument("--backends", nargs=2, default=["torch", "triton"])
     parser.add_argument("--tokens", type=int, default=12)
+    parser.add_argument("--sensitivity", action="store_true",
+                        help="compare next-token logits and their change under 1e-6 input noise instead of greedy text")
     args = parser.parse_args()
+    if args.backends[0] == args.backends[1]:
+        parser.error("--backends takes two different backends")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu":
         # The interpreter pays per program and per op: wider GEMV tiles (same kernel code), and short prompts through
@@ -53,8 +92,12 @@ def main() -> None:
     base, tokenizer = p3quant.models.load(args.model, device=device)
     models = {name: p3quant.quantize(copy.deepcopy(base), p3quant.P3Config.preset(args.preset, backend=name, weight_group_size=args.group_size))
               for name in args.backends}
+    what = "next-token logits" if args.sensitivity else f"{args.tokens} greedy tokens"
     print(f"{args.model} {args.preset} g{args.group_size} on {device} (TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')}), "
-          f"torch {torch.__version__}, {args.tokens} greedy tokens")
+          f"torch {torch.__version__}, {what}")
+    if args.sensitivity:
+        sensitivity(base, models, tokenizer)
+        return
     same = 0
     for prompt in PROMPTS:
         runs = {}

@@ -21,10 +21,10 @@ with a per-token scale (W4A8, see act_quant.py); the token scale is applied once
 - W4A16 at M >= DEQUANT_MIN_M (prefill): the weight dequantized once to the activations' 16-bit type (one
   rounding per weight, as Marlin-style W4A16 kernels) and cuBLAS; the tiled kernel below measured 0.10-0.18x bf16
   there (benchmarks/RESULTS.md, twelfth session).
-- Otherwise (only where MMA_MAX_M and DEQUANT_MIN_M are set to leave a gap between them): the tiled tensor-core kernel (tl.dot) over
-  K-blocks that never straddle a group. W4A8 multiplies FP8 x FP8 (both exact: every BitMoD grid value and INT4
-  code difference is an E4M3 number) on GPUs with FP8 tensor cores; W4A16 multiplies the integer weights in the
-  activation dtype.
+- Otherwise (only where MMA_MAX_M and DEQUANT_MIN_M are set to leave a gap between them): the tiled tensor-core
+  kernel (tl.dot) over K-blocks that never straddle a group. W4A8 multiplies FP8 x FP8 (both exact: every BitMoD
+  grid value and INT4 code difference is an E4M3 number) on GPUs with FP8 tensor cores; W4A16 multiplies the
+  integer weights in the activation dtype.
 Accumulation is fp32; results differ from the torch reference by summation order, the FP8 tensor cores'
 reduced-precision adds, the prefill paths' one rounding per weight, and, for W4A8, the reference rounding Q_act(x)
 to x.dtype before its matmul.
@@ -491,6 +491,7 @@ def _dequant_matmul_16bit(x: torch.Tensor, weight: BitMoDTensor | Int4Tensor, bi
         return
     acc = torch.mm(x, w16.t(), out_dtype=torch.float32) if x.is_cuda and _MM_OUT_DTYPE else x.float() @ w16.float().t()
     rows_epilogue(acc[None], None, bias, y)
+
 
 # W4A8 prefill with groups of 128 on Hopper: FP8 x FP8 in cuBLAS with 1x128 block scales on both operands (the
 # tokens' scales on the activations, the groups' scales on the weights), through torch's scaled_mm where it has

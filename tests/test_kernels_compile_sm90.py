@@ -115,8 +115,8 @@ out["kv_at"] = compile_ptx(kv_append._int4_kv_at_kernel, ["*bf16", "*fp32", "*u8
 out["rmsnorm"] = compile_ptx(rmsnorm._rmsnorm_kernel, ["*bf16"] * 3 + ["*fp32", "*fp32", "i32", "fp32", "i32", "i32", "i32"],
                              dict(BLOCK_K=4096, LAYOUT=1, NATIVE_E4M3=True, PDL=True),
                              divisible=("K", "stride_xm", "stride_ym", "stride_qm"), num_warps=16)
-# the tiled kernel (where MMA_MAX_M and DEQUANT_MIN_M leave a gap) with FP8 x FP8 tensor cores, and in bf16 (W4A16); the prefill's KV-cache
-# quantization
+# the tiled kernel (where MMA_MAX_M and DEQUANT_MIN_M leave a gap) with FP8 x FP8 tensor cores, and in bf16
+# (W4A16); the prefill's KV-cache quantization
 mm_types = ["*fp16", "*fp32", "*u8", "*fp16", "*u8", "*bf16", "*bf16"] + ["i32"] * 9
 for name, x_type, a_fp8 in (("mm_fp8", "*fp8e4nv", True), ("mm_bf16", "*bf16", False)):
     out[name] = compile_ptx(gemm_w4._w4_mm_kernel, [x_type] + mm_types[1:],
