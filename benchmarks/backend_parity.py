@@ -9,11 +9,12 @@ Prints one line per prompt and a summary.
 
     python benchmarks/backend_parity.py --sensitivity
 
-instead compares each prompt's next-token logits: each backend's top 3, the backends' difference, and how much each
-backend's logits move when the input embeddings are scaled by 1 + 1e-6 noise. The quantized model rounds its
-activations to FP8, its keys and values to 4 bits and its attention probabilities to UE4M4, so it is discontinuous:
-a perturbation far below any format's resolution can flip a rounding and move the logits as much as the two
-backends' fp32 summation orders do, which is why greedy texts part after a few tokens on a GPU.
+instead compares each prompt's next-token logits: each backend's top 3, the backends' difference, and how much
+each backend's logits move when the input embeddings are scaled by 1 + 1e-6 noise; --layers feeds each decoder
+layer of the second backend the first one's input to it and compares their outputs layer by layer. The quantized
+model rounds its activations to FP8, its keys and values to 4 bits and its attention probabilities to UE4M4, so it
+is discontinuous: a perturbation far below any format's resolution can flip a rounding and move the logits as much
+as the two backends' fp32 summation orders do, which is why greedy texts part after a few tokens on a GPU.
 """
 
 from __future__ import annotations
@@ -66,6 +67,56 @@ def sensitivity(base, models: dict, tokenizer, noise: float = 1e-6, seed: int = 
         print(f"  {b} vs {a}: {_change(lb, la)}", flush=True)
 
 
+def _decoder_layers(model) -> list[torch.nn.Module]:
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if layers is None:
+        raise ValueError(f"--layers needs a model with model.layers (a decoder stack), got {type(model).__name__}")
+    return list(layers)
+
+
+def layerwise(models: dict, tokenizer, prompt: str = PROMPTS[0]) -> None:
+    """Teacher-forced comparison: each decoder layer of the second backend is fed the first backend's input to
+    that layer, so each line shows what one layer adds (fp32 summation order, and any rounding it flips), not
+    what the layers before it passed on."""
+    (first, model_a), (second, model_b) = models.items()
+    inputs, outputs = {}, {first: {}, second: {}}
+
+    def hooks(name: str, i: int):
+        def pre(module, args, kwargs):
+            if name == first:
+                inputs[i] = (args[0] if args else kwargs["hidden_states"]).clone()
+            elif args:
+                args = (inputs[i],) + tuple(args[1:])
+            else:
+                kwargs = dict(kwargs, hidden_states=inputs[i])
+            return args, kwargs
+
+        def post(module, args, kwargs, out):
+            outputs[name][i] = (out[0] if isinstance(out, tuple) else out).detach().double()
+        return pre, post
+
+    handles = []
+    for name, model in models.items():
+        for i, layer in enumerate(_decoder_layers(model)):
+            pre, post = hooks(name, i)
+            handles += [layer.register_forward_pre_hook(pre, with_kwargs=True),
+                        layer.register_forward_hook(post, with_kwargs=True)]
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"].to(next(model_a.parameters()).device)
+    try:
+        with torch.no_grad():
+            model_a(ids)
+            model_b(ids)
+    finally:
+        for handle in handles:
+            handle.remove()
+    print(f"{prompt!r}, each layer of {second} fed {first}'s input to it:")
+    for i, a in outputs[first].items():
+        d = outputs[second][i] - a
+        off = int((d.abs() > 1e-3 * a.abs().amax(-1, keepdim=True)).sum())
+        print(f"  layer {i:2d}: rel {float(d.norm() / a.norm()):.2e}, max |d| {float(d.abs().max()):.2e}, "
+              f"elements off by > 1e-3 of their row's largest: {off} of {a.numel()}", flush=True)
+
+
 def main() -> None:
     import p3quant
 
@@ -77,6 +128,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=12)
     parser.add_argument("--sensitivity", action="store_true",
                         help="compare next-token logits and their change under 1e-6 input noise instead of greedy text")
+    parser.add_argument("--layers", action="store_true",
+                        help="compare each decoder layer's output on the first prompt, fed the same input, instead")
     args = parser.parse_args()
     if args.backends[0] == args.backends[1]:
         parser.error("--backends takes two different backends")
@@ -92,9 +145,13 @@ def main() -> None:
     base, tokenizer = p3quant.models.load(args.model, device=device)
     models = {name: p3quant.quantize(copy.deepcopy(base), p3quant.P3Config.preset(args.preset, backend=name, weight_group_size=args.group_size))
               for name in args.backends}
-    what = "next-token logits" if args.sensitivity else f"{args.tokens} greedy tokens"
+    what = ("decoder layers, teacher-forced" if args.layers else "next-token logits" if args.sensitivity
+            else f"{args.tokens} greedy tokens")
     print(f"{args.model} {args.preset} g{args.group_size} on {device} (TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')}), "
           f"torch {torch.__version__}, {what}")
+    if args.layers:
+        layerwise(models, tokenizer)
+        return
     if args.sensitivity:
         sensitivity(base, models, tokenizer)
         return
