@@ -4,10 +4,10 @@ shapes (and 8192x8192) over M = 1..4096.
 
 W4A8 runs the tensor-core small-M kernel at gemm_w4.MMA_MIN_M <= M <= MMA_MAX_M and dequantizes the weight once
 and multiplies with cuBLAS at M >= DEQUANT_MIN_M (FP8 with block scales, or an fp16 copy); the "small-M" columns
-(one per operand variant, gemm_w4.MMA_VARIANT), the "fused" column (the tiled kernel, used
-only where those bounds leave a gap) and the "dequant" columns time each W4A8 path at every M > 1 (small-M up to
-MMA_MAX_M) so the thresholds can be read off the table; the small-M columns also at M = 1, against the GEMV. W4A16
-("W4A16" column) takes the same small-M kernel and, from DEQUANT_MIN_M, a 16-bit dequantized copy and cuBLAS.
+(one per operand variant, gemm_w4.MMA_VARIANT), the "fused" column (the tiled kernel, used only where those bounds
+leave a gap) and the "dequant" columns time each W4A8 path at every M > 1 (small-M up to MMA_MAX_M) so the
+thresholds can be read off the table; the small-M columns also at M = 1, against the GEMV. W4A16 ("W4A16" column)
+takes the same small-M kernel and, from DEQUANT_MIN_M, a 16-bit dequantized copy and cuBLAS.
 
 At M >= DEQUANT_MIN_M the "dequant" column times the fp16 copy of the weight and the "FP8 block-scaled" column
 the FP8 values with cuBLAS's 1x128 block scales (the default with groups of 128 on Hopper).
