@@ -67,54 +67,18 @@ def sensitivity(base, models: dict, tokenizer, noise: float = 1e-6, seed: int = 
         print(f"  {b} vs {a}: {_change(lb, la)}", flush=True)
 
 
-def _decoder_layers(model) -> list[torch.nn.Module]:
-    layers = getattr(getattr(model, "model", None), "layers", None)
-    if layers is None:
-        raise ValueError(f"--layers needs a model with model.layers (a decoder stack), got {type(model).__name__}")
-    return list(layers)
-
-
 def layerwise(models: dict, tokenizer, prompt: str = PROMPTS[0]) -> None:
-    """Teacher-forced comparison: each decoder layer of the second backend is fed the first backend's input to
-    that layer, so each line shows what one layer adds (fp32 summation order, and any rounding it flips), not
-    what the layers before it passed on."""
+    """Each decoder layer of the second backend fed the first backend's input to it (p3quant.eval.layer_diff), so
+    each line shows what one layer adds (fp32 summation order, and any rounding it flips), not what the layers
+    before it passed on."""
+    from p3quant.eval.layer_diff import layer_differences
+
     (first, model_a), (second, model_b) = models.items()
-    inputs, outputs = {}, {first: {}, second: {}}
-
-    def hooks(name: str, i: int):
-        def pre(module, args, kwargs):
-            if name == first:
-                inputs[i] = (args[0] if args else kwargs["hidden_states"]).clone()
-            elif args:
-                args = (inputs[i],) + tuple(args[1:])
-            else:
-                kwargs = dict(kwargs, hidden_states=inputs[i])
-            return args, kwargs
-
-        def post(module, args, kwargs, out):
-            outputs[name][i] = (out[0] if isinstance(out, tuple) else out).detach().double()
-        return pre, post
-
-    handles = []
-    for name, model in models.items():
-        for i, layer in enumerate(_decoder_layers(model)):
-            pre, post = hooks(name, i)
-            handles += [layer.register_forward_pre_hook(pre, with_kwargs=True),
-                        layer.register_forward_hook(post, with_kwargs=True)]
     ids = tokenizer(prompt, return_tensors="pt")["input_ids"].to(next(model_a.parameters()).device)
-    try:
-        with torch.no_grad():
-            model_a(ids)
-            model_b(ids)
-    finally:
-        for handle in handles:
-            handle.remove()
     print(f"{prompt!r}, each layer of {second} fed {first}'s input to it:")
-    for i, a in outputs[first].items():
-        d = outputs[second][i] - a
-        off = int((d.abs() > 1e-3 * a.abs().amax(-1, keepdim=True)).sum())
-        print(f"  layer {i:2d}: rel {float(d.norm() / a.norm()):.2e}, max |d| {float(d.abs().max()):.2e}, "
-              f"elements off by > 1e-3 of their row's largest: {off} of {a.numel()}", flush=True)
+    for d in layer_differences(model_a, model_b, ids):
+        print(f"  layer {d.layer:2d}: rel {d.relative:.2e}, max |d| {d.max_abs:.2e}, "
+              f"elements off by > 1e-3 of their row's largest: {d.off_elements} of {d.elements}", flush=True)
 
 
 def main() -> None:
