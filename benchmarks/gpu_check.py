@@ -81,7 +81,7 @@ def check_gemm() -> list[str]:
             out.append(_check_gemm_case(*case))
         except Exception as err:  # noqa: BLE001  (one failing case must not hide the others)
             out.append(f"FAIL gemm {case}: {type(err).__name__}: {str(err)[:200]}")
-    for variant in gemm_w4.MMA_VARIANTS:  # the small-M kernel's opt-in variants
+    for variant in gemm_w4.MMA_VARIANTS:  # the small-M kernel's other operand variants
         if variant == gemm_w4.MMA_VARIANT:
             continue
         with mock.patch.object(gemm_w4, "MMA_VARIANT", variant):

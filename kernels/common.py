@@ -110,6 +110,30 @@ def device_capability(index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)
 
 
+def _index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def sm_count(device: torch.device) -> int:
+    """The CUDA device's number of SMs (cached)."""
+    return _sm_count(_index(device))
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def shared_memory_bytes(device: torch.device) -> int:
+    """Shared memory one program may use on the CUDA device (the opt-in maximum per block; cached)."""
+    return _shared_memory_bytes(_index(device))
+
+
+@functools.cache
+def _shared_memory_bytes(index: int) -> int:
+    return triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"]
+
+
 @functools.cache
 def _triton_launches_pdl() -> bool:
     """Whether this Triton's CUDA launcher takes launch_pdl (Triton >= 3.3; the package allows 3.1)."""

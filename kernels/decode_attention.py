@@ -39,7 +39,7 @@ from p3quant.formats import Int4Tensor
 
 from .common import (cdiv, decode_halves, FP16_TINY, fp8_token_scale, interpreting, native_e4m3, next_power_of_2,
                      nvidia_compiled, on_input_device, pdl_begin, pdl_launch, require_device, round_e4m3, round_minifloat,
-                     round_to_output)
+                     round_to_output, sm_count)
 
 UE4M4_MAX = tl.constexpr(1.9375)
 _BLOCK_R = 16
@@ -342,9 +342,7 @@ def _combine_kernel(part_ptr, out_ptr, S1, D, BLOCK_S: tl.constexpr, BLOCK_D: tl
 
 
 def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 4
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    return sm_count(device) if device.type == "cuda" else 4
 
 
 def _words(what: str, name: str, packed: torch.Tensor) -> torch.Tensor:

@@ -457,40 +457,27 @@ def _gemv_input(x: torch.Tensor, x2: torch.Tensor, activation_format: str) -> tu
     return quantize_activation_once(x, x2, "split_16bit")[0], None
 
 
-def _dequant_matmul(x: torch.Tensor, weight: BitMoDTensor | Int4Tensor, bias: torch.Tensor | None, y: torch.Tensor) -> None:
-    """y = (FP8 codes of x) @ fp16(dequantized W)^T * row scales + bias, accumulated in fp32 by cuBLAS.
+def _dequant_matmul(a: torch.Tensor, row_scales: torch.Tensor | None, weight: BitMoDTensor | Int4Tensor,
+                    bias: torch.Tensor | None, y: torch.Tensor) -> None:
+    """y = a @ (W dequantized to a's 16-bit type)^T (* row_scales) + bias, accumulated in fp32 by cuBLAS: the
+    prefill of W4A8 (a: the FP8 codes in fp16, exact, with their token scales) and of W4A16 (a: the activations).
 
-    The FP8 values are exact in fp16; the only rounding beyond fp32 summation is the weight's to fp16. Row
+    The only rounding beyond fp32 summation is each weight's to a.dtype (fp16: 2**-11 relative; bf16: 2**-9, as in
+    Marlin-style W4A16 kernels). W4A16 with a 16-bit output adds the bias in cuBLAS's epilogue; otherwise row
     scales, bias and the output cast are one fused pass over the fp32 product.
     """
-    a16, scales = quantize_activation_fp8(x, torch.float16)
-    w16 = dequantize_w4(weight, torch.float16)
-    if a16.is_cuda and _MM_OUT_DTYPE:
-        acc = torch.mm(a16, w16.t(), out_dtype=torch.float32)
-    else:
-        acc = a16.float() @ w16.float().t()
-    rows_epilogue(acc[None], scales, bias, y)
-
-
-_MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype")  # fp16 x fp16 -> fp32 output in one cuBLAS call
-
-
-def _dequant_matmul_16bit(x: torch.Tensor, weight: BitMoDTensor | Int4Tensor, bias: torch.Tensor | None,
-                          y: torch.Tensor) -> None:
-    """y = x @ (W dequantized to x's 16-bit type)^T + bias, accumulated in fp32 by cuBLAS: W4A16's prefill.
-
-    Each weight is rounded once to x.dtype (2**-9 relative in bf16, 2**-11 in fp16), as in Marlin-style W4A16
-    kernels; bias and a 16-bit output are one cuBLAS epilogue, other outputs one fused pass over the fp32 product.
-    """
-    w16 = dequantize_w4(weight, x.dtype)
-    if y.dtype == x.dtype:
+    w16 = dequantize_w4(weight, a.dtype)
+    if row_scales is None and y.dtype == a.dtype:
         if bias is None:
-            torch.mm(x, w16.t(), out=y)
+            torch.mm(a, w16.t(), out=y)
         else:
-            torch.addmm(bias.to(y.dtype), x, w16.t(), out=y)
+            torch.addmm(bias.to(y.dtype), a, w16.t(), out=y)
         return
-    acc = torch.mm(x, w16.t(), out_dtype=torch.float32) if x.is_cuda and _MM_OUT_DTYPE else x.float() @ w16.float().t()
-    rows_epilogue(acc[None], None, bias, y)
+    acc = torch.mm(a, w16.t(), out_dtype=torch.float32) if a.is_cuda and _MM_OUT_DTYPE else a.float() @ w16.float().t()
+    rows_epilogue(acc[None], row_scales, bias, y)
+
+
+_MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype")  # 16-bit x 16-bit -> fp32 output in one cuBLAS call
 
 
 # W4A8 prefill with groups of 128 on Hopper: FP8 x FP8 in cuBLAS with 1x128 block scales on both operands (the
@@ -665,11 +652,12 @@ def w4_matmul(
         a, xs = _gemv_input(x, x2, activation_format)
         _gemv(a, xs, [(prep, bias, y)], GEMV_USE_ASM and nvidia_compiled(x.device))
         return y.reshape(*lead, n)
-    if a_fp8 and m >= DEQUANT_MIN_M:
-        _dequant_matmul(x2, weight, bias, y)
-        return y.reshape(*lead, n)
-    if not a_fp8 and m >= DEQUANT_MIN_M:
-        _dequant_matmul_16bit(x2 if x2.dtype != torch.float32 else x2.to(torch.bfloat16), weight, bias, y)
+    if m >= DEQUANT_MIN_M:
+        if a_fp8:
+            a, xs = quantize_activation_fp8(x2, torch.float16)
+        else:
+            a, xs = (x2 if x2.dtype != torch.float32 else x2.to(torch.bfloat16)), None
+        _dequant_matmul(a, xs, weight, bias, y)
         return y.reshape(*lead, n)
     fp8_dot = fp8_dot_supported(x.device)
     if a_fp8:  # FP8 codes for FP8 tensor cores; elsewhere fp16, which holds every E4M3 value (no FP8 type before sm_89)

@@ -27,7 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import cdiv, clamped_rows, decode_halves, decode_quarters, next_power_of_2, pdl_begin, pdl_launch
+from .common import (cdiv, clamped_rows, decode_halves, decode_quarters, next_power_of_2, pdl_begin, pdl_launch,
+                     shared_memory_bytes, sm_count)
 
 
 @triton.jit
@@ -147,21 +148,10 @@ MMA_CONFIG = (64, 4, 4)
 MMA_OVERRIDE: tuple[int, int, int] | None = None
 MMA_PROGRAMS_PER_SM = 4  # split K until the grid has about this many programs per SM
 SHARED_RESERVE = 16384  # bytes of shared memory a program needs beside its pipeline stages (layout conversions)
-_SM_COUNT: dict[int, int] = {}
-_SHARED_BYTES: dict[int, int] = {}
-
-
-def _device_index(device: torch.device) -> int:
-    return device.index if device.index is not None else torch.cuda.current_device()
 
 
 def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 8  # the interpreter: a small "GPU", so that tests exercise split-K
-    index = _device_index(device)
-    if index not in _SM_COUNT:
-        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return _SM_COUNT[index]
+    return sm_count(device) if device.type == "cuda" else 8  # the interpreter: a small "GPU", so tests split K
 
 
 def fitting_stages(stages: int, block_m: int, block_n: int, group: int, x_bytes: int, device: torch.device) -> int:
@@ -169,11 +159,8 @@ def fitting_stages(stages: int, block_m: int, block_n: int, group: int, x_bytes:
     the activations (block_m rows of x_bytes each) and of the packed weight (block_n rows of group / 2 bytes)."""
     if device.type != "cuda":
         return stages
-    index = _device_index(device)
-    if index not in _SHARED_BYTES:
-        _SHARED_BYTES[index] = triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"]
     per_stage = group * (block_m * x_bytes + block_n // 2)
-    return max(1, min(stages, (_SHARED_BYTES[index] - SHARED_RESERVE) // per_stage))
+    return max(1, min(stages, (shared_memory_bytes(device) - SHARED_RESERVE) // per_stage))
 
 
 def w4_mma_matmul(x_halves: torch.Tensor, x_scales: torch.Tensor | None, words: torch.Tensor,

@@ -30,8 +30,8 @@ def compile_ptx(fn, types, constexprs, divisible=(), arch=90, **options):
 
 out = {}
 mma_types = ["*fp16", "*fp32", "*i32", "*fp16", "*u8", "*bf16", "*bf16", "*fp32"] + ["i32"] * 9
-# W4A8 with split-K partials; W4A8 with the fused epilogue; W4A16 in bf16; the opt-in variants (gemm_w4.MMA_VARIANT):
-# W4A8 on FP8 tensor cores, quarter-planes in W4A8 and W4A16
+# W4A8 with split-K partials; W4A8 with the fused epilogue; W4A16 in bf16; the other operand variants
+# (gemm_w4.MMA_VARIANT): W4A8 on FP8 tensor cores (the default on FP8 GPUs), quarter-planes in W4A8 and W4A16
 for name, is_bitmod, block_m, split_k, x_type, quarters in (
         ("mma_bitmod=True", True, 16, 2, "*fp16", False), ("mma_bitmod=False", False, 64, 1, "*fp16", False),
         ("mma_w4a16_bf16", True, 32, 1, "*bf16", False), ("mma_fp8", True, 16, 1, "*fp8e4nv", False),

@@ -54,10 +54,10 @@ CASES = [  # M, N, K, group, weight format, activation format
 
 
 # W4A8 at 1 < M < DEQUANT_MIN_M again through the tiled FP8 kernel (the small-M tensor-core kernel takes them by
-# default), and at 1 < M <= 64 with groups of 64 / 128 through the small-M kernel's opt-in variants
+# default), and at 1 < M <= 64 with groups of 64 / 128 through the small-M kernel's other operand variants
 ROUTES = ([(*case, "default") for case in CASES] + [(*case, "tiled") for case in CASES if 1 < case[0] < 128 and case[5] == "fp8_e4m3"]
           + [(*case, f"mma_{variant}") for case in CASES if 1 < case[0] <= 64 and case[3] >= 64
-             for variant in ("quarters", "fp8")])
+             for variant in gemm_w4.MMA_VARIANTS if variant != gemm_w4.MMA_VARIANT])
 
 
 @pytest.mark.parametrize("m,n,k,group,wfmt,afmt,route", ROUTES)
@@ -67,7 +67,7 @@ def test_w4_matmul_matches_exact_quantized_product(monkeypatch, m, n, k, group, 
         monkeypatch.setattr(gemm_w4, "MMA_MAX_M", 0)
     if route.startswith("mma_"):
         monkeypatch.setattr(gemm_w4, "MMA_VARIANT", route[4:])
-        want = {"quarters": "quarters", "fp8": "halves_fp8"}[route[4:]] if afmt == "fp8_e4m3" else (
+        want = {"halves": "halves", "quarters": "quarters", "fp8": "halves_fp8"}[route[4:]] if afmt == "fp8_e4m3" else (
             "quarters_bf16" if route == "mma_quarters" else "halves_bf16")
         assert gemm_w4.mma_layout(afmt, torch.bfloat16, group, torch.device("cpu")) == want
     gen = torch.Generator().manual_seed(m * 1000 + n)

@@ -77,7 +77,7 @@ def test_pipeline_stages_fit_the_gpus_shared_memory(monkeypatch, shared_bytes, x
     """128 token rows at groups of 128: 16-bit activations take 36 KB per stage, FP8 codes 20 KB (H100's 227 KB
     holds 4 of either, a 99 KB GPU 2 or 4); a GPU too small for one full stage still gets one (Triton then says
     what it lacks)."""
-    monkeypatch.setattr(w4_mma, "_SHARED_BYTES", {0: shared_bytes})
+    monkeypatch.setattr(w4_mma, "shared_memory_bytes", lambda device: shared_bytes)
     assert w4_mma.fitting_stages(4, 128, 64, 128, x_bytes, torch.device("cuda", 0)) == want
     assert w4_mma.fitting_stages(4, 128, 64, 128, x_bytes, torch.device("cpu")) == 4
 
