@@ -375,6 +375,54 @@ def check_native_rounding() -> list[str]:
     return out
 
 
+
+@triton.jit
+def _decode_planes_kernel(words_ptr, aux_ptr, out_ptr, R: tl.constexpr, W: tl.constexpr, IS_BITMOD: tl.constexpr,
+                          USE_ASM: tl.constexpr, BF16: tl.constexpr, QUARTERS: tl.constexpr):
+    """The decoded planes of words [R, W] with one selector / zero point per row, as fp32 [R, 8W] (planes in order)."""
+    rows = tl.arange(0, R)
+    words = tl.load(words_ptr + rows[:, None] * W + tl.arange(0, W)[None, :])
+    aux = tl.load(aux_ptr + rows)
+    if QUARTERS:
+        c = tl.arange(0, 2 * W)[None, :]
+        q0, q1, q2, q3 = common.decode_quarters(words, aux, IS_BITMOD, USE_ASM, BF16)
+        base = out_ptr + rows[:, None] * 8 * W + c
+        tl.store(base, q0.to(tl.float32))
+        tl.store(base + 2 * W, q1.to(tl.float32))
+        tl.store(base + 4 * W, q2.to(tl.float32))
+        tl.store(base + 6 * W, q3.to(tl.float32))
+    else:
+        c = tl.arange(0, 4 * W)[None, :]
+        lo, hi = common.decode_halves(words, aux, IS_BITMOD, USE_ASM, BF16)
+        tl.store(out_ptr + rows[:, None] * 8 * W + c, lo.to(tl.float32))
+        tl.store(out_ptr + rows[:, None] * 8 * W + 4 * W + c, hi.to(tl.float32))
+
+
+def check_decode_exhaustive() -> list[str]:
+    """The inline-PTX decodes (BitMoD's and INT4's tables, INT4's fp16 pairs) equal the pure-Triton decode for every
+    code in every nibble of a word, under every selector / zero point, as half- and quarter-planes, fp16 and bf16."""
+    rows, width = 256, 16
+    r = torch.arange(rows)[:, None, None]
+    j = torch.arange(width)[None, :, None]
+    nibble = torch.arange(8)[None, None, :]
+    codes = (r + j + 3 * nibble) % 16  # each (nibble, row) sees all 16 codes across the row's words
+    words = (codes << (4 * nibble)).sum(-1).to(torch.int64)
+    words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32).cuda()
+    out = []
+    for is_bitmod in (True, False):
+        aux = (torch.arange(rows) % (4 if is_bitmod else 16)).to(torch.uint8).cuda()
+        for bf16 in (False, True):
+            for quarters in (False, True):
+                got, plain = (torch.empty(rows, 8 * width, device="cuda") for _ in range(2))
+                for dst, asm in ((got, True), (plain, False)):
+                    _decode_planes_kernel[(1,)](words, aux, dst, R=rows, W=width, IS_BITMOD=is_bitmod, USE_ASM=asm,
+                                                BF16=bf16, QUARTERS=quarters, num_warps=4)
+                ok = torch.equal(got, plain) and plain.abs().max().item() > 0
+                out.append(f"{'PASS' if ok else 'FAIL'} PTX decode == pure-Triton, {'BitMoD' if is_bitmod else 'INT4'} "
+                           f"{'bf16' if bf16 else 'fp16'} {'quarter' if quarters else 'half'}-planes: all codes x "
+                           f"{'selectors' if is_bitmod else 'zero points'}")
+    return out
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
@@ -400,7 +448,7 @@ def main() -> None:
             fh.write(text + "\n")
         print(f"== {name} done", flush=True)
 
-    section("correctness", lambda: "\n".join(check_native_rounding() + check_gemm() + check_attention() + check_fused_ops() + check_second_gpu()
+    section("correctness", lambda: "\n".join(check_native_rounding() + check_decode_exhaustive() + check_gemm() + check_attention() + check_fused_ops() + check_second_gpu()
                                               + check_static_generate()))
     import bench_decode_attention
     import bench_gemm

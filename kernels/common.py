@@ -403,6 +403,35 @@ _DECODE16_BF16 = tl.constexpr(decode_word_ptx(tuple(f"${i}" for i in range(8)), 
                                               one="$15"))
 
 
+# INT4's fp16 decode (code - zero point) without tables: byte p of the word holds codes 2p and 2p + 1; prmt copies
+# it into both halves, lop3 keeps the low nibble in the low half and the high nibble (x 16) in the high half under
+# fp16 1024 (0x6400), and one fma.f16x2 by (1, 1/16) plus bias = (-(1024 + zp), -(64 + zp)) leaves each code minus
+# the zero point, exactly (integers of magnitude <= 15). 3 instructions per pair against the tables' ~4.
+# Operands (pack=1): $0..$7 codes 0..7 as fp16, $8 the word, $9 the row's bias pair (int4_pair_bias), $10 the
+# multiplier pair, $11 the nibble mask, $12 the 1024 pair.
+_DECODE_INT4 = tl.constexpr("{\n.reg .b32 d;\n" + "".join(
+    f"prmt.b32 d, $8, $8, {0x1111 * p:#06x};\nlop3.b32 d, d, $11, $12, 0xEA;\nfma.rn.f16x2 d, d, $10, $9;\n"
+    f"mov.b32 {{${2 * p}, ${2 * p + 1}}}, d;\n" for p in range(4)) + "}")
+INT4_PAIR_BIAS = tl.constexpr(0xD400E400 - (1 << 32))  # fp16x2 (-64, -1024) as a signed int32
+
+
+@triton.jit
+def int4_pair_bias(zeros):
+    """fp16x2 bits of (-(64 + zp), -(1024 + zp)) per zero point zp in [0, 15] (16 zp in the high half: its
+    fp16 step at 64 is 1/16)."""
+    return INT4_PAIR_BIAS + zeros.to(tl.int32) * 0x00100001
+
+
+@triton.jit
+def decode_int4_word16(words, bias):
+    """Codes 0..7 of each int32 word minus the row's zero point as exact fp16 (_DECODE_INT4's PTX; bias from
+    int4_pair_bias, broadcast to the words' shape)."""
+    operands = [words, bias, tl.full(words.shape, 0x2C003C00, tl.int32), tl.full(words.shape, 0x00F0000F, tl.int32),
+                tl.full(words.shape, 0x64006400, tl.int32)]
+    return tl.inline_asm_elementwise(_DECODE_INT4, "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r,r,r", operands,
+                                     dtype=(tl.float16,) * 8, is_pure=True, pack=1)
+
+
 @triton.jit
 def decode_word16(words, tp0, tp1, tn0, tn1, BF16: tl.constexpr):
     """Codes 0..7 (nibble i) of each int32 word as exact fp16 (bf16) values, by decode_word_ptx's inline PTX; the
@@ -425,7 +454,9 @@ def _decode_codes(words, aux, IS_BITMOD: tl.constexpr, USE_ASM: tl.constexpr, BF
     """Codes 0..7 of int32 words [R, W] as 8 exact [R, W] tensors (see decode_halves)."""
     R: tl.constexpr = words.shape[0]
     W: tl.constexpr = words.shape[1]
-    if USE_ASM:
+    if USE_ASM and not IS_BITMOD and not BF16:
+        c0, c1, c2, c3, c4, c5, c6, c7 = decode_int4_word16(words, tl.broadcast_to(int4_pair_bias(aux)[:, None], (R, W)))
+    elif USE_ASM:
         tp0, tp1, tn0, tn1 = decode_tables(aux, IS_BITMOD)
         c0, c1, c2, c3, c4, c5, c6, c7 = decode_word16(
             words, tl.broadcast_to(tp0[:, None], (R, W)), tl.broadcast_to(tp1[:, None], (R, W)),

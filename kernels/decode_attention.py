@@ -8,15 +8,16 @@ query head and token, about a quarter of what re-reading the packed keys would c
 
 1. _scores_kernel, one program per (batch, kv-head, split): quantizes the GQA group's query heads to FP8
    (after the smoothing factor), streams the split's packed keys once for all heads of the group (K codes
-   decoded in registers, q8 . (k - zp) on tensor cores in fp16, exact products), applies scale, softcap and
+   decoded in registers, (k - zp) . q8 on tensor cores in fp16, exact products; the keys are the dots' rows, in
+   quarter-planes, so that they feed the MMA from registers without a shared-memory relayout), applies scale, softcap and
    the [B, T] mask, writes the scores and per-split (max, sum exp) and max S_V. The last split handles the
    16-bit residual window (keys divided by the smoothing factor, fp32 dot).
 2. _pv_kernel, same grid: combines the per-split statistics into the global max, sum and M, codes
    P' = P * (S_V / M) in UE4M4 (nearest-even or half-up, as fmt.prob_rounding; one division per token, and
    P = exp(s - max) * (1 / sum)), multiplies it with the centered value codes on tensor cores (fp16, exact)
    and scales by M; the residual split multiplies E4M4(P) with the 16-bit values.
-A GQA group's G query heads fill the tensor-core dots' 16 rows by repetition (each head's row R times) rather than
-zero padding, so the per-head work around the dots (the query's quantization, softmax statistics, P's UE4M4 codes)
+A GQA group's G query heads fill the tensor-core dots' 16 rows (columns in the scores pass) by repetition (each
+head R times) rather than zero padding, so the per-head work around the dots (the query's quantization, softmax statistics, P's UE4M4 codes)
 runs on next_pow2(G) rows only; the repeated dot rows are bit-identical and one copy is kept.
 The split outputs share one normaliser: _combine_kernel sums them and writes the output in the caller's dtype
 (one launch instead of a reduction and a cast). A decode split is often a single block of tokens, so each
@@ -37,7 +38,7 @@ import triton.language as tl
 from p3quant.attention_math import QuantizedKV
 from p3quant.formats import Int4Tensor
 
-from .common import (cdiv, decode_halves, FP16_TINY, fp8_token_scale, interpreting, native_e4m3, next_power_of_2,
+from .common import (cdiv, decode_halves, decode_quarters, FP16_TINY, fp8_token_scale, interpreting, native_e4m3, next_power_of_2,
                      nvidia_compiled, on_input_device, pdl_begin, pdl_launch, require_device, round_e4m3, round_minifloat,
                      round_to_output, sm_count)
 
@@ -90,6 +91,27 @@ def _plane_dims(DW: tl.constexpr):
     c = tl.arange(0, 4 * DW)
     d_lo = 8 * (c // 4) + c % 4
     return d_lo, d_lo + 4
+
+
+@triton.jit
+def _quarter_dims(DW: tl.constexpr):
+    """Head-dim element of each quarter-plane column (kernels.common.decode_quarters' order): column c of plane p
+    holds element 8 (c // 2) + 2 p + c % 2."""
+    c = tl.arange(0, 2 * DW)
+    d0 = 8 * (c // 2) + c % 2
+    return d0, d0 + 2, d0 + 4, d0 + 6
+
+
+@triton.jit
+def _query_plane(q_ptr, sm_ptr, b, kvh, heads, g_mask, d, d_mask, s_qb, s_qh, s_smb, s_smh, HAS_SMOOTH: tl.constexpr):
+    """The GQA group's query heads at head-dim elements d [G4, C], times the smoothing factors, and those factors."""
+    q = tl.load(q_ptr + b * s_qb + heads[:, None] * s_qh + d[None, :], mask=g_mask[:, None] & d_mask[None, :],
+                other=0.0).to(tl.float32)
+    sm = tl.full(d.shape, 1.0, tl.float32)
+    if HAS_SMOOTH:
+        sm = tl.load(sm_ptr + b * s_smb + kvh * s_smh + d, mask=d_mask, other=1.0)
+        q = q * sm[None, :]
+    return q, sm
 
 
 @triton.jit
@@ -160,32 +182,32 @@ def _scores_kernel(
     g_mask = offs_g < G
     heads = kvh * G + offs_g
     # the query, smoothing factors and residual keys in the half-plane order the packed keys decode to
-    d_lo, d_hi = _plane_dims(DW)
-    d_mask = d_lo < 8 * D8
-    qd_mask = g_mask[:, None] & d_mask[None, :]
-    q_base = q_ptr + b * s_qb + heads[:, None] * s_qh
-    q_lo = tl.load(q_base + d_lo[None, :], mask=qd_mask, other=0.0).to(tl.float32)
-    q_hi = tl.load(q_base + d_hi[None, :], mask=qd_mask, other=0.0).to(tl.float32)
-    s_lo = tl.full([4 * DW], 1.0, tl.float32)
-    s_hi = tl.full([4 * DW], 1.0, tl.float32)
-    if HAS_SMOOTH:
-        sm_base = sm_ptr + b * s_smb + kvh * s_smh
-        s_lo = tl.load(sm_base + d_lo, mask=d_mask, other=1.0)
-        s_hi = tl.load(sm_base + d_hi, mask=d_mask, other=1.0)
-        q_lo = q_lo * s_lo[None, :]
-        q_hi = q_hi * s_hi[None, :]
+    # the query, smoothing factors and residual keys in the quarter-plane order the packed keys decode to
+    d0, d1, d2, d3 = _quarter_dims(DW)
+    d_mask = d0 < 8 * D8
+    q0, sm0 = _query_plane(q_ptr, sm_ptr, b, kvh, heads, g_mask, d0, d_mask, s_qb, s_qh, s_smb, s_smh, HAS_SMOOTH)
+    q1, sm1 = _query_plane(q_ptr, sm_ptr, b, kvh, heads, g_mask, d1, d_mask, s_qb, s_qh, s_smb, s_smh, HAS_SMOOTH)
+    q2, sm2 = _query_plane(q_ptr, sm_ptr, b, kvh, heads, g_mask, d2, d_mask, s_qb, s_qh, s_smb, s_smh, HAS_SMOOTH)
+    q3, sm3 = _query_plane(q_ptr, sm_ptr, b, kvh, heads, g_mask, d3, d_mask, s_qb, s_qh, s_smb, s_smh, HAS_SMOOTH)
     q_scale = tl.full([G4], 1.0, tl.float32)
     if QUANT_Q:  # FP8-E4M3 per (token, head), scale = fp16(amax / 448)
-        amax = tl.maximum(tl.max(tl.abs(q_lo), axis=1), tl.max(tl.abs(q_hi), axis=1))
+        amax = tl.maximum(tl.maximum(tl.max(tl.abs(q0), axis=1), tl.max(tl.abs(q1), axis=1)),
+                          tl.maximum(tl.max(tl.abs(q2), axis=1), tl.max(tl.abs(q3), axis=1)))
         q_scale = fp8_token_scale(amax)
-        q_lo = round_e4m3(tl.math.div_rn(q_lo, q_scale[:, None]), NATIVE_E4M3)
-        q_hi = round_e4m3(tl.math.div_rn(q_hi, q_scale[:, None]), NATIVE_E4M3)
+        q0 = round_e4m3(tl.math.div_rn(q0, q_scale[:, None]), NATIVE_E4M3)
+        q1 = round_e4m3(tl.math.div_rn(q1, q_scale[:, None]), NATIVE_E4M3)
+        q2 = round_e4m3(tl.math.div_rn(q2, q_scale[:, None]), NATIVE_E4M3)
+        q3 = round_e4m3(tl.math.div_rn(q3, q_scale[:, None]), NATIVE_E4M3)
     m_i = tl.full([G4], float("-inf"), tl.float32)
     l_i = tl.zeros([G4], tl.float32)
     vmax = tl.zeros([BLOCK_T], tl.float32)
     if split < NUM_SPLITS:
-        q8_lo = _repeat_rows(q_lo.to(tl.float16), R)  # FP8 values: exact in fp16
-        q8_hi = _repeat_rows(q_hi.to(tl.float16), R)
+        # keys are the dots' rows (tokens), so the decoded codes feed the MMA from registers; the GQA group's
+        # heads are its columns, each repeated R times
+        q8t0 = tl.trans(_repeat_rows(q0.to(tl.float16), R))  # FP8 values: exact in fp16
+        q8t1 = tl.trans(_repeat_rows(q1.to(tl.float16), R))
+        q8t2 = tl.trans(_repeat_rows(q2.to(tl.float16), R))
+        q8t3 = tl.trans(_repeat_rows(q3.to(tl.float16), R))
         row_scale = q_scale * scaling
         t_end = tl.minimum(t_start + chunk, n_quant)
         for t0 in range(t_start, t_end, BLOCK_T):
@@ -194,8 +216,12 @@ def _scores_kernel(
             nkp, nkz, nks, nvs, nmk = _key_block(kp_ptr, ks_ptr, kz_ptr, vs_ptr, mask_ptr, b, kvh, t0 + BLOCK_T, t_lim,
                                                  s_kpb, s_kph, s_kpt, s_ksb, s_ksh, s_kst, s_kzb, s_kzh, s_kzt, s_vsb,
                                                  s_vsh, s_vst, s_mb, D8, DW, BLOCK_T, HAS_MASK)
-            k_lo, k_hi = decode_halves(kp, kz, False, USE_ASM, False)  # fp16 code - zero point, exact
-            s = _first_of_repeats(tl.dot(q8_lo, tl.trans(k_lo)) + tl.dot(q8_hi, tl.trans(k_hi)), R)  # [G4, BLOCK_T]
+            k0, k1, k2, k3 = decode_quarters(kp, kz, False, USE_ASM, False)  # fp16 code - zero point, exact
+            st = tl.dot(k0, q8t0)
+            st = tl.dot(k1, q8t1, st)
+            st = tl.dot(k2, q8t2, st)
+            st = tl.dot(k3, q8t3, st)
+            s = _first_of_repeats(tl.trans(st), R)  # [G4, BLOCK_T]
             s = s * row_scale[:, None] * ks.to(tl.float32)[None, :]
             if HAS_SOFTCAP:
                 s = _tanh_softcap(s, softcap)
@@ -211,18 +237,20 @@ def _scores_kernel(
             vmax = tl.maximum(vmax, tl.where(vis, vs.to(tl.float32), 0.0))
             kp, kz, ks, vs, mk = nkp, nkz, nks, nvs, nmk
     else:
-        qd_lo = _repeat_rows(q_lo * q_scale[:, None], R)  # the dequantized query the reference multiplies with
-        qd_hi = _repeat_rows(q_hi * q_scale[:, None], R)
+        qd0 = _repeat_rows(q0 * q_scale[:, None], R)  # the dequantized query the reference multiplies with
+        qd1 = _repeat_rows(q1 * q_scale[:, None], R)
+        qd2 = _repeat_rows(q2 * q_scale[:, None], R)
+        qd3 = _repeat_rows(q3 * q_scale[:, None], R)
         for r0 in range(0, n_res, BLOCK_R):
             offs_r = r0 + tl.arange(0, BLOCK_R)
             r_mask = offs_r < n_res
             rk_base = rk_ptr + b * s_rkb + kvh * s_rkh + offs_r[:, None] * s_rkt
             rmask2 = r_mask[:, None] & d_mask[None, :]
-            rk_lo = tl.math.div_rn(tl.load(rk_base + d_lo[None, :], mask=rmask2, other=0.0).to(tl.float32), s_lo[None, :])
-            rk_hi = tl.math.div_rn(tl.load(rk_base + d_hi[None, :], mask=rmask2, other=0.0).to(tl.float32), s_hi[None, :])
-            s = _first_of_repeats(tl.dot(qd_lo, tl.trans(rk_lo), input_precision="ieee")
-                                  + tl.dot(qd_hi, tl.trans(rk_hi), input_precision="ieee"), R)
-            s = s * scaling
+            s = tl.dot(qd0, tl.trans(tl.math.div_rn(tl.load(rk_base + d0[None, :], mask=rmask2, other=0.0).to(tl.float32), sm0[None, :])), input_precision="ieee")
+            s += tl.dot(qd1, tl.trans(tl.math.div_rn(tl.load(rk_base + d1[None, :], mask=rmask2, other=0.0).to(tl.float32), sm1[None, :])), input_precision="ieee")
+            s += tl.dot(qd2, tl.trans(tl.math.div_rn(tl.load(rk_base + d2[None, :], mask=rmask2, other=0.0).to(tl.float32), sm2[None, :])), input_precision="ieee")
+            s += tl.dot(qd3, tl.trans(tl.math.div_rn(tl.load(rk_base + d3[None, :], mask=rmask2, other=0.0).to(tl.float32), sm3[None, :])), input_precision="ieee")
+            s = _first_of_repeats(s, R) * scaling
             if HAS_SOFTCAP:
                 s = _tanh_softcap(s, softcap)
             vis = r_mask
@@ -475,8 +503,8 @@ def p3_decode_attention(
     sm_arg = sm if sm is not None else rk
     mask_arg = mask if mask is not None else rk
     grid = (bsz * kv_heads, s1)
-    # DW >= 4: half-planes of at least 16 columns, the smallest tensor-core dot
-    shape = dict(G=group, GP=gp, G4=next_power_of_2(group), D8=d // 8, DW=max(4, next_power_of_2(d // 8)), BLOCK_T=block_t, BLOCK_R=_BLOCK_R,
+    # DW >= 8: quarter-planes (the scores pass) of at least 16 columns, the smallest tensor-core dot
+    shape = dict(G=group, GP=gp, G4=next_power_of_2(group), D8=d // 8, DW=max(8, next_power_of_2(d // 8)), BLOCK_T=block_t, BLOCK_R=_BLOCK_R,
                  USE_ASM=ATTENTION_USE_ASM and nvidia_compiled(query.device))
     len_arg = kv.length if device_len else m_stat
     _scores_kernel[grid](

@@ -96,8 +96,8 @@ out["scores"] = compile_ptx(decode_attention._scores_kernel, ["*bf16", "*fp32", 
                             num_warps=4)
 out["pv"] = compile_ptx(decode_attention._pv_kernel, ["*i32", "*fp16", "*u8", "*bf16"] + ["*fp32"] * 5 + ["*i64"] + ["i32"] * 19,
                         dict(attention_shape, SP=64, HALF_UP=False), num_warps=4)
-# head_dim 16 (2 words per token in the smallest dot-able half-plane) and 80 (10 words, padded to 16)
-for d8, dw in ((2, 4), (10, 16)):
+# head_dim 16 (2 words per token, padded to the 8 of the smallest dot-able quarter-plane) and 80 (10 words, padded to 16)
+for d8, dw in ((2, 8), (10, 16)):
     small = dict(attention_shape, D8=d8, DW=dw)
     out[f"scores_d{8 * d8}"] = compile_ptx(
         decode_attention._scores_kernel, ["*bf16", "*fp32", "*i32", "*fp16", "*u8", "*fp16", "*bf16", "*u8"] + ["*fp32"] * 4
@@ -180,8 +180,10 @@ def test_gpu_kernels_compile_for_hopper_with_their_inline_ptx():
     ptx = _compile_all()
     assert "fma.rn.bf16x2" in ptx["mma_w4a16_bf16"]  # the bf16 decode
     assert re.search(r"mma[^\n]*bf16", ptx["mma_w4a16_bf16"])  # bf16 tensor-core operands
+    int4_fp16_decode = "fma.rn.f16x2 d, d,"  # INT4's fp16 decode without tables (common._DECODE_INT4)
     for fmt in ("mma_bitmod=True", "mma_bitmod=False", "mma_w4a16_bf16", "mma_fp8", "mma_quarters", "mma_quarters_w4a16_bf16"):
-        assert "xor.b32 wn" in ptx[fmt] and "prmt.b32" in ptx[fmt], fmt  # the decode is inlined
+        inlined = int4_fp16_decode if fmt == "mma_bitmod=False" else "xor.b32 wn"  # the tables' decode
+        assert inlined in ptx[fmt] and "prmt.b32" in ptx[fmt], fmt  # the decode is inlined
         assert "wgmma" in ptx[fmt] or "mma.sync" in ptx[fmt], fmt  # tensor cores
     assert re.search(r"wgmma[^\n]*e4m3\.e4m3", ptx["mma_fp8"])  # FP8 x FP8 on Hopper's tensor cores
     for fmt in ("dequant_bitmod=True", "dequant_bitmod=False"):
@@ -212,7 +214,7 @@ def test_gpu_kernels_compile_for_hopper_with_their_inline_ptx():
     assert "st.global" in ptx["argmax_chunks"] and "st.global" in ptx["argmax_pick"]
     assert "mma" in ptx["scores"] and "mma" in ptx["pv"]  # q.k and P.V on tensor cores
     for name in ("scores", "pv", "scores_d16", "pv_d16", "scores_d80", "pv_d80"):
-        assert "xor.b32 wn" in ptx[name] and "mma" in ptx[name], name  # PTX decode of packed K / V, tensor-core dots
+        assert int4_fp16_decode in ptx[name] and "mma" in ptx[name], name  # PTX decode of packed K / V, tensor-core dots
     assert "st.global" in ptx["rope"] and "st.global" in ptx["combine"] and "st.global" in ptx["kv_at"]
     assert "ex2.approx" in ptx["silu_mul"] and "div.rn.f32" in ptx["silu_mul"]  # SiLU's exponential and division
     assert "div.rn.f32" in ptx["chunk_codes"] and "st.global" in ptx["chunk_codes"]  # the FP8 codes' division
