@@ -419,7 +419,7 @@ INT4_PAIR_BIAS = tl.constexpr(0xD400E400 - (1 << 32))  # fp16x2 (-64, -1024) as 
 def int4_pair_bias(zeros):
     """fp16x2 bits of (-(64 + zp), -(1024 + zp)) per zero point zp in [0, 15] (16 zp in the high half: its
     fp16 step at 64 is 1/16)."""
-    return INT4_PAIR_BIAS + zeros.to(tl.int32) * 0x00100001
+    return zeros.to(tl.int32) * 0x00100001 + INT4_PAIR_BIAS
 
 
 @triton.jit

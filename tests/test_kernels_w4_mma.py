@@ -11,7 +11,7 @@ import triton.language as tl
 from p3quant.formats import BITMOD4, INT4, quantize_scaled_fp8
 from p3quant.kernels import common, gemm_w4, w4_mma
 from p3quant.kernels.act_quant import quantize_activation_fp8, quantize_activation_fp8_halves
-from p3quant.kernels.common import _E4M3_PAIR, bitmod_special2, decode_tables, decode_w4, round_e4m3
+from p3quant.kernels.common import _E4M3_PAIR, bitmod_special2, decode_tables, decode_w4, int4_pair_bias, round_e4m3
 
 FP32_TOL = 1e-5  # fp32 accumulation against float64 of the same quantized operands
 
@@ -133,7 +133,7 @@ def _f32(a: int) -> np.float32:
 
 
 def _run_ptx(asm: str, operands: dict[str, int]) -> dict[str, int]:
-    """Execute the straight-line PTX subset the decodes use (mov, xor, or, shr, prmt, sub.rn.f16x2, fma.rn.bf16x2,
+    """Execute the straight-line PTX subset the decodes use (mov, xor, or, shr, prmt, lop3, sub.rn.f16x2, fma.rn.f16x2, fma.rn.bf16x2,
     the fp32 scaling: mov.b32 {l, h}, cvt.f32.f16, mul.rn.f32, cvt.rn.f16x2.f32, the GEMV's fma.rn.f32, the FP8
     weight values' cvt.rn.satfinite.e4m3x2.f16x2 and mov.b32 d, {lo, hi}, and common.round_e4m3_native's
     cvt.rn.satfinite.e4m3x2.f32 and cvt.rn.f16x2.e4m3x2); rounding to nearest even."""
@@ -169,6 +169,16 @@ def _run_ptx(asm: str, operands: dict[str, int]) -> dict[str, int]:
             regs[dst] = val(src[0]) >> val(src[1])
         elif op == "prmt.b32":
             regs[dst] = _prmt(val(src[0]), val(src[1]), val(src[2]))
+        elif op == "lop3.b32":  # bit i of immLut is the result for a, b, c bits (i >> 2, (i >> 1) & 1, i & 1)
+            a, b, c, lut = (val(t) for t in src)
+            regs[dst] = 0
+            for i in range(8):
+                if lut >> i & 1:
+                    pick = [x if (i >> shift) & 1 else ~x & 0xFFFFFFFF for x, shift in ((a, 2), (b, 1), (c, 0))]
+                    regs[dst] |= pick[0] & pick[1] & pick[2]
+        elif op == "fma.rn.f16x2":  # one rounding of the exact a * b + c per half
+            a, b, c = (_f16x2(val(t)).astype(np.float64) for t in src)
+            regs[dst] = _pack_f16x2(a[0] * b[0] + c[0], a[1] * b[1] + c[1])
         elif op == "sub.rn.f16x2":
             a, b = _f16x2(val(src[0])), _f16x2(val(src[1]))
             regs[dst] = _pack_f16x2(a[0] - b[0], a[1] - b[1])
@@ -260,6 +270,26 @@ def test_inline_ptx_decode_is_exact_for_every_code_and_group_parameter(fmt):
             want = [float(expected[16 * g + start + i]) for i in range(8)]
             assert _mma_decode(word, tables[g]) == want, (fmt, g, start)
             assert _mma_decode(word, tables[g], bf16=True) == want, (fmt, g, start, "bf16")
+
+
+@triton.jit
+def _int4_bias_kernel(zeros_ptr, out_ptr, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    tl.store(out_ptr + offs, int4_pair_bias(tl.load(zeros_ptr + offs)))
+
+
+def test_int4_pair_decode_ptx_is_exact_for_every_code_and_zero_point():
+    zeros = torch.arange(16, dtype=torch.uint8)
+    biases = torch.empty(16, dtype=torch.int32)
+    _int4_bias_kernel[(1,)](zeros, biases, BLOCK=16)
+    operands = {"$10": 0x2C003C00, "$11": 0x00F0000F, "$12": 0x64006400}  # as decode_int4_word16 passes them
+    for zp in range(16):
+        for start in range(16):  # nibble i holds code (start + i) % 16: every code in every nibble
+            codes = [(start + i) % 16 for i in range(8)]
+            word = sum(c << (4 * i) for i, c in enumerate(codes))
+            regs = _run_ptx(common._DECODE_INT4.value, dict(operands, **{"$8": word, "$9": int(biases[zp]) & 0xFFFFFFFF}))
+            got = [float(np.array([regs[f"${i}"]], np.uint16).view(np.float16)[0]) for i in range(8)]
+            assert got == [float(c - zp) for c in codes], (zp, start)
 
 
 @pytest.mark.parametrize("fmt", ["bitmod", "int4"])
