@@ -375,7 +375,6 @@ def check_native_rounding() -> list[str]:
     return out
 
 
-
 @triton.jit
 def _decode_planes_kernel(words_ptr, aux_ptr, out_ptr, R: tl.constexpr, W: tl.constexpr, IS_BITMOD: tl.constexpr,
                           USE_ASM: tl.constexpr, BF16: tl.constexpr, QUARTERS: tl.constexpr):
@@ -422,6 +421,7 @@ def check_decode_exhaustive() -> list[str]:
                            f"{'bf16' if bf16 else 'fp16'} {'quarter' if quarters else 'half'}-planes: all codes x "
                            f"{'selectors' if is_bitmod else 'zero points'}")
     return out
+
 
 def main() -> None:
     parser = argparse.ArgumentParser()

@@ -412,7 +412,7 @@ _DECODE16_BF16 = tl.constexpr(decode_word_ptx(tuple(f"${i}" for i in range(8)), 
 _DECODE_INT4 = tl.constexpr("{\n.reg .b32 d;\n" + "".join(
     f"prmt.b32 d, $8, $8, {0x1111 * p:#06x};\nlop3.b32 d, d, $11, $12, 0xEA;\nfma.rn.f16x2 d, d, $10, $9;\n"
     f"mov.b32 {{${2 * p}, ${2 * p + 1}}}, d;\n" for p in range(4)) + "}")
-INT4_PAIR_BIAS = tl.constexpr(0xD400E400 - (1 << 32))  # fp16x2 (-64, -1024) as a signed int32
+INT4_PAIR_BIAS = tl.constexpr(0xD400E400 - (1 << 32))  # fp16 -64 (high half), -1024 (low half) as a signed int32
 
 
 @triton.jit
@@ -455,7 +455,8 @@ def _decode_codes(words, aux, IS_BITMOD: tl.constexpr, USE_ASM: tl.constexpr, BF
     R: tl.constexpr = words.shape[0]
     W: tl.constexpr = words.shape[1]
     if USE_ASM and not IS_BITMOD and not BF16:
-        c0, c1, c2, c3, c4, c5, c6, c7 = decode_int4_word16(words, tl.broadcast_to(int4_pair_bias(aux)[:, None], (R, W)))
+        bias = tl.broadcast_to(int4_pair_bias(aux)[:, None], (R, W))
+        c0, c1, c2, c3, c4, c5, c6, c7 = decode_int4_word16(words, bias)
     elif USE_ASM:
         tp0, tp1, tn0, tn1 = decode_tables(aux, IS_BITMOD)
         c0, c1, c2, c3, c4, c5, c6, c7 = decode_word16(
@@ -482,8 +483,9 @@ def _decode_codes(words, aux, IS_BITMOD: tl.constexpr, USE_ASM: tl.constexpr, BF
 def decode_halves(words, aux, IS_BITMOD: tl.constexpr, USE_ASM: tl.constexpr, BF16: tl.constexpr):
     """Exact 16-bit values of int32 words [R, W] of 8 codes each (code i of word j = element 8j + i) with one
     selector / zero point per row (aux [R]), as half-planes lo [R, 4W] (elements 8j + i, i < 4, in that order) and
-    hi (elements 8j + 4 + i): BitMoD grid x 2 or INT4 code - zero point. USE_ASM: decode_word16's PTX (fp16, or
-    bf16 with BF16); else decode_w4 in fp16 (fp32 with BF16: the interpreter has no usable bf16)."""
+    hi (elements 8j + 4 + i): BitMoD grid x 2 or INT4 code - zero point. USE_ASM: inline PTX (decode_int4_word16
+    for INT4 in fp16, else decode_word16's tables, bf16 with BF16); else decode_w4 in fp16 (fp32 with BF16: the
+    interpreter has no usable bf16)."""
     R: tl.constexpr = words.shape[0]
     W: tl.constexpr = words.shape[1]
     c0, c1, c2, c3, c4, c5, c6, c7 = _decode_codes(words, aux, IS_BITMOD, USE_ASM, BF16)

@@ -9,16 +9,17 @@ query head and token, about a quarter of what re-reading the packed keys would c
 1. _scores_kernel, one program per (batch, kv-head, split): quantizes the GQA group's query heads to FP8
    (after the smoothing factor), streams the split's packed keys once for all heads of the group (K codes
    decoded in registers, (k - zp) . q8 on tensor cores in fp16, exact products; the keys are the dots' rows, in
-   quarter-planes, so that they feed the MMA from registers without a shared-memory relayout), applies scale, softcap and
-   the [B, T] mask, writes the scores and per-split (max, sum exp) and max S_V. The last split handles the
+   quarter-planes, so that they feed the MMA from registers without a shared-memory relayout), applies scale,
+   softcap and the [B, T] mask, writes the scores and per-split (max, sum exp) and max S_V. The last split handles the
    16-bit residual window (keys divided by the smoothing factor, fp32 dot).
 2. _pv_kernel, same grid: combines the per-split statistics into the global max, sum and M, codes
    P' = P * (S_V / M) in UE4M4 (nearest-even or half-up, as fmt.prob_rounding; one division per token, and
    P = exp(s - max) * (1 / sum)), multiplies it with the centered value codes on tensor cores (fp16, exact)
    and scales by M; the residual split multiplies E4M4(P) with the 16-bit values.
 A GQA group's G query heads fill the tensor-core dots' 16 rows (columns in the scores pass) by repetition (each
-head R times) rather than zero padding, so the per-head work around the dots (the query's quantization, softmax statistics, P's UE4M4 codes)
-runs on next_pow2(G) rows only; the repeated dot rows are bit-identical and one copy is kept.
+head R times) rather than zero padding, so the per-head work around the dots (the query's quantization, softmax
+statistics, P's UE4M4 codes) runs on next_pow2(G) rows only; the repeated dot rows are bit-identical and one copy
+is kept.
 The split outputs share one normaliser: _combine_kernel sums them and writes the output in the caller's dtype
 (one launch instead of a reduction and a cast). A decode split is often a single block of tokens, so each
 kernel loads its next block before the work that block does not depend on (the device-side token count, the
@@ -115,6 +116,14 @@ def _query_plane(q_ptr, sm_ptr, b, kvh, heads, g_mask, d, d_mask, s_qb, s_qh, s_
 
 
 @triton.jit
+def _residual_keys_t(rk_base, d, mask, smoothing):
+    """The residual window's 16-bit keys at head-dim elements d, divided by the smoothing factors (the keys the
+    quantized ones are smoothed like), transposed to [C, BLOCK_R] for the scores' dot."""
+    keys = tl.load(rk_base + d[None, :], mask=mask, other=0.0).to(tl.float32)
+    return tl.trans(tl.math.div_rn(keys, smoothing[None, :]))
+
+
+@triton.jit
 def _key_block(kp_ptr, ks_ptr, kz_ptr, vs_ptr, mask_ptr, b, kvh, t0, t_lim,
                s_kpb, s_kph, s_kpt, s_ksb, s_ksh, s_kst, s_kzb, s_kzh, s_kzt, s_vsb, s_vsh, s_vst, s_mb,
                D8: tl.constexpr, DW: tl.constexpr, BLOCK_T: tl.constexpr, HAS_MASK: tl.constexpr):
@@ -181,7 +190,6 @@ def _scores_kernel(
     offs_g = tl.arange(0, G4)
     g_mask = offs_g < G
     heads = kvh * G + offs_g
-    # the query, smoothing factors and residual keys in the half-plane order the packed keys decode to
     # the query, smoothing factors and residual keys in the quarter-plane order the packed keys decode to
     d0, d1, d2, d3 = _quarter_dims(DW)
     d_mask = d0 < 8 * D8
@@ -246,10 +254,10 @@ def _scores_kernel(
             r_mask = offs_r < n_res
             rk_base = rk_ptr + b * s_rkb + kvh * s_rkh + offs_r[:, None] * s_rkt
             rmask2 = r_mask[:, None] & d_mask[None, :]
-            s = tl.dot(qd0, tl.trans(tl.math.div_rn(tl.load(rk_base + d0[None, :], mask=rmask2, other=0.0).to(tl.float32), sm0[None, :])), input_precision="ieee")
-            s += tl.dot(qd1, tl.trans(tl.math.div_rn(tl.load(rk_base + d1[None, :], mask=rmask2, other=0.0).to(tl.float32), sm1[None, :])), input_precision="ieee")
-            s += tl.dot(qd2, tl.trans(tl.math.div_rn(tl.load(rk_base + d2[None, :], mask=rmask2, other=0.0).to(tl.float32), sm2[None, :])), input_precision="ieee")
-            s += tl.dot(qd3, tl.trans(tl.math.div_rn(tl.load(rk_base + d3[None, :], mask=rmask2, other=0.0).to(tl.float32), sm3[None, :])), input_precision="ieee")
+            s = tl.dot(qd0, _residual_keys_t(rk_base, d0, rmask2, sm0), input_precision="ieee")
+            s = tl.dot(qd1, _residual_keys_t(rk_base, d1, rmask2, sm1), s, input_precision="ieee")
+            s = tl.dot(qd2, _residual_keys_t(rk_base, d2, rmask2, sm2), s, input_precision="ieee")
+            s = tl.dot(qd3, _residual_keys_t(rk_base, d3, rmask2, sm3), s, input_precision="ieee")
             s = _first_of_repeats(s, R) * scaling
             if HAS_SOFTCAP:
                 s = _tanh_softcap(s, softcap)
