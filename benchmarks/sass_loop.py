@@ -98,23 +98,26 @@ def conversion_counts() -> None:
 
 
 def attention_counts() -> None:
-    """Instructions per thread of the decode-attention passes' 128-token block loop and whole kernel (GQA group
-    of 4 in 16 rows, head_dim 128, static cache), for 4 and 8 warps per program."""
+    """Instructions per thread of the decode-attention passes' block loop (128- and 256-token blocks) and whole
+    kernel (GQA group of 4 in 16 rows, head_dim 128, static cache), for 4 and 8 warps per program, with the
+    shared-memory, barrier and MMA instructions among them."""
     from p3quant.kernels import decode_attention as attention
 
-    shape = dict(G=4, GP=16, G4=4, D8=16, DW=16, USE_ASM=True, BLOCK_T=128, BLOCK_R=16, DEVICE_LEN=True, PDL=False)
+    shape = dict(G=4, GP=16, G4=4, D8=16, DW=16, USE_ASM=True, BLOCK_R=16, DEVICE_LEN=True, PDL=False)
     scores_types = (["*bf16", "*fp32", "*i32", "*fp16", "*u8", "*fp16", "*bf16", "*u8"] + ["*fp32"] * 4
                     + ["*i64", "i32", "i32", "i32", "fp32", "fp32", "i32", "i32"] + ["i32"] * 22)
     pv_types = ["*i32", "*fp16", "*u8", "*bf16"] + ["*fp32"] * 5 + ["*i64"] + ["i32"] * 19
-    for warps in (4, 8):
+    for block_t, warps in ((128, 4), (128, 8), (256, 4), (256, 8)):
         for name, fn, types, extra in (("scores", attention._scores_kernel, scores_types,
                                         dict(HAS_SMOOTH=True, QUANT_Q=True, HAS_MASK=False, HAS_SOFTCAP=False,
                                              NATIVE_E4M3=True)),
                                        ("P.V", attention._pv_kernel, pv_types, dict(SP=64, HALF_UP=False))):
-            cubin = compile_sm90(fn, types, dict(shape, **extra), num_warps=warps).asm["cubin"]
+            cubin = compile_sm90(fn, types, dict(shape, BLOCK_T=block_t, **extra), num_warps=warps).asm["cubin"]
             ops = loop_opcodes(cubin)
-            print(f"{name}, {warps} warps: {sum(ops.values())} instructions in the block loop, {total_instructions(cubin)} in all, "
-                  f"{registers(cubin)} registers per thread; " + ", ".join(f"{o} {n}" for o, n in ops.most_common(8)))
+            print(f"{name}, {block_t}-token blocks, {warps} warps: {sum(ops.values())} instructions in the block loop, "
+                  f"{total_instructions(cubin)} in all, {registers(cubin)} registers per thread; "
+                  + ", ".join(f"{o} {n}" for o, n in ops.most_common(4)) + "; "
+                  + ", ".join(f"{o} {ops.get(o, 0)}" for o in ("STS", "LDS", "LDSM", "BAR", "HMMA", "HGMMA")))
 
 
 def small_m_counts() -> None:
